@@ -1,0 +1,62 @@
+# kvmnumad: two commands on a fresh machine.
+#   make run   install what is missing, start a private bus + kvmnumad + a demo VM
+#   make test  install what is missing, lint, host suite, then the NUMA suite in 2- and 4-node guests
+
+SHELL := /bin/bash
+PY ?= python3
+VENV := $(CURDIR)/.venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Debian packages the project needs at test and run time (checked one by one, installed when missing).
+APT_PACKAGES := dbus dbus-daemon dbus-bin polkitd util-linux numactl libnuma1 linux-libc-dev \
+	libsystemd-dev pkg-config gcc systemd \
+	qemu-system-x86 linux-image-amd64 busybox-static
+
+.PHONY: all deps run test lint test-host test-numa test-numa-2 test-numa-4 test-numa-memonly bench clean
+
+all: test
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+run: deps
+	$(VPY) -m kvmnumad.demo
+
+lint: deps
+	$(VENV)/bin/ruff check kvmnumad tests bench
+	$(VENV)/bin/mypy --strict kvmnumad/kvm kvmnumad/numa
+	$(VENV)/bin/mypy kvmnumad
+
+test: deps lint test-host test-numa
+
+test-host: deps
+	$(VPY) -m pytest -m "not numa" tests
+
+test-numa: test-numa-2 test-numa-4
+
+test-numa-2: deps
+	$(VPY) -m tests.numa_guest --topology 2node
+
+test-numa-4: deps
+	$(VPY) -m tests.numa_guest --topology 4node
+
+test-numa-memonly: deps
+	$(VPY) -m tests.numa_guest --topology memonly
+
+bench: deps
+	$(VPY) -m bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

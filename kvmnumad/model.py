@@ -1,0 +1,89 @@
+"""Value types shared by the core and its front ends.
+
+They are plain frozen dataclasses so that the D-Bus layer and the CLI can
+translate them field by field without reaching into live objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class VmState(enum.StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Policy(enum.StrEnum):
+    MANUAL = "manual"
+    LOCAL_FIRST = "local-first"
+    LOAD_BALANCED = "load-balanced"
+    INTERLEAVE = "interleave"
+    PREFERRED = "preferred"
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    """Options of CreateVM/PlanVM, already parsed and type-checked by the front end."""
+
+    numa_nodes: int = 0
+    policy: Policy | None = None  # None: the manager's default policy
+    host_nodes: tuple[int, ...] = ()  # empty: every host node is allowed
+    payload: str | None = None  # path of a flat binary; None: the built-in touch payload
+    prealloc: bool = False
+    start: bool = False
+    allow_split: bool = False
+    passes: int = 0  # built-in payload: passes over its memory before a final HLT; 0 = forever
+
+
+@dataclass(frozen=True)
+class MemoryRegionInfo:
+    slot: int
+    gpa: int
+    size: int
+    guest_node: int
+    host_node: int
+    hva: int
+
+
+@dataclass(frozen=True)
+class VcpuStats:
+    vcpu: int
+    tid: int
+    cpu_time_ns: int
+    current_cpu: int
+    exits: dict[str, int]
+    progress: int
+
+
+@dataclass(frozen=True)
+class VmStats:
+    exits: dict[str, int]  # summed over vCPUs, by exit reason name ("io", "hlt", "intr", ...)
+    vcpus: tuple[VcpuStats, ...]
+    pages_per_host_node: dict[int, int]  # resident guest pages by host node (move_pages query)
+    dirty_pages: int  # pages dirtied since the previous stats() call, over all slots
+
+
+class EventKind(enum.StrEnum):
+    VM_ADDED = "vm-added"
+    VM_REMOVED = "vm-removed"
+    VM_CHANGED = "vm-changed"  # props names the changed VM properties (D-Bus property names)
+    TOPOLOGY_CHANGED = "topology-changed"  # data["online_cpus"]
+    VCPU_REPINNED = "vcpu-repinned"  # data: vcpu, cpus, reason
+    MANAGER_CHANGED = "manager-changed"  # props names Manager properties
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something the front ends publish (signals, PropertiesChanged, journal)."""
+
+    kind: EventKind
+    vm: str | None = None
+    props: tuple[str, ...] = ()
+    data: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,109 @@
+"""Independent observers: what the kernel says, read without asking kvmnumad.
+
+Rule 2 of DEVELOPERS.md: a placement is proven by /proc, taskset, numa_maps,
+busctl or journalctl, never by the daemon's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+
+
+def parse_cpulist(text: str) -> set[int]:
+    """Parse a kernel cpulist such as ``0-2,5``."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-")
+            cpus.update(range(int(lo), int(hi) + 1))
+        else:
+            cpus.add(int(part))
+    return cpus
+
+
+def thread_affinity(pid: int, tid: int) -> set[int]:
+    """Cpus_allowed_list of one thread, from /proc."""
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        for line in f:
+            if line.startswith("Cpus_allowed_list:"):
+                return parse_cpulist(line.split(":", 1)[1])
+    raise LookupError(f"no Cpus_allowed_list for {pid}/{tid}")
+
+
+def taskset_affinity(tid: int) -> set[int]:
+    """Affinity as util-linux taskset prints it (``taskset -pc TID``)."""
+    out = subprocess.run(["taskset", "-pc", str(tid)], check=True, capture_output=True, text=True).stdout
+    # "pid 1234's current affinity list: 0,1"
+    return parse_cpulist(out.rsplit(":", 1)[1])
+
+
+def thread_ids(pid: int | None = None) -> set[int]:
+    return {int(t) for t in os.listdir(f"/proc/{pid or os.getpid()}/task")}
+
+
+def open_fds(pid: int | None = None) -> set[int]:
+    return {int(t) for t in os.listdir(f"/proc/{pid or os.getpid()}/fd")}
+
+
+@dataclass
+class NumaMapsEntry:
+    start: int
+    policy: str
+    pages_per_node: dict[int, int] = field(default_factory=dict)
+    anon: int = 0
+    file: str | None = None
+    raw: str = ""
+
+    @property
+    def total_pages(self) -> int:
+        return sum(self.pages_per_node.values())
+
+
+_NODE_RE = re.compile(r"^N(\d+)=(\d+)$")
+
+
+def numa_maps(pid: int | None = None) -> list[NumaMapsEntry]:
+    entries: list[NumaMapsEntry] = []
+    with open(f"/proc/{pid or os.getpid()}/numa_maps") as f:
+        for line in f:
+            parts = line.split()
+            entry = NumaMapsEntry(start=int(parts[0], 16), policy=parts[1], raw=line.rstrip())
+            for tok in parts[2:]:
+                m = _NODE_RE.match(tok)
+                if m:
+                    entry.pages_per_node[int(m.group(1))] = int(m.group(2))
+                elif tok.startswith("anon="):
+                    entry.anon = int(tok[5:])
+                elif tok.startswith("file="):
+                    entry.file = tok[5:]
+            entries.append(entry)
+    return entries
+
+
+def numa_maps_at(address: int, pid: int | None = None) -> NumaMapsEntry:
+    """The numa_maps line of the mapping that starts at ``address`` (memfd
+    regions are shmem, not anon: match them by start address)."""
+    for entry in numa_maps(pid):
+        if entry.start == address:
+            return entry
+    raise LookupError(f"no numa_maps entry starts at {address:#x}")
+
+
+def online_cpus() -> set[int]:
+    with open("/sys/devices/system/cpu/online") as f:
+        return parse_cpulist(f.read())
+
+
+def node_cpus(node: int) -> set[int]:
+    with open(f"/sys/devices/system/node/node{node}/cpulist") as f:
+        return parse_cpulist(f.read())
+
+
+def host_nodes() -> set[int]:
+    with open("/sys/devices/system/node/online") as f:
+        return parse_cpulist(f.read())
