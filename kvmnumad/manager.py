@@ -1,42 +1,382 @@
 """The Manager: owns every VM, the host topology and the event stream.
 
-(API skeleton: bodies are being written; signatures are the contract the
-front ends code against.)
+It is the one place that turns a request into kernel objects: it validates,
+asks the planner for a placement, creates the Vm, applies the plan and rolls
+everything back when any step fails.  Front ends (D-Bus, tests, the demo) only
+call it; it knows nothing of them.  Thread-safe and synchronous: front ends
+call blocking methods off their event loop and get Events through
+subscribe() (callbacks may run on any thread).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
-from kvmnumad.model import CreateOptions, Event, Policy
-from kvmnumad.numa.topology import HostTopology
-from kvmnumad.vm import Vm
+from kvmnumad import __version__, errors, placement
+from kvmnumad.kvm import payload as kvm_payload
+from kvmnumad.kvm.errors import KvmError
+from kvmnumad.kvm.ioctls import Cap
+from kvmnumad.kvm.system import Kvm
+from kvmnumad.memory import PAGE_SIZE
+from kvmnumad.model import NAME_RE, CreateOptions, Event, EventKind, Policy, VmState
+from kvmnumad.numa.memory import MemPolicy
+from kvmnumad.numa.topology import HostTopology, read_topology
+from kvmnumad.vm import GUEST_RAM_BASE, Vm
+
+log = logging.getLogger(__name__)
+
+MAX_MEMORY = 1 << 40
 
 
 class Manager:
-    """Thread-safe, synchronous. Front ends call blocking methods off their
-    event loop and receive Events through subscribe() (callbacks may run on
-    any thread: marshal them to your loop)."""
+    """Owns VMs by name; see the module docstring."""
 
-    def __init__(self, kvm_path: str = "/dev/kvm") -> None: raise NotImplementedError
+    def __init__(
+        self,
+        kvm_path: str = "/dev/kvm",
+        *,
+        topology_reader: Callable[[], HostTopology] = read_topology,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.version = __version__
+        self._kvm_path = kvm_path
+        self._kvm: Kvm | None = None
+        self._read_topology = topology_reader
+        self._topo = topology_reader()
+        self._topo_lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._vms: dict[str, Vm] = {}
+        self._creating: set[str] = set()
+        self._subscribers: list[Callable[[Event], None]] = []
+        self._default_policy = Policy.MANUAL
+        self._state_dir = state_dir
+        self._store: Any = None
+        if state_dir is not None:
+            from kvmnumad.state import StateStore
 
-    version: str
+            self._store = StateStore(state_dir)
+
+    # ------------------------------------------------------------------ events
+    def subscribe(self, callback: Callable[[Event], None]) -> None:
+        self._subscribers.append(callback)
+
+    def _emit(self, event: Event) -> None:
+        for cb in list(self._subscribers):
+            try:
+                cb(event)
+            except Exception:  # a broken subscriber must not break the core
+                log.exception("event subscriber failed on %s", event.kind)
+        if event.vm and event.kind == EventKind.VM_CHANGED:
+            self._persist(event.vm)
+
+    # ------------------------------------------------------------------ host
+    def _kvm_handle(self) -> Kvm:
+        with self._lock:
+            if self._kvm is None:
+                try:
+                    self._kvm = Kvm(self._kvm_path)
+                except (KvmError, OSError) as e:
+                    raise errors.KvmUnavailable(f"{self._kvm_path}: {e.strerror or e}") from e
+            return self._kvm
+
     @property
-    def default_policy(self) -> Policy: raise NotImplementedError
-    def set_default_policy(self, policy: Policy) -> None: raise NotImplementedError
-    def topology(self) -> HostTopology: raise NotImplementedError
-    def refresh_topology(self) -> HostTopology: raise NotImplementedError
-    def host_nodes(self) -> list[int]: raise NotImplementedError
-    def online_cpus(self) -> list[int]: raise NotImplementedError
-    def max_vcpus(self) -> int: raise NotImplementedError
+    def default_policy(self) -> Policy:
+        return self._default_policy
+
+    def set_default_policy(self, policy: Policy) -> None:
+        if self._default_policy == policy:
+            return
+        self._default_policy = Policy(policy)
+        self._emit(Event(EventKind.MANAGER_CHANGED, props=("DefaultPolicy",)))
+
+    def topology(self) -> HostTopology:
+        with self._topo_lock:
+            return self._topo
+
+    def refresh_topology(self) -> HostTopology:
+        topo = self._read_topology()
+        with self._topo_lock:
+            self._topo = topo
+        return topo
+
+    def host_nodes(self) -> list[int]:
+        return sorted(self.topology().nodes)
+
+    def online_cpus(self) -> list[int]:
+        return sorted(self.topology().online_cpus())
+
+    def max_vcpus(self) -> int:
+        try:
+            kvm = self._kvm_handle()
+        except errors.KvmUnavailable:
+            return 0
+        return kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS) or 4
+
+    # ------------------------------------------------------------------ VMs
+    def get_vm(self, name: str) -> Vm:
+        with self._lock:
+            try:
+                return self._vms[name]
+            except KeyError:
+                raise errors.NoSuchVM(f"no VM named {name!r}") from None
+
+    def list_vms(self) -> list[Vm]:
+        with self._lock:
+            return list(self._vms.values())
+
+    def _validate_request(self, name: str | None, vcpus: int, memory_bytes: int,
+                          options: CreateOptions) -> None:
+        if name is not None and not NAME_RE.match(name):
+            raise errors.InvalidArgument(f"VM name {name!r} must be 1-64 characters of [A-Za-z0-9_.-]")
+        limit = self.max_vcpus() or 1024
+        if not 1 <= vcpus <= min(limit, 256):
+            raise errors.InvalidArgument(f"vcpus {vcpus} out of range 1..{min(limit, 256)}")
+        if memory_bytes < 0 or memory_bytes > MAX_MEMORY:
+            raise errors.InvalidArgument(f"memory_bytes {memory_bytes} out of range 0..{MAX_MEMORY}")
+        parts = max(options.numa_nodes, 1)
+        if memory_bytes and memory_bytes % (parts * PAGE_SIZE):
+            raise errors.InvalidArgument(
+                f"memory_bytes {memory_bytes} must split into {parts} page-aligned parts "
+                f"(a multiple of {parts * PAGE_SIZE})"
+            )
+        if options.numa_nodes > 64:
+            raise errors.InvalidArgument(f"numa_nodes {options.numa_nodes} out of range 0..64")
+        topo = self.topology()
+        for h in options.host_nodes:
+            if h not in topo.nodes:
+                raise errors.NodeOutOfRange(f"host node {h} does not exist (host nodes: {sorted(topo.nodes)})")
+        if options.passes < 0:
+            raise errors.InvalidArgument(f"passes {options.passes} must be >= 0")
+
+    def _load(self) -> placement.Load:
+        return placement.load_from_vms(self.topology(), [
+            (vm.vcpu_affinity(), [(r.host_node, r.size) for r in vm.memory_regions()])
+            for vm in self.list_vms()
+        ])
+
+    def _plan(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> placement.Plan:
+        req = placement.PlacementRequest(
+            vcpus=vcpus,
+            memory_bytes=memory_bytes,
+            guest_nodes=options.numa_nodes,
+            policy=options.policy or self._default_policy,
+            host_nodes=options.host_nodes,
+            allow_split=options.allow_split,
+        )
+        return placement.plan(self.topology(), self._load(), req)
+
+    def plan_vm(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> str:
+        self._validate_request(None, vcpus, memory_bytes, options)
+        return self._plan(vcpus, memory_bytes, options).to_json()
 
     def create_vm(self, name: str, vcpus: int, memory_bytes: int, options: CreateOptions,
-                  owner: int = 0) -> Vm: raise NotImplementedError
-    def destroy_vm(self, name: str) -> None: raise NotImplementedError
-    def get_vm(self, name: str) -> Vm: raise NotImplementedError
-    def list_vms(self) -> list[Vm]: raise NotImplementedError
-    def plan_vm(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> str: raise NotImplementedError
-    def report(self) -> str: raise NotImplementedError
-    def suggestions(self) -> list[tuple[str, str, str]]: raise NotImplementedError
-    def subscribe(self, callback: Callable[[Event], None]) -> None: raise NotImplementedError
-    def shutdown(self) -> None: raise NotImplementedError
+                  owner: int = 0) -> Vm:
+        self._validate_request(name, vcpus, memory_bytes, options)
+        payload = kvm_payload.load_flat_binary(options.payload) if options.payload else None
+        with self._lock:
+            if name in self._vms or name in self._creating:
+                raise errors.AlreadyExists(f"a VM named {name!r} exists already")
+            self._creating.add(name)
+        try:
+            plan = self._plan(vcpus, memory_bytes, options)
+            kvm = self._kvm_handle()
+            vm = Vm(
+                name, kvm, vcpus, self.topology, self._emit_quiet(name),
+                owner=owner, policy=options.policy or self._default_policy, payload=payload,
+                passes=options.passes, max_slots=kvm.check_extension(Cap.NR_MEMSLOTS) or 32,
+            )
+            try:
+                self._apply_plan(vm, plan, memory_bytes, options)
+                if options.start:
+                    vm.start()
+            except BaseException:
+                vm.destroy()
+                raise
+            with self._lock:
+                self._vms[name] = vm
+        finally:
+            with self._lock:
+                self._creating.discard(name)
+        vm._emit = self._emit  # from now on its changes are public
+        self._emit(Event(EventKind.VM_ADDED, vm=name))
+        self._persist(name)
+        return vm
+
+    def _emit_quiet(self, name: str) -> Callable[[Event], None]:
+        """A VM under construction is not public yet: its events wait until it is."""
+        return lambda event: None
+
+    def _apply_plan(self, vm: Vm, plan: placement.Plan, memory_bytes: int, options: CreateOptions) -> None:
+        guest_nodes = options.numa_nodes
+        if guest_nodes:
+            vm.enable_numa(guest_nodes, [g.host_node for g in plan.guest_nodes])
+        if memory_bytes:
+            gpa = GUEST_RAM_BASE
+            if guest_nodes:
+                for g in plan.guest_nodes:
+                    vm.setup_numa_memory(
+                        g.index, g.memory_bytes, gpa, policy=MemPolicy(g.mem_policy),
+                        host_nodes=frozenset(g.mem_nodes), prealloc=options.prealloc,
+                    )
+                    gpa += g.memory_bytes
+            else:
+                # Without guest NUMA one region holds all memory; it still gets a
+                # real host policy from the plan.
+                g = plan.guest_nodes[0]
+                vm.add_memory(0, memory_bytes, gpa, policy=MemPolicy(g.mem_policy),
+                              host_nodes=frozenset(g.mem_nodes), prealloc=options.prealloc)
+        for p in plan.vcpus:
+            bound = p.guest_node if guest_nodes and p.bound else None
+            vm.apply_declared(p.vcpu, frozenset(p.cpus) if p.cpus else None, bound)
+
+    def destroy_vm(self, name: str) -> None:
+        with self._lock:
+            vm = self.get_vm(name)
+            del self._vms[name]
+        vm.destroy()
+        if self._store is not None:
+            self._store.remove(name)
+        self._emit(Event(EventKind.VM_REMOVED, vm=name))
+
+    # ------------------------------------------------------------------ hotplug
+    def on_topology_changed(self, reason: str) -> list[tuple[str, int, list[int]]]:
+        """Re-read the topology and re-pin every vCPU whose CPUs changed."""
+        old = self.topology()
+        topo = self.refresh_topology()
+        moves: list[tuple[str, int, list[int]]] = []
+        for vm in self.list_vms():
+            for vcpu, _old, new in vm.repin(topo):
+                moves.append((vm.name, vcpu, sorted(new)))
+                self._emit(Event(EventKind.VCPU_REPINNED, vm=vm.name,
+                                 data={"vcpu": vcpu, "cpus": sorted(new), "reason": reason,
+                                       "from": sorted(_old)}))
+        if old.online_cpus() != topo.online_cpus() or reason:
+            self._emit(Event(EventKind.TOPOLOGY_CHANGED, data={"online_cpus": sorted(topo.online_cpus()),
+                                                               "reason": reason}))
+            self._emit(Event(EventKind.MANAGER_CHANGED, props=("OnlineCPUs", "HostNodes")))
+        return moves
+
+    # ------------------------------------------------------------------ reports
+    def report(self) -> str:
+        topo = self.topology()
+        lines = [f"kvmnumad {self.version}", f"host nodes: {len(topo.nodes)}"]
+        for nid in sorted(topo.nodes):
+            n = topo.nodes[nid]
+            lines.append(
+                f"  node {nid}: cpus {_fmt(n.cpus)} online {_fmt(topo.cpus_of_node(nid, online_only=True))} "
+                f"mem {n.mem_total >> 20} MiB free {n.mem_free >> 20} MiB"
+            )
+        vms = self.list_vms()
+        lines.append(f"VMs: {len(vms)}")
+        for vm in vms:
+            lines.append(f"  {vm.name}: {vm.state} vcpus {vm.vcpu_count} policy {vm.policy} "
+                         f"numa {vm.numa_nodes} map {vm.node_map}")
+            for vcpu, cpus in vm.vcpu_affinity():
+                lines.append(f"    vcpu {vcpu}: cpus {_fmt(cpus)}")
+            for r in vm.memory_regions():
+                lines.append(f"    slot {r.slot}: {r.size >> 20} MiB guest node {r.guest_node} "
+                             f"-> host node {r.host_node}")
+        return "\n".join(lines) + "\n"
+
+    def suggestions(self) -> list[tuple[str, str, str]]:
+        """(vm, kind, text): placements whose vCPUs and memory sit on different nodes."""
+        out: list[tuple[str, str, str]] = []
+        topo = self.topology()
+        for vm in self.list_vms():
+            if vm.state == VmState.RUNNING and not vm.memory_regions():
+                out.append((vm.name, "no-memory", "VM runs without guest memory regions"))
+            regions = vm.memory_regions()
+            for vcpu, cpus in vm.vcpu_affinity():
+                nodes = {topo.cpus[c].node for c in cpus if c in topo.cpus}
+                if not regions or not vm.numa_enabled:
+                    continue
+                gnode = vm.guest_node_of_vcpu(vcpu)
+                mem_nodes = {r.host_node for r in regions if r.guest_node == gnode}
+                if mem_nodes and not nodes <= mem_nodes and len(topo.nodes) > 1:
+                    out.append((vm.name, "remote-memory",
+                                f"vCPU {vcpu} may run on node(s) {_fmt(nodes)} but its guest node {gnode} "
+                                f"memory is on {_fmt(mem_nodes)}: bind it with BindVcpuToNumaNode"))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def _persist(self, name: str) -> None:
+        if self._store is None:
+            return
+        with self._lock:
+            vm = self._vms.get(name)
+        if vm is not None:
+            try:
+                self._store.save(name, vm.definition())
+            except OSError:
+                log.exception("could not save the definition of VM %s", name)
+
+    def restore(self) -> list[str]:
+        """Recreate the VMs saved in the state directory, with their declared placement."""
+        if self._store is None:
+            return []
+        restored: list[str] = []
+        for d in self._store.load_all():
+            try:
+                self._restore_one(d)
+                restored.append(str(d["name"]))
+            except Exception:
+                log.exception("could not restore VM definition %r", d.get("name"))
+        return restored
+
+    def _restore_one(self, d: dict[str, Any]) -> None:
+        name = str(d["name"])
+        vm = self.create_vm(name, int(d["vcpus"]), 0,
+                            CreateOptions(policy=Policy(d.get("policy", "manual")),
+                                          passes=int(d.get("passes", 0))),
+                            owner=int(d.get("owner", 0)))
+        if d.get("numa_nodes"):
+            vm.enable_numa(int(d["numa_nodes"]), [int(x) for x in d["node_map"]])
+        for r in d.get("regions", []):
+            vm.setup_numa_memory(int(r["node"]), int(r["size"]), int(r["gpa"]),
+                                 policy=MemPolicy(int(r["policy"])),
+                                 host_nodes=frozenset(int(x) for x in r["host_nodes"]))
+        topo = self.topology()
+        for p in d.get("vcpu_placement", []):
+            declared = p.get("declared")
+            cpus = frozenset(int(c) for c in declared) if declared else None
+            if cpus is not None and not cpus & topo.online_cpus():
+                cpus = None
+            elif cpus is not None:
+                cpus = cpus & topo.online_cpus()
+            vm.apply_declared(int(p["vcpu"]), cpus, p.get("bound_node"))
+        if d.get("running"):
+            vm.start()
+
+    def shutdown(self) -> None:
+        """Stop and release every VM (their definitions stay saved)."""
+        store, self._store = self._store, None  # destroying for shutdown is not "removing"
+        try:
+            for vm in self.list_vms():
+                with self._lock:
+                    self._vms.pop(vm.name, None)
+                try:
+                    vm.destroy()
+                except Exception:
+                    log.exception("destroying VM %s on shutdown", vm.name)
+        finally:
+            self._store = store
+        if self._kvm is not None:
+            self._kvm.close()
+            self._kvm = None
+
+    def describe(self) -> str:
+        return json.dumps({"vms": [vm.definition() for vm in self.list_vms()]}, indent=2, default=str)
+
+
+def _fmt(cpus: object) -> str:
+    items = sorted(cpus)  # type: ignore[call-overload]
+    return ",".join(str(c) for c in items) if items else "-"
+
+
+__all__ = ["Manager", "asdict"]

@@ -1,0 +1,7 @@
+"""``python -m kvmnumad``: the daemon."""
+
+import sys
+
+from kvmnumad.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,184 @@
+"""kvmnumad: the daemon entry point.
+
+Order matters here and is the reason this file exists:
+1. the vCPU kick signal is installed in the main thread (Python only allows
+   it there; VMs are created on worker threads later);
+2. the udev monitor starts before the topology is read, so no hotplug event
+   falls between the two;
+3. the bus name is requested only when the core is ready, and READY=1 is sent
+   only once the name is owned: a client activated by the name never sees a
+   half-started daemon;
+4. on SIGTERM: STOPPING=1, the name is released first (no new calls), then
+   the VMs are stopped and every fd closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from kvmnumad import __version__
+from kvmnumad.hotplug import HotplugMonitor
+from kvmnumad.kvm.runner import install_kick_signal
+from kvmnumad.manager import Manager
+from kvmnumad.model import CreateOptions, Event, EventKind, Policy
+
+log = logging.getLogger("kvmnumad")
+
+DEMO_VM = "demo"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvmnumad", description="KVM VMs with NUMA-aware placement, on D-Bus.")
+    p.add_argument("--bus", default="private",
+                   help="system, session, private (a dbus-daemon of its own: the default) or a D-Bus address")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where VM definitions are kept (default: none for private/session buses, "
+                        "/var/lib/kvmnumad for the system bus)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-target", default="auto", choices=["auto", "journal", "stderr"])
+    p.add_argument("--demo", action="store_true", help="create and start a demo VM (2 guest nodes, 4 vCPUs)")
+    p.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
+    p.add_argument("--address-file", type=Path, default=None,
+                   help="write the bus address here once the name is owned (for scripts and tests)")
+    p.add_argument("--version", action="version", version=f"kvmnumad {__version__}")
+    return p.parse_args(argv)
+
+
+def log_core_event(event: Event) -> None:
+    """Every placement event goes to the log with structured fields."""
+    from kvmnumad.journal import log_event
+
+    if event.kind == EventKind.VCPU_REPINNED:
+        d = event.data
+        log_event("repin", f"vCPU {d['vcpu']} of VM {event.vm} re-pinned to CPUs {d['cpus']} ({d['reason']})",
+                  vm=event.vm, vcpu=d["vcpu"], cpus=d["cpus"], reason=d["reason"])
+    elif event.kind == EventKind.TOPOLOGY_CHANGED:
+        d = event.data
+        log_event("topology-changed", f"host topology changed: online CPUs {d['online_cpus']} ({d['reason']})",
+                  cpus=d["online_cpus"], reason=d["reason"])
+    elif event.kind == EventKind.VM_ADDED:
+        log_event("vm-created", f"VM {event.vm} created", vm=event.vm)
+    elif event.kind == EventKind.VM_REMOVED:
+        log_event("vm-destroyed", f"VM {event.vm} destroyed", vm=event.vm)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from kvmnumad import sdnotify
+    from kvmnumad.bus.service import connect, start_service
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    private = None
+    bus_spec = args.bus
+    if bus_spec == "private":
+        from kvmnumad.privatebus import PrivateBus
+
+        private = PrivateBus()
+        bus_spec = private.address
+    state_dir = args.state_dir
+    if state_dir is None and args.bus == "system":
+        state_dir = Path(os.environ.get("STATE_DIRECTORY", "/var/lib/kvmnumad"))
+
+    manager: Manager | None = None
+    service = None
+    hotplug = None
+    try:
+        sdnotify.notify("STATUS=starting")
+        manager_ref: list[Manager] = []
+
+        def on_hotplug(reason: str) -> None:
+            if manager_ref:
+                loop.run_in_executor(None, manager_ref[0].on_topology_changed, reason)
+
+        try:
+            hotplug = HotplugMonitor(on_hotplug)
+            hotplug.start(loop)
+        except Exception as e:  # no netlink (e.g. a restricted sandbox): run without, say so
+            log.warning("CPU hotplug monitoring unavailable: %s", e)
+            hotplug = None
+        manager = Manager(args.kvm, state_dir=state_dir)
+        manager_ref.append(manager)
+        manager.subscribe(log_core_event)
+        bus = await connect(bus_spec)
+        service = await start_service(manager, bus, await _authorizer(bus, args.bus))
+        restored = await asyncio.to_thread(manager.restore)
+        if restored:
+            log.info("restored VMs: %s", ", ".join(restored))
+        if args.demo and DEMO_VM not in {vm.name for vm in manager.list_vms()}:
+            await asyncio.to_thread(
+                manager.create_vm, DEMO_VM, 4, 128 << 20,
+                CreateOptions(numa_nodes=2, policy=Policy.LOCAL_FIRST if len(manager.host_nodes()) > 1
+                              else Policy.MANUAL, start=True, allow_split=True),
+            )
+        if args.address_file:
+            args.address_file.write_text(bus_spec + "\n")
+        log.info("kvmnumad %s serving org.kvmnuma1 on %s", __version__, bus_spec)
+        sdnotify.notify("READY=1", f"STATUS=serving org.kvmnuma1, {len(manager.list_vms())} VM(s)")
+        watchdog = sdnotify.Watchdog()
+        watchdog.start()
+        if private is not None:
+            _print_howto(private.address)
+        await stop.wait()
+        watchdog.stop()
+        sdnotify.notify("STOPPING=1", "STATUS=stopping")
+        log.info("stopping")
+        return 0
+    finally:
+        if hotplug is not None:
+            hotplug.stop()
+        if service is not None:
+            await service.stop()
+        if manager is not None:
+            await asyncio.to_thread(manager.shutdown)
+        if private is not None:
+            private.close()
+
+
+async def _authorizer(bus: object, bus_kind: str) -> object:
+    """Root passes; others go to polkit on the system bus (where polkitd lives)."""
+    from kvmnumad.bus.auth import make_authorizer
+
+    return await make_authorizer(bus, use_polkit=bus_kind == "system")
+
+
+def _print_howto(address: str) -> None:
+    print(
+        "\nkvmnumad is serving org.kvmnuma1 on a private bus.\n"
+        f"  export KVMNUMAD_BUS='{address}'\n"
+        f"  busctl --address='{address}' tree org.kvmnuma1\n"
+        f"  busctl --address='{address}' call org.kvmnuma1 /org/kvmnuma1 org.kvmnuma1.Manager ListVMs\n"
+        f"  busctl --address='{address}' get-property org.kvmnuma1 /org/kvmnuma1/vm/demo "
+        "org.kvmnuma1.VM VcpuAffinity\n"
+        f"  .venv/bin/kvmnumactl --bus '{address}' list\n"
+        f"  .venv/bin/kvmnumactl --bus '{address}' show demo\n"
+        "Ctrl-C stops the daemon, its VMs and the bus.\n",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from kvmnumad.journal import setup_logging
+
+    setup_logging(args.log_level, args.log_target)
+    install_kick_signal()
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0
+    except Exception as e:
+        log.exception("kvmnumad failed: %s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

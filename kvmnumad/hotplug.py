@@ -1,0 +1,85 @@
+"""CPU and memory hotplug through udev, read from the asyncio loop.
+
+pyudev has no asyncio observer (its issue 450), so this does what its GLib
+observer does: the loop watches the monitor's fd and drains it with
+``poll(timeout=0)``.  No thread, no timer: an idle daemon wakes only when the
+kernel has something to say.  The monitor is started before anyone reads the
+topology, so a CPU that changes state in between is not missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+
+import pyudev
+
+log = logging.getLogger(__name__)
+
+SUBSYSTEMS = ("cpu", "memory", "node")
+_INTERESTING = {"online", "offline", "add", "remove", "change"}
+
+
+def udevd_running() -> bool:
+    """udevd leaves its control socket under /run/udev; without it only the
+    kernel's own uevents exist (source 'kernel')."""
+    return os.path.exists("/run/udev/control")
+
+
+class HotplugMonitor:
+    """Calls ``on_change(reason)`` once per burst of relevant uevents.
+
+    A burst (e.g. offlining a CPU emits offline + change events) is coalesced
+    within one drain of the socket; the callback then re-reads sysfs, so the
+    exact event list does not matter, only that something changed.
+    """
+
+    def __init__(self, on_change: Callable[[str], None], *, source: str | None = None) -> None:
+        self.source = source or ("udev" if udevd_running() else "kernel")
+        self._context = pyudev.Context()
+        self._monitor = pyudev.Monitor.from_netlink(self._context, source=self.source)
+        for subsystem in SUBSYSTEMS:
+            self._monitor.filter_by(subsystem)
+        self._on_change = on_change
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.events_seen = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._monitor.start()
+        self._loop.add_reader(self._monitor.fileno(), self._drain)
+        log.info("watching %s hotplug through %s uevents", "/".join(SUBSYSTEMS), self.source)
+
+    def _drain(self) -> None:
+        reasons: list[str] = []
+        while True:
+            device = self._monitor.poll(timeout=0)
+            if device is None:
+                break
+            self.events_seen += 1
+            action = device.action or "change"
+            if action in _INTERESTING:
+                reasons.append(f"{device.subsystem}:{device.sys_name}:{action}")
+        if reasons:
+            reason = _summarize(reasons)
+            try:
+                self._on_change(reason)
+            except Exception:
+                log.exception("hotplug handler failed for %s", reason)
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._monitor.fileno())
+            self._loop = None
+
+
+def _summarize(reasons: list[str]) -> str:
+    """'cpu3 offline' style text for signals and logs; the last state wins."""
+    last: dict[str, str] = {}
+    for r in reasons:
+        subsystem, name, action = r.split(":", 2)
+        if action in ("online", "offline") or name not in last:
+            last[name] = action
+    return ", ".join(f"{name} {action}" for name, action in last.items())
