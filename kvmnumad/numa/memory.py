@@ -1,0 +1,188 @@
+"""Memory policy and page placement for a range of this process's address space.
+
+Guest memory is a memfd mapped MAP_SHARED (shmem, not anonymous memory): every
+function here is exercised on exactly that in the tests.  The policy set by
+``mbind`` on a shmem mapping is the file's shared policy, so it also governs
+pages faulted later (by KVM on behalf of a vCPU).
+
+All calls go through ctypes into libnuma's syscall wrappers (GIL released) and
+block for as long as the kernel migrates: never call them on an event loop.
+Errors are ``OSError`` with the kernel's errno.
+
+Example::
+
+    fd = os.memfd_create("guest0")           # + ftruncate + mmap(MAP_SHARED) at addr
+    mbind(addr, size, MemPolicy.BIND, {1}, move=True, strict=True)
+    prefault(addr, size)
+    assert pages_per_node(addr, size) == {1: size // 4096}
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import functools
+import os
+from collections.abc import Iterable
+from ctypes import c_int, c_size_t, c_void_p
+
+from kvmnumad.numa import libnuma
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CHUNK_PAGES = 65536  # pages per move_pages call: bounds the ctypes arrays to ~1 MiB
+
+
+class MemPolicy(enum.IntEnum):
+    """MPOL_* modes of <linux/mempolicy.h>."""
+
+    DEFAULT = 0
+    PREFERRED = 1
+    BIND = 2
+    INTERLEAVE = 3
+    LOCAL = 4
+    PREFERRED_MANY = 5
+    WEIGHTED_INTERLEAVE = 6
+
+
+MPOL_MF_STRICT = 1 << 0  # fail with EIO if existing pages do not follow the policy
+MPOL_MF_MOVE = 1 << 1  # migrate existing pages mapped only by this process
+MPOL_MF_MOVE_ALL = 1 << 2  # migrate shared pages too (CAP_SYS_NICE)
+
+MPOL_F_ADDR = 1 << 1  # get_mempolicy: the policy governing an address, not the thread's
+_MODE_FLAGS = (1 << 15) | (1 << 14) | (1 << 13)  # MPOL_F_STATIC/RELATIVE_NODES, NUMA_BALANCING
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14
+NODEMASK_BITS = 1024  # MAX_NUMNODES of distribution kernels (CONFIG_NODES_SHIFT=10)
+
+
+def _nodemask(nodes: Iterable[int]) -> tuple[libnuma.ULongArray, int]:
+    """A nodemask holding ``nodes`` and the number of bits it covers."""
+    ids = sorted(set(nodes))
+    for n in ids:
+        if n < 0 or n >= NODEMASK_BITS:
+            raise OSError(errno.EINVAL, f"NUMA node {n} out of range 0..{NODEMASK_BITS - 1}")
+    words = [0] * (NODEMASK_BITS // 64)
+    for n in ids:
+        words[n // 64] |= 1 << (n % 64)
+    return libnuma.ulong_array(words), NODEMASK_BITS
+
+
+def _nodes_of(mask: libnuma.ULongArray) -> frozenset[int]:
+    return frozenset(w * 64 + b for w, word in enumerate(mask) for b in range(64) if word >> b & 1)
+
+
+def mbind(
+    addr: int,
+    length: int,
+    policy: MemPolicy,
+    nodes: Iterable[int],
+    *,
+    move: bool = False,
+    strict: bool = False,
+) -> None:
+    """Set the memory policy of [addr, addr+length) (mbind(2)).
+
+    ``move`` migrates pages already present so that they follow the policy;
+    ``strict`` (with BIND) makes the call fail with EIO when some cannot.
+    A node that is not online gives EINVAL.
+    """
+    mask, bits = _nodemask(nodes)
+    flags = (MPOL_MF_MOVE if move else 0) | (MPOL_MF_STRICT if strict else 0)
+    # The kernel's get_nodes() starts with --maxnode, so it would ignore the last bit of the
+    # mask: pass one more than the bits we mean (cloud-hypervisor's memory_manager.rs does
+    # the same, "Linux is kind of buggy in the way it interprets maxnode").
+    libnuma.sys_mbind(addr, length, int(policy), mask, maxnode=bits + 1, flags=flags)
+
+
+def get_mempolicy(addr: int) -> tuple[MemPolicy, frozenset[int]]:
+    """The policy governing ``addr`` and its node set (get_mempolicy(2) with MPOL_F_ADDR)."""
+    mask, bits = _nodemask(())
+    mode = libnuma.sys_get_mempolicy(mask, bits + 1, addr, MPOL_F_ADDR)  # same maxnode quirk as mbind
+    return MemPolicy(mode & ~_MODE_FLAGS), _nodes_of(mask)
+
+
+def _page_addresses(addr: int, length: int, page_size: int) -> Iterable[list[int]]:
+    """Page addresses of the range in chunks of CHUNK_PAGES."""
+    if addr % page_size:
+        raise OSError(errno.EINVAL, f"address {addr:#x} is not aligned to {page_size}")
+    end = addr + length
+    for start in range(addr, end, CHUNK_PAGES * page_size):
+        yield list(range(start, min(end, start + CHUNK_PAGES * page_size), page_size))
+
+
+def _query(pages: list[int]) -> list[int]:
+    """move_pages with nodes=NULL: the node of each page, or -errno (-ENOENT: not present)."""
+    status = (c_int * len(pages))()
+    libnuma.sys_move_pages((c_void_p * len(pages))(*pages), None, status)
+    return list(status)
+
+
+def pages_per_node(addr: int, length: int, page_size: int = PAGE_SIZE) -> dict[int, int]:
+    """Resident pages of the range by node; pages never touched are not counted."""
+    counts: dict[int, int] = {}
+    for pages in _page_addresses(addr, length, page_size):
+        for node in _query(pages):
+            if node >= 0:
+                counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def migrate_range(addr: int, length: int, node: int, page_size: int = PAGE_SIZE) -> int:
+    """Move every resident page of the range to ``node`` (move_pages(2)) without
+    changing the range's policy; returns the number of pages that changed node.
+
+    The whole call fails (ENODEV, EACCES, EINVAL) when ``node`` cannot take pages;
+    pages that fail one by one (EBUSY, ENOMEM) are reported after the rest moved.
+    """
+    moved = failed = total = 0
+    first_error = 0
+    for pages in _page_addresses(addr, length, page_size):
+        todo = [p for p, where in zip(pages, _query(pages), strict=True) if where >= 0 and where != node]
+        total += len(todo)
+        if not todo:
+            continue
+        status = (c_int * len(todo))()
+        targets = (c_int * len(todo))(*([node] * len(todo)))
+        libnuma.sys_move_pages((c_void_p * len(todo))(*todo), targets, status)
+        for s in status:
+            if s == node:
+                moved += 1
+            elif s < 0:
+                failed += 1
+                first_error = first_error or -s
+    if failed:
+        raise OSError(
+            first_error,
+            f"migrate_range to node {node}: {failed} of {total} pages did not move "
+            f"({os.strerror(first_error)}), {moved} moved",
+        )
+    return moved
+
+
+@functools.cache
+def _madvise() -> ctypes._NamedFuncPointer:
+    func = ctypes.CDLL(None, use_errno=True).madvise
+    func.argtypes = [c_void_p, c_size_t, c_int]
+    func.restype = c_int
+    return func
+
+
+def prefault(addr: int, length: int) -> None:
+    """Allocate every page of the range now, under its policy, so that a VM's
+    memory is on its node before the guest runs (and fails here, not in KVM_RUN).
+
+    MADV_POPULATE_WRITE needs Linux 5.14; older kernels get one written byte per
+    page (each byte rewritten with its own value: call before the guest runs).
+    """
+    if addr % PAGE_SIZE:
+        raise OSError(errno.EINVAL, f"prefault: address {addr:#x} is not page-aligned")
+    if _madvise()(addr, length, MADV_POPULATE_WRITE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err != errno.EINVAL:
+        raise OSError(err, f"madvise(MADV_POPULATE_WRITE, {addr:#x}, {length}): {os.strerror(err)}")
+    # The buffer is a view of memory the caller keeps mapped; it copies nothing.
+    view = (ctypes.c_char * length).from_address(addr)
+    for off in range(0, length, PAGE_SIZE):
+        view[off] = view[off]
