@@ -12,6 +12,7 @@ import pytest
 
 from kvmnumad import journal
 from kvmnumad.journal import MESSAGE_IDS, EventKind, format_cpulist, log_event, setup_logging
+
 if TYPE_CHECKING:
     from tests.sysfixtures import Journal
 
