@@ -545,11 +545,12 @@ async def cmd_monitor(c: Client, args: argparse.Namespace) -> None:
     except BusError as e:
         if not e.name.endswith(".ServiceUnknown"):
             raise
-    print(f"Monitoring {SERVICE} signals; Ctrl-C to stop.", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # only now: scripts and tests take this line as "matches are in, signals handled"
+    print(f"Monitoring {SERVICE} signals; Ctrl-C to stop.", file=sys.stderr, flush=True)
     done = asyncio.ensure_future(stop.wait())
     lost = asyncio.ensure_future(c.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
     await asyncio.wait([done, lost], return_when=asyncio.FIRST_COMPLETED)
