@@ -256,7 +256,8 @@ class ExitReason(enum.IntEnum):
     """KVM_EXIT_* as found in kvm_run.exit_reason.
 
     ``INTR`` is also what :meth:`VcpuFd.run` returns when KVM_RUN fails with
-    EINTR (a signal or ``immediate_exit``): the kernel writes the same value.
+    EINTR (a signal or ``immediate_exit``); the kernel writes it to kvm_run
+    only for a signal, not for ``immediate_exit``.
     """
 
     UNKNOWN = 0

@@ -68,9 +68,9 @@ class VcpuFd:
     def fileno(self) -> int:
         return self._fd
 
-    @property
-    def kvm_run(self) -> KvmRun:
-        """The live kvm_run header (valid until close)."""
+    def _kvm_run(self) -> KvmRun:
+        """The live kvm_run header.  Private on purpose: a reference kept outside
+        would pin the mapping and make close() fail with BufferError."""
         if self._run is None:
             raise KvmError(errno.EBADF, "kvm_run", "vCPU closed")
         return self._run
@@ -150,7 +150,7 @@ class VcpuFd:
             if e.errno == errno.EINTR:
                 return ExitReason.INTR
             raise
-        raw = self.kvm_run.exit_reason
+        raw = self._kvm_run().exit_reason
         try:
             return ExitReason(raw)
         except ValueError:
@@ -158,25 +158,37 @@ class VcpuFd:
 
     @property
     def immediate_exit(self) -> bool:
-        return bool(self.kvm_run.immediate_exit)
+        return bool(self._kvm_run().immediate_exit)
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
         """When set, KVM_RUN returns EINTR at once (or at its next entry): the kick's other half."""
-        self.kvm_run.immediate_exit = 1 if value else 0
+        self._kvm_run().immediate_exit = 1 if value else 0
 
     def io_exit(self) -> IoExit:
         """The I/O exit just returned by run() (meaningful only after ExitReason.IO)."""
-        io = self.kvm_run.exit.io
+        io = self._kvm_run().exit.io
         length = io.size * io.count
         off = io.data_offset
         if off + length > len(self._mm):
             raise KvmError(errno.EPROTO, "KVM_RUN", f"io data {off:#x}+{length} beyond kvm_run")
         return IoExit(io.direction, io.size, io.port, io.count, self._mm[off : off + length])
 
+    def exit_detail(self, reason: ExitReason) -> str:
+        """What kvm_run says about a failure exit, for logs ("" when it says nothing)."""
+        run = self._kvm_run()
+        if reason == ExitReason.FAIL_ENTRY:
+            fail = run.exit.fail_entry
+            return f"hardware entry failure reason {fail.hardware_entry_failure_reason:#x} on cpu {fail.cpu}"
+        if reason == ExitReason.INTERNAL_ERROR:
+            return f"internal error suberror {run.exit.internal.suberror}"
+        if reason == ExitReason.UNKNOWN:
+            return f"hardware exit reason {run.exit.hardware_exit_reason:#x}"
+        return ""
+
     def set_io_in_data(self, data: bytes) -> None:
         """Answer a KVM_EXIT_IO of direction IN: the guest reads ``data`` on the next run()."""
-        io = self.kvm_run.exit.io
+        io = self._kvm_run().exit.io
         if len(data) != io.size * io.count:
             raise ValueError(f"IN of {io.size}x{io.count} bytes needs that many, got {len(data)}")
         self._mm[io.data_offset : io.data_offset + len(data)] = data
