@@ -23,6 +23,8 @@ Load them as a plugin from a test module (or from conftest.py)::
     /run/systemd/journal/socket, or one started here and stopped at teardown.
     Gives a ``Journal`` with ``.entries(*matches, wait_for=1)`` -> list of
     ``journalctl -o json`` dicts.
+``restore_logging``: puts the root logger's handlers and level back after a
+    test that called kvmnumad.journal.setup_logging.
 ``unpriv_user`` (session): a fresh user without home (``useradd -M -U``) and
     its private group; ``.run(*cmd)`` runs a command as that user through
     runuser.  Deleted at teardown.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -330,3 +333,14 @@ def journald() -> Iterator[Journal]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)

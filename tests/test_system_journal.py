@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,17 +16,6 @@ if TYPE_CHECKING:
     from tests.sysfixtures import Journal
 
 pytest_plugins = ["tests.sysfixtures"]
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def test_message_ids_are_distinct_uuids() -> None:

@@ -1,0 +1,119 @@
+"""VM definitions on disk, so a restarted daemon defines its VMs again.
+
+One JSON file per VM (``<name>.json``) in the state directory
+(``/var/lib/kvmnumad`` under systemd's ``StateDirectory=``).  A write is
+atomic: a temporary file in the same directory is written and fsynced, renamed
+over the old one, and the directory is fsynced, so after a crash or kill -9
+each file holds either the old or the new definition, never half of one.
+
+Reading never raises for bad content: a corrupt file is moved aside to
+``<name>.corrupt-<UTC timestamp>`` and logged (event ``state-corrupt``), so one
+bad file cannot turn the daemon into a restart loop.  Every method blocks on
+fsync: call them off the event loop (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kvmnumad.journal import EventKind, log_event
+from kvmnumad.model import NAME_RE
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".json"
+
+
+class StateStore:
+    """The VM definitions kept in one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        # The name becomes a file name: the VM name rule keeps '/' and '..' out.
+        if not NAME_RE.match(name) or name.startswith("."):
+            raise ValueError(f"invalid VM name for a state file: {name!r}")
+        return self.directory / (name + SUFFIX)
+
+    def save(self, name: str, definition: dict[str, Any]) -> None:
+        """Replace the definition of ``name`` atomically (write, fsync, rename, fsync dir)."""
+        target = self.path(name)
+        data = (json.dumps(definition, indent=2, sort_keys=True) + "\n").encode()
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._sync_dir()
+
+    def remove(self, name: str) -> None:
+        """Forget ``name``; absent already is fine (destroy after a failed save)."""
+        try:
+            self.path(name).unlink()
+        except FileNotFoundError:
+            return
+        self._sync_dir()
+
+    def load_all(self) -> list[dict[str, Any]]:
+        """Every readable definition, sorted by file name; corrupt files moved aside and logged."""
+        definitions: list[dict[str, Any]] = []
+        for entry in sorted(self.directory.iterdir()):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                # Left by a save that died before its rename: the old file is intact.
+                entry.unlink(missing_ok=True)
+                continue
+            if entry.suffix != SUFFIX or entry.name.startswith("."):
+                continue
+            name = entry.name[: -len(SUFFIX)]
+            try:
+                definition = json.loads(entry.read_bytes())
+                if not isinstance(definition, dict):
+                    raise ValueError(f"top level is {type(definition).__name__}, not an object")
+                if definition.get("name", name) != name:
+                    raise ValueError(f"names VM {definition.get('name')!r}, file is {entry.name}")
+            except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                self._move_aside(entry, name, e)
+                continue
+            definitions.append(definition)
+        return definitions
+
+    def _move_aside(self, entry: Path, name: str, error: Exception) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.directory / f"{name}.corrupt-{stamp}"
+        n = 1
+        while aside.exists():
+            aside = self.directory / f"{name}.corrupt-{stamp}.{n}"
+            n += 1
+        try:
+            os.replace(entry, aside)
+            self._sync_dir()
+            where = f"moved to {aside.name}"
+        except OSError as e:
+            where = f"could not be moved aside ({e}), skipped"
+        log_event(
+            EventKind.STATE_CORRUPT,
+            f"state file {entry} is unreadable ({error}); {where}",
+            vm=name,
+            reason=str(error),
+            level=logging.ERROR,
+        )
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
