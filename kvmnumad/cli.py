@@ -432,8 +432,27 @@ async def cmd_stats(c: Client, args: argparse.Namespace) -> None:
     if args.json:
         print_json(stats)
         return
-    for key, value in flatten("", stats):
+    # vcpu_* maps keyed by vCPU index become one table row per vCPU; the rest key=value lines
+    per_vcpu = {
+        k.removeprefix("vcpu_"): plain(v)
+        for k, v in stats.items()
+        if k.startswith("vcpu_") and isinstance(plain(v), dict)
+    }
+    rest = {k: v for k, v in stats.items() if not (k.startswith("vcpu_") and k[5:] in per_vcpu)}
+    for key, value in flatten("", rest):
         print(f"{key}={value}")
+    if not per_vcpu:
+        return
+    vcpus = sorted({int(i) for column in per_vcpu.values() for i in column})
+
+    def cell(value: Any) -> str:
+        if isinstance(value, dict):
+            return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
+        return "-" if value is None else str(value)
+
+    rows = [[str(i), *(cell(col.get(str(i))) for col in per_vcpu.values())] for i in vcpus]
+    print()
+    print_table(["VCPU", *(k.upper() for k in per_vcpu)], rows)
 
 
 async def cmd_report(c: Client, args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.observe import host_nodes, node_cpus, numa_maps_at, taskset_affinity
+from tests.observe import host_nodes, node_cpus, numa_maps_at, taskset_affinity, thread_ids
 
 CLI = [sys.executable, "-m", "kvmnumad.cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,7 +324,7 @@ def test_topology(bus: tuple[str, int]) -> None:
 
 @needs_service
 def test_create_show_list_start_pin_stop_destroy(bus: tuple[str, int]) -> None:
-    address, _pid = bus
+    address, daemon_pid = bus
     path = ok(address, "create", "cli-a", "--vcpus", "2", "--memory", "16M", "--passes", "1").strip()
     assert manager_call(address, "GetVM", "s", "cli-a") == [path]
     assert vm_prop(address, "cli-a", "Vcpus") == 2
@@ -344,6 +344,7 @@ def test_create_show_list_start_pin_stop_destroy(bus: tuple[str, int]) -> None:
     ok(address, "pin", "cli-a", "0", "0")
     ok(address, "pin", "cli-a", "1", "0-1")
     threads = dict(vm_prop(address, "cli-a", "VcpuThreads"))
+    assert set(threads.values()) <= thread_ids(daemon_pid)
     assert taskset_affinity(threads[0]) == {0}
     assert taskset_affinity(threads[1]) == {0, 1}
     shown = json.loads(ok(address, "show", "cli-a", "--json"))
@@ -355,7 +356,14 @@ def test_create_show_list_start_pin_stop_destroy(bus: tuple[str, int]) -> None:
 
     stats = json.loads(ok(address, "stats", "cli-a", "--json"))
     assert isinstance(stats, dict) and stats
-    assert all("=" in line for line in ok(address, "stats", "cli-a").splitlines())
+    lines = ok(address, "stats", "cli-a").splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("VCPU "))
+    assert all("=" in line for line in lines[: header - 1])
+    columns = lines[header].split()
+    rows = {int(r.split()[0]): r.split() for r in lines[header + 1 :]}
+    assert sorted(rows) == [0, 1]
+    if "TID" in columns:  # the daemon's thread ids, as busctl reads VcpuThreads
+        assert {v: int(r[columns.index("TID")]) for v, r in rows.items()} == threads
 
     ok(address, "stop", "cli-a")
     assert vm_prop(address, "cli-a", "State") == "stopped"
