@@ -1,0 +1,273 @@
+# D-Bus signatures are string annotations, as dbus-fast reads them; the type
+# checkers see names, not types, in them:
+# mypy: disable-error-code="name-defined,valid-type"
+# ruff: noqa: F821, F722
+"""``/org/kvmnuma1/vm/<escaped name>``: interface org.kvmnuma1.VM.
+
+Property values are served from a snapshot taken off the event loop (a Vm
+getter takes the VM's lock, which a long mbind may hold): the snapshot is
+refreshed after each mutating call, before its reply, and whenever the core
+reports a change; PropertiesChanged carries exactly the values that differ.
+"""
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from dbus_fast import PropertyAccess, Variant
+from dbus_fast.service import dbus_property, method
+
+from kvmnumad.bus.args import check_cpus
+from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_PLACE
+from kvmnumad.bus.dispatch import BusObject, current_call
+from kvmnumad.model import VmStats
+from kvmnumad.vm import Vm
+
+if TYPE_CHECKING:
+    from kvmnumad.bus.service import BusService
+
+log = logging.getLogger(__name__)
+
+VM_INTERFACE = "org.kvmnuma1.VM"
+VM_PATH_PREFIX = "/org/kvmnuma1/vm"
+
+
+def escape_label(label: str) -> str:
+    """One object path element from any string, as sd-bus does
+    (sd_bus_path_encode): every byte outside [A-Za-z0-9], and a leading digit,
+    becomes ``_xx`` (lowercase hex); the empty string becomes ``_``."""
+    if not label:
+        return "_"
+    out = []
+    for i, byte in enumerate(label.encode()):
+        c = chr(byte)
+        if c.isascii() and (c.isalpha() or (i > 0 and c.isdigit())):
+            out.append(c)
+        else:
+            out.append(f"_{byte:02x}")
+    return "".join(out)
+
+
+def unescape_label(element: str) -> str:
+    """Inverse of escape_label (sd-bus keeps a ``_`` not followed by two hex
+    digits as it is, and so do we)."""
+    if element == "_":
+        return ""
+    data = bytearray()
+    i = 0
+    while i < len(element):
+        hexpair = element[i + 1 : i + 3]
+        if element[i] == "_" and len(hexpair) == 2 and all(h in "0123456789abcdefABCDEF" for h in hexpair):
+            data.append(int(hexpair, 16))
+            i += 3
+        else:
+            data.extend(element[i].encode())
+            i += 1
+    return data.decode(errors="surrogateescape")
+
+
+def vm_path(name: str) -> str:
+    return f"{VM_PATH_PREFIX}/{escape_label(name)}"
+
+
+def snapshot(vm: Vm) -> dict[str, Any]:
+    """Every property value in its D-Bus shape (structs as lists: dbus-fast
+    1.84 refuses tuples).  Blocking: call off the loop."""
+    return {
+        "Name": vm.name,
+        "State": str(vm.state),
+        "Vcpus": vm.vcpu_count,
+        "MemoryBytes": vm.memory_bytes,
+        "NumaEnabled": vm.numa_enabled,
+        "NumaNodes": vm.numa_nodes,
+        "NodeMap": list(vm.node_map),
+        "Policy": str(vm.policy),
+        "VcpuThreads": [[v, tid] for v, tid in vm.vcpu_threads()],
+        "VcpuAffinity": [[v, list(cpus)] for v, cpus in vm.vcpu_affinity()],
+        "DeclaredVcpuAffinity": [[v, list(cpus)] for v, cpus in vm.declared_vcpu_affinity()],
+        "VcpuNodes": [[v, bound, node] for v, bound, node in vm.vcpu_nodes()],
+        "MemoryRegions": [
+            [r.slot, r.gpa, r.size, r.guest_node, r.host_node, r.hva] for r in vm.memory_regions()
+        ],
+        "Owner": vm.owner,
+    }
+
+
+def stats_dict(s: VmStats) -> dict[str, Variant]:
+    """GetStats as flat maps keyed by vCPU or node, so busctl and jq read it
+    without knowing a struct layout."""
+    return {
+        "exits": Variant("a{st}", dict(s.exits)),
+        "vcpu_tid": Variant("a{uu}", {v.vcpu: v.tid for v in s.vcpus}),
+        "vcpu_cpu_time_ns": Variant("a{ut}", {v.vcpu: v.cpu_time_ns for v in s.vcpus}),
+        "vcpu_current_cpu": Variant("a{ui}", {v.vcpu: v.current_cpu for v in s.vcpus}),
+        "vcpu_exits": Variant("a{ua{st}}", {v.vcpu: dict(v.exits) for v in s.vcpus}),
+        "vcpu_progress": Variant("a{ut}", {v.vcpu: v.progress for v in s.vcpus}),
+        "pages_per_host_node": Variant("a{ut}", dict(s.pages_per_host_node)),
+        "dirty_pages": Variant("t", s.dirty_pages),
+    }
+
+
+class VmObject(BusObject):
+    def __init__(self, service: "BusService", vm: Vm, props: dict[str, Any]) -> None:
+        super().__init__(VM_INTERFACE)
+        self.vm = vm
+        self.vm_name = vm.name  # (self.name is the interface name, ServiceInterface's)
+        self.path = vm_path(vm.name)
+        self._service = service
+        self._props = props
+        self._refresh_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------ plumbing
+    def variants(self) -> dict[str, Variant]:
+        """Every property as a Variant (InterfacesAdded, GetManagedObjects)."""
+        sigs = {p.name: p.signature for p in self.introspect().properties}
+        return {name: Variant(sigs[name], value) for name, value in self._props.items()}
+
+    async def refresh(self) -> None:
+        """Re-read the VM and emit PropertiesChanged for what differs."""
+        async with self._refresh_lock:
+            try:
+                new = await asyncio.to_thread(snapshot, self.vm)
+            except Exception as e:  # destroyed meanwhile: the removal follows
+                log.debug("no snapshot of VM %s: %s", self.vm_name, e)
+                return
+            changed = {k: v for k, v in new.items() if self._props.get(k) != v}
+            self._props = new
+            if changed:
+                self.emit_properties_changed(changed)
+
+    async def _authorize(self, action: str, verb: str, **details: str) -> None:
+        call = current_call()
+        details = {"vm": self.vm_name, "verb": verb, **details}
+        await self._service.authorizer.authorize(
+            call.sender, action, details, call.interactive, owner=self.vm.owner
+        )
+
+    async def _act(self, action: str, verb: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Authorize, run the core call off the loop, publish what changed."""
+        await self._authorize(action, verb)
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            await self.refresh()
+
+    async def destroy(self) -> None:
+        """The one implementation behind VM.Destroy and Manager.DestroyVM."""
+        await self._authorize(ACTION_MANAGE, "destroy")
+        try:
+            await asyncio.to_thread(self._service.manager.destroy_vm, self.vm_name)
+        finally:
+            await self._service.reconcile(self.vm_name)
+
+    # ------------------------------------------------------------- methods
+    @method()
+    async def Start(self) -> None:
+        await self._act(ACTION_MANAGE, "start", self.vm.start)
+
+    @method()
+    async def Stop(self) -> None:
+        await self._act(ACTION_MANAGE, "stop", self.vm.stop)
+
+    @method()
+    async def Destroy(self) -> None:
+        await self.destroy()
+
+    @method()
+    async def EnableNuma(self, nodes: "u") -> None:
+        await self._act(ACTION_PLACE, "enable-numa", self.vm.enable_numa, nodes)
+
+    @method()
+    async def DisableNuma(self) -> None:
+        await self._act(ACTION_PLACE, "disable-numa", self.vm.disable_numa)
+
+    @method()
+    async def SetupNumaMemory(self, node: "u", size: "t", gpa: "t") -> "u":
+        setup = self.vm.setup_numa_memory
+        slot: int = await self._act(ACTION_PLACE, "setup-numa-memory", setup, node, size, gpa)
+        return slot
+
+    @method()
+    async def SetVcpuAffinity(self, vcpu: "u", cpus: "au") -> None:
+        cpus = check_cpus(cpus)
+        await self._act(ACTION_PLACE, "set-vcpu-affinity", self.vm.set_vcpu_affinity, vcpu, cpus)
+
+    @method()
+    async def GetVcpuAffinity(self, vcpu: "u") -> "au":
+        cpus = await asyncio.to_thread(self.vm.get_vcpu_affinity, vcpu)
+        return list(cpus)
+
+    @method()
+    async def BindVcpuToNumaNode(self, vcpu: "u", node: "u") -> None:
+        await self._act(ACTION_PLACE, "bind-vcpu", self.vm.bind_vcpu_to_numa_node, vcpu, node)
+
+    @method()
+    async def GetVcpuNumaNode(self, vcpu: "u") -> "(bu)":
+        bound, node = await asyncio.to_thread(self.vm.get_vcpu_numa_node, vcpu)
+        return [bound, node]
+
+    @method()
+    async def MapNumaNode(self, node: "u", host_node: "u") -> None:
+        await self._act(ACTION_PLACE, "map-numa-node", self.vm.map_numa_node, node, host_node)
+
+    @method()
+    async def GetStats(self) -> "a{sv}":
+        return stats_dict(await asyncio.to_thread(self.vm.stats))
+
+    # ---------------------------------------------------------- properties
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self._props["Name"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":
+        return self._props["State"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Vcpus(self) -> "u":
+        return self._props["Vcpus"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryBytes(self) -> "t":
+        return self._props["MemoryBytes"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NumaEnabled(self) -> "b":
+        return self._props["NumaEnabled"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NumaNodes(self) -> "u":
+        return self._props["NumaNodes"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NodeMap(self) -> "au":
+        return self._props["NodeMap"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Policy(self) -> "s":
+        return self._props["Policy"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def VcpuThreads(self) -> "a(uu)":
+        return self._props["VcpuThreads"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def VcpuAffinity(self) -> "a(uau)":
+        return self._props["VcpuAffinity"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DeclaredVcpuAffinity(self) -> "a(uau)":
+        return self._props["DeclaredVcpuAffinity"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def VcpuNodes(self) -> "a(ubu)":
+        return self._props["VcpuNodes"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryRegions(self) -> "a(uttuut)":
+        return self._props["MemoryRegions"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Owner(self) -> "u":
+        return self._props["Owner"]

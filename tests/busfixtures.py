@@ -1,0 +1,294 @@
+"""Fixtures of the bus suite: a real dbus-daemon, the real service on it, clients.
+
+Use from a test module with ``from tests.busfixtures import *  # noqa: F403``
+(the fixtures are plain pytest fixtures).
+
+``bus_daemon`` (module): ``dbus-daemon --fork --print-address=1 --print-pid=2``
+    with a session-type config of its own: any uid may connect (so tests can
+    call as an unprivileged user), plus the project's dbus/org.kvmnuma1.conf
+    when it exists.  Killed by pid at teardown.
+``service`` (function): a real Manager and start_service() on a connection
+    of its own, run by an asyncio loop on a thread of its own (the service is
+    async; the tests are not).  Authorizer: BusAuthorizer without polkit,
+    unless the test sets ``service_checker`` (see test_bus_auth).
+``client`` (function): a dbus-fast client on its own loop thread with
+    blocking helpers (call/ok/error/get/wait_signal).
+``busctl(address, *args)``: busctl --address=... --json=short, output parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from kvmnumad.bus.auth import BusAuthorizer, PolkitChecker
+from kvmnumad.bus.service import BUS_NAME, BusService, connect, start_service
+from kvmnumad.manager import Manager
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT_POLICY = ROOT / "dbus" / "org.kvmnuma1.conf"
+MANAGER_PATH = "/org/kvmnuma1"
+MANAGER_IFACE = "org.kvmnuma1.Manager"
+VM_IFACE = "org.kvmnuma1.VM"
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+OM_IFACE = "org.freedesktop.DBus.ObjectManager"
+MiB = 1 << 20
+
+T = TypeVar("T")
+
+CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+  </policy>
+  <includedir>{include}</includedir>
+</busconfig>
+"""
+
+
+# ----------------------------------------------------------------- loop thread
+class LoopThread:
+    """An asyncio loop running on a daemon thread; ``run`` blocks the caller."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.run(self.loop.shutdown_default_executor(), timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+# ------------------------------------------------------------------ dbus-daemon
+@dataclass
+class BusDaemon:
+    address: str
+    pid: int
+    directory: Path
+
+
+@contextlib.contextmanager
+def start_bus_daemon(include_policy: bool = True) -> Iterator[BusDaemon]:
+    directory = Path(tempfile.mkdtemp(prefix="kvmnuma-testbus-"))
+    directory.chmod(0o755)  # unprivileged callers reach the socket
+    include = directory / "policy.d"
+    include.mkdir()
+    if include_policy and PROJECT_POLICY.exists():
+        shutil.copy(PROJECT_POLICY, include / PROJECT_POLICY.name)
+    config = directory / "bus.conf"
+    config.write_text(CONFIG.format(socket=directory / "sock", include=include))
+    out = subprocess.run(
+        ["dbus-daemon", f"--config-file={config}", "--fork", "--print-address=1", "--print-pid=2"],
+        check=True, capture_output=True, text=True, timeout=30,
+    )
+    pid = int(out.stderr.split()[-1])
+    try:
+        yield BusDaemon(out.stdout.splitlines()[0].strip(), pid, directory)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bus_daemon() -> Iterator[BusDaemon]:
+    with start_bus_daemon() as daemon:
+        yield daemon
+
+
+# ---------------------------------------------------------------- the service
+@dataclass
+class RunningService:
+    address: str
+    manager: Manager
+    service: BusService
+    bus: MessageBus
+    loop: LoopThread
+
+    @property
+    def unique_name(self) -> str:
+        assert self.bus.unique_name is not None
+        return self.bus.unique_name
+
+
+@contextlib.contextmanager
+def run_service(
+    address: str, manager: Manager, checker: PolkitChecker | None = None
+) -> Iterator[RunningService]:
+    loop = LoopThread("bus-service")
+    try:
+
+        async def start() -> tuple[MessageBus, BusService]:
+            bus = await connect(address)
+            return bus, await start_service(manager, bus, BusAuthorizer(bus, checker))
+
+        bus, service = loop.run(start())
+        try:
+            yield RunningService(address, manager, service, bus, loop)
+        finally:
+
+            async def stop() -> None:
+                await service.stop()
+                bus.disconnect()
+
+            loop.run(stop())
+    finally:
+        loop.close()
+
+
+@pytest.fixture
+def service_checker() -> PolkitChecker | None:
+    """Override in a module to give the service a polkit checker."""
+    return None
+
+
+@pytest.fixture
+def service(
+    bus_daemon: BusDaemon, manager: Manager, service_checker: PolkitChecker | None
+) -> Iterator[RunningService]:
+    with run_service(bus_daemon.address, manager, service_checker) as running:
+        yield running
+
+
+# ------------------------------------------------------------------ clients
+class CallFailed(AssertionError):
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}")
+        self.name = name
+        self.text = text
+
+
+class BusClient:
+    """A dbus-fast client for sync tests; records every signal it receives."""
+
+    def __init__(self, address: str) -> None:
+        self._loop = LoopThread("bus-client")
+        self.bus: MessageBus = self._loop.run(connect(address))
+        self.signals: list[Message] = []
+        self._cond = threading.Condition()
+        self.bus.add_message_handler(self._on_message)
+        self.ok("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch",
+                "s", [f"type='signal',sender='{BUS_NAME}'"])
+
+    def _on_message(self, msg: Message) -> bool:
+        if msg.message_type == MessageType.SIGNAL:
+            with self._cond:
+                self.signals.append(msg)
+                self._cond.notify_all()
+        return False
+
+    def close(self) -> None:
+        self.bus.disconnect()
+        self._loop.close()
+
+    def call(self, dest: str, path: str, iface: str | None, member: str, signature: str = "",
+             body: list[Any] | None = None, flags: MessageFlag = MessageFlag.NONE,
+             timeout: float = 30) -> Message:
+        msg = Message(destination=dest, path=path, interface=iface, member=member,
+                      signature=signature, body=body or [], flags=flags)
+        reply = self._loop.run(self.bus.call(msg), timeout)
+        assert reply is not None
+        return reply
+
+    def ok(self, dest: str, path: str, iface: str | None, member: str, signature: str = "",
+           body: list[Any] | None = None, **kw: Any) -> list[Any]:
+        reply = self.call(dest, path, iface, member, signature, body, **kw)
+        if reply.message_type == MessageType.ERROR:
+            raise CallFailed(reply.error_name or "", str(reply.body[0] if reply.body else ""))
+        return list(reply.body)
+
+    def error(self, dest: str, path: str, iface: str | None, member: str, signature: str = "",
+              body: list[Any] | None = None, **kw: Any) -> tuple[str, str]:
+        """(error name, message) of a call that must fail."""
+        reply = self.call(dest, path, iface, member, signature, body, **kw)
+        assert reply.message_type == MessageType.ERROR, f"{member} succeeded: {reply.body}"
+        return reply.error_name or "", str(reply.body[0] if reply.body else "")
+
+    # the service's own objects
+    def manager(self, member: str, signature: str = "", *args: Any) -> list[Any]:
+        return self.ok(BUS_NAME, MANAGER_PATH, MANAGER_IFACE, member, signature, list(args))
+
+    def vm(self, path: str, member: str, signature: str = "", *args: Any) -> list[Any]:
+        return self.ok(BUS_NAME, path, VM_IFACE, member, signature, list(args))
+
+    def get(self, path: str, iface: str, prop: str) -> Any:
+        (variant,) = self.ok(BUS_NAME, path, PROPS_IFACE, "Get", "ss", [iface, prop])
+        return variant.value
+
+    def get_all(self, path: str, iface: str) -> dict[str, Any]:
+        (props,) = self.ok(BUS_NAME, path, PROPS_IFACE, "GetAll", "s", [iface])
+        return {k: v.value for k, v in props.items()}
+
+    def wait_signal(self, predicate: Callable[[Message], bool], timeout: float = 10) -> Message:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for msg in self.signals:
+                    if predicate(msg):
+                        return msg
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [(m.path, m.interface, m.member) for m in self.signals]
+                    raise AssertionError(f"no matching signal within {timeout} s; seen: {seen}")
+                self._cond.wait(left)
+
+
+@pytest.fixture
+def client(bus_daemon: BusDaemon) -> Iterator[BusClient]:
+    c = BusClient(bus_daemon.address)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def options(**kw: Any) -> dict[str, Variant]:
+    """CreateVM/PlanVM options with the signatures the contract gives them."""
+    sigs = {"numa_nodes": "u", "policy": "s", "host_nodes": "au", "payload": "s", "prealloc": "b",
+            "start": "b", "allow_split": "b", "passes": "u"}
+    return {k: Variant(sigs[k], v) for k, v in kw.items()}
+
+
+# -------------------------------------------------------------------- busctl
+def busctl(address: str, *args: str, check: bool = True, user: str | None = None) -> Any:
+    """``busctl --address=ADDRESS --json=short ARGS``, its JSON parsed (None
+    when it printed nothing).  With ``user``, run through runuser."""
+    cmd = ["busctl", f"--address={address}", "--json=short", *args]
+    if user is not None:
+        cmd = ["runuser", "-u", user, "--", *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if check and out.returncode != 0:
+        raise CallFailed("busctl", f"{' '.join(args)}: {out.stderr.strip()}")
+    if not check:
+        return out
+    return json.loads(out.stdout) if out.stdout.strip() else None
