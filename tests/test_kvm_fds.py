@@ -7,7 +7,7 @@ import errno
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -46,7 +46,7 @@ def test_open_missing_device_raises_kvm_error() -> None:
 
 def test_faulty_vm_fd_fails_with_ebadf() -> None:
     vm = VmFd(-2, 4096)
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "KVM_CREATE_VCPU": lambda: vm.create_vcpu(0),
         "KVM_SET_USER_MEMORY_REGION": lambda: vm.set_user_memory_region(0, 0, 4096, 0),
         "KVM_GET_DIRTY_LOG": lambda: vm.get_dirty_log(0, 4096),

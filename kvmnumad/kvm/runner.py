@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import threading
 import time
@@ -198,9 +199,19 @@ class VcpuRunner:
             self._closing = True
             self._want_run = False
             self._kick_locked()
+        deadline = time.monotonic() + timeout
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError(f"vCPU {self.index} thread did not end within {timeout} s")
+        # join() returns when Python is done with the thread; the detached OS thread
+        # exits an instant later.  Wait for that too, so that callers counting
+        # /proc/self/task see it gone (no event exists for it: short sleeps).
+        pause = 0.0002
+        while os.path.exists(f"/proc/self/task/{self._tid}"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vCPU {self.index} thread {self._tid} still exists after {timeout} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
 
     def _kick_locked(self) -> None:
         self._cond.notify_all()
