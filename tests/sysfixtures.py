@@ -10,6 +10,7 @@ Load them as a plugin from a test module (or from conftest.py)::
     ``unix:path=<tmp>/sock`` and including the project's dbus/org.kvmnuma1.conf.
     Gives a ``SystemBus``: ``.address``, ``.env()`` (adds DBUS_SYSTEM_BUS_ADDRESS,
     which sd-bus, GDBus and polkitd follow), ``.busctl(*args, user=None)``.
+    ``fresh_system_bus`` (function scope) is the same, for one test alone.
     Bus activation is off (an empty service dir), so a call to a name nobody
     owns fails at once instead of launching an installed kvmnumad.
 ``polkitd`` (session): /usr/lib/polkit-1/polkitd on that bus, with
@@ -77,8 +78,10 @@ def _kill(pid: int, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            # A forked daemon is not our child: once it is a zombie it is gone for us.
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except (FileNotFoundError, ProcessLookupError):
             return
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
@@ -190,6 +193,13 @@ def start_system_bus(extra_policies: list[Path] | None = None) -> Iterator[Syste
 
 @pytest.fixture(scope="session")
 def system_bus() -> Iterator[SystemBus]:
+    with start_system_bus() as bus:
+        yield bus
+
+
+@pytest.fixture
+def fresh_system_bus() -> Iterator[SystemBus]:
+    """A system-like bus of its own for one test (nothing else, no polkitd, on it)."""
     with start_system_bus() as bus:
         yield bus
 
