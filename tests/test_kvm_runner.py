@@ -59,6 +59,8 @@ def test_thread_exists_parked_before_start_and_can_be_pinned(kvm: Kvm) -> None:
         runner = VcpuRunner(vcpu, 0)
         try:
             assert runner.tid in thread_ids() - before
+            with open(f"/proc/self/task/{runner.tid}/comm") as f:
+                assert f.read().strip() == "vcpu0"
             assert runner.state == "created"
             assert runner.exit_counts() == {}
             cpu = min(online_cpus())
@@ -177,6 +179,24 @@ def test_triple_fault_stops_the_vcpu_with_the_reason(kvm: Kvm) -> None:
             with pytest.raises(KvmError, match="shutdown"):
                 runner.start()
             assert runner.tid in thread_ids()  # parked, not dead: close() still joins it
+        finally:
+            runner.close()
+
+
+def test_kick_works_even_when_the_creator_blocks_the_signal(kvm: Kvm) -> None:
+    with guest(kvm, SPIN) as (_, vcpu, _):
+        vcpu.setup_flat32(ENTRY)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+        try:
+            runner = VcpuRunner(vcpu, 0)  # its thread inherits the blocked mask
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        try:
+            runner.start()
+            wait_for(lambda: runner.cpu_time_ns() > 20_000_000)
+            t0 = time.monotonic()
+            runner.stop()
+            assert time.monotonic() - t0 < 1.0
         finally:
             runner.close()
 

@@ -14,6 +14,7 @@ main thread, hence :func:`install_kick_signal`.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -46,6 +47,16 @@ FATAL_EXITS = frozenset(
 )
 
 CREATED, RUNNING, IDLE, HALTED, STOPPED = "created", "running", "idle", "halted", "stopped"
+
+
+_PR_SET_NAME = 15
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _set_os_thread_name(name: str) -> None:
+    """Name the calling thread in /proc (comm, 15 bytes max) so ps -T, top and
+    observers see "vcpu3", not "python"; best effort."""
+    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def _on_kick(signum: int, frame: FrameType | None) -> None:
@@ -113,7 +124,7 @@ class VcpuRunner:
         self._thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
         self._thread.start()
         with self._cond:
-            self._cond.wait_for(lambda: self._parked or self._fault is not None)
+            self._cond.wait_for(lambda: self._parked or self._ended)
 
     # --- observers --------------------------------------------------------------------------
 
@@ -226,6 +237,10 @@ class VcpuRunner:
     # --- the thread -------------------------------------------------------------------------
 
     def _main(self) -> None:
+        # The creator may block signals for its own reasons (signalfd, asyncio): the
+        # kick must get through here whatever mask this thread inherited.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {KICK_SIGNAL})
+        _set_os_thread_name(f"vcpu{self.index}")
         with self._cond:
             self._tid = threading.get_native_id()
         try:
