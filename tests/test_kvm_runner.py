@@ -201,6 +201,24 @@ def test_kick_works_even_when_the_creator_blocks_the_signal(kvm: Kvm) -> None:
             runner.close()
 
 
+def test_stop_from_the_serial_callback_does_not_deadlock(kvm: Kvm) -> None:
+    with guest(kvm, TOUCH_PAYLOAD, DATA) as (_, vcpu, _):
+        touch_vcpu(vcpu, 0, 0)
+        runner: VcpuRunner | None = None
+
+        def on_serial(index: int, data: bytes) -> None:
+            assert runner is not None
+            runner.stop()
+
+        runner = VcpuRunner(vcpu, 0, on_serial=on_serial)
+        try:
+            runner.start()
+            wait_for(lambda: runner is not None and runner.state == "stopped", timeout=2.0)
+            assert runner.progress == 1
+        finally:
+            runner.close()
+
+
 def test_a_failing_serial_consumer_does_not_kill_the_vcpu(kvm: Kvm) -> None:
     def broken(index: int, data: bytes) -> None:
         raise RuntimeError("consumer bug")

@@ -195,21 +195,29 @@ class VcpuRunner:
             self._cond.notify_all()
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Pause: kick the vCPU out of KVM_RUN and return once its thread is parked."""
+        """Pause: kick the vCPU out of KVM_RUN and return once its thread is parked
+        (at once when called from that thread, e.g. by on_serial)."""
         with self._cond:
             self._want_run = False
             self._kick_locked()
+            if threading.get_ident() == self._thread.ident:
+                return
             if not self._cond.wait_for(lambda: self._parked or self._ended, timeout):
                 raise TimeoutError(f"vCPU {self.index} did not stop within {timeout} s")
             if self._parked:
                 self._state = self._parked_state()  # parked earlier as "halted" or "created"
 
     def close(self, timeout: float = 1.0) -> None:
-        """End the thread and join it; idempotent. The VcpuFd stays open (the caller's)."""
+        """End the thread and join it; idempotent. The VcpuFd stays open (the caller's).
+
+        From the vCPU thread itself (on_serial) it only asks; a later close() joins.
+        """
         with self._cond:
             self._closing = True
             self._want_run = False
             self._kick_locked()
+        if threading.get_ident() == self._thread.ident:
+            return
         deadline = time.monotonic() + timeout
         self._thread.join(timeout)
         if self._thread.is_alive():
