@@ -26,7 +26,7 @@ def check_signature(member: str, expected: str, got: str) -> None:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):  # (match: "$" would let a trailing newline through)
         raise InvalidArgument(f"VM name {name!r} must be 1-64 characters of [A-Za-z0-9_.-]")
     return name
 

@@ -99,6 +99,8 @@ class Dispatcher:
         self._objects: dict[str, dict[str, tuple[ServiceInterface, dict[str, _Member]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._installed = False
+        # path prefix -> (interface, its members, error for a path nobody exports)
+        self._fallbacks: dict[str, tuple[str, dict[str, _Member], Callable[[str], Exception]]] = {}
 
     def install(self) -> None:
         if not self._installed:
@@ -126,11 +128,21 @@ class Dispatcher:
     def is_exported(self, path: str) -> bool:
         return path in self._objects
 
+    def add_fallback(
+        self, prefix: str, template: ServiceInterface, error: Callable[[str], Exception]
+    ) -> None:
+        """Calls of ``template``'s methods on ``prefix/<element>`` paths that
+        nobody exports (a VM destroyed meanwhile) answer ``error(element)``
+        (NoSuchVM naming it) instead of dbus-fast's UnknownMethod."""
+        self._fallbacks[prefix] = (template.name, _members(template), error)
+
     # -------------------------------------------------------------- dispatch
     def _on_message(self, msg: Message) -> bool:
         """Runs on the loop for every message: must not raise or block."""
-        if msg.message_type != MessageType.METHOD_CALL or msg.path not in self._objects:
+        if msg.message_type != MessageType.METHOD_CALL:
             return False
+        if msg.path not in self._objects:
+            return self._on_missing(msg)
         ifaces = self._objects[msg.path]
         if msg.interface == PROPERTIES:
             return self._on_set_property(msg, ifaces)
@@ -140,6 +152,21 @@ class Dispatcher:
                 self._spawn(msg, m.in_signature, m.out_signature, functools.partial(m.fn, iface))
                 return True
         return False  # not ours: dbus-fast answers (UnknownMethod/UnknownInterface)
+
+    def _on_missing(self, msg: Message) -> bool:
+        prefix, _, element = (msg.path or "").rpartition("/")
+        if prefix not in self._fallbacks or not element:
+            return False
+        iface_name, members, error = self._fallbacks[prefix]
+        if msg.interface not in (None, iface_name) or msg.member not in members:
+            return False
+        m = members[msg.member]
+
+        async def missing(*args: Any) -> None:
+            raise error(element)
+
+        self._spawn(msg, m.in_signature, m.out_signature, missing)
+        return True
 
     def _on_set_property(self, msg: Message, ifaces: dict[str, tuple[ServiceInterface, Any]]) -> bool:
         if msg.member != "Set" or msg.signature != "ssv":

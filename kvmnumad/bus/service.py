@@ -21,7 +21,7 @@ from kvmnumad.bus.auth import Authorizer
 from kvmnumad.bus.dispatch import Dispatcher
 from kvmnumad.bus.manager_object import MANAGER_PATH, ManagerObject
 from kvmnumad.bus.manager_object import snapshot as manager_snapshot
-from kvmnumad.bus.vm_object import VM_INTERFACE, VmObject, snapshot
+from kvmnumad.bus.vm_object import VM_INTERFACE, VM_PATH_PREFIX, VmObject, snapshot, unescape_label
 from kvmnumad.errors import NoSuchVM
 from kvmnumad.manager import Manager
 from kvmnumad.model import Event, EventKind
@@ -59,6 +59,7 @@ class BusService:
         props = await asyncio.to_thread(manager_snapshot, self.manager)
         self.manager_object = ManagerObject(self, props)
         self.dispatcher.export(MANAGER_PATH, self.manager_object)
+        self.dispatcher.add_fallback(VM_PATH_PREFIX, VmObject.template(), _no_such_vm)
         self.dispatcher.install()
         # Subscribe before listing, so no VM falls between the two.
         self.manager.subscribe(self._on_core_event)
@@ -169,6 +170,10 @@ class BusService:
             await mo.refresh()
         elif kind == EventKind.MANAGER_CHANGED:
             await mo.refresh()
+
+
+def _no_such_vm(element: str) -> Exception:
+    return NoSuchVM(f"no VM named {unescape_label(element)!r}")
 
 
 async def start_service(manager: Manager, bus: MessageBus, authorizer: Authorizer) -> BusService:

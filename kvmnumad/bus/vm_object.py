@@ -119,6 +119,13 @@ class VmObject(BusObject):
         self._props = props
         self._refresh_lock = asyncio.Lock()
 
+    @classmethod
+    def template(cls) -> "VmObject":
+        """An instance for its members only (never exported, never called)."""
+        obj = cls.__new__(cls)
+        BusObject.__init__(obj, VM_INTERFACE)
+        return obj
+
     # ------------------------------------------------------------ plumbing
     def variants(self) -> dict[str, Variant]:
         """Every property as a Variant (InterfacesAdded, GetManagedObjects)."""

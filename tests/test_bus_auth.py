@@ -1,0 +1,195 @@
+"""Who may call what: two real callers of different uids (root through
+dbus-fast, an unprivileged user created for the session through gdbus and
+busctl under runuser) against the real service on a real dbus-daemon.
+
+The polkit side is played by ``TableChecker``, a stand-in for polkitd that
+answers from a table and records each question: what is tested here is what
+the bus layer asks and when (the real PolkitChecker against a real polkitd is
+test_system_policy's subject, and test_bus_polkit's end to end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from dbus_fast.aio import MessageBus
+
+from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_PLACE, BusAuthorizer, PolkitChecker
+from kvmnumad.bus.service import BUS_NAME
+from tests.busfixtures import MANAGER_IFACE, MANAGER_PATH, VM_IFACE, BusClient, MiB, RunningService, busctl
+
+if TYPE_CHECKING:
+    from tests.sysfixtures import User
+
+pytest_plugins = ["tests.busfixtures", "tests.sysfixtures"]  # bus_daemon, service, client; unpriv_user
+
+DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+
+
+@dataclass
+class TableChecker:
+    """Polkit stand-in: allows the (action, verb) pairs in ``allow``; records
+    (uid of the sender as the bus daemon tells it, action, details, interactive)."""
+
+    allow: set[tuple[str, str]] = field(default_factory=set)
+    delay: float = 0.0
+    bus: MessageBus | None = None
+    asked: list[tuple[int, str, dict[str, str], bool]] = field(default_factory=list)
+
+    async def check(
+        self, sender: str, action_id: str, details: dict[str, str], interactive: bool
+    ) -> bool:
+        assert self.bus is not None
+        uid = await BusAuthorizer(self.bus).caller_uid(sender)  # the sender is the live caller
+        self.asked.append((uid, action_id, dict(details), interactive))
+        await asyncio.sleep(self.delay)
+        return (action_id, details.get("verb", "")) in self.allow
+
+
+@pytest.fixture
+def service_checker() -> PolkitChecker:
+    return TableChecker(allow={(ACTION_MANAGE, "create")})
+
+
+@pytest.fixture
+def checker(service_checker: TableChecker, service: RunningService) -> TableChecker:
+    service_checker.bus = service.bus
+    return service_checker
+
+
+def gdbus(user: User, address: str, path: str, method: str, *args: str,
+          interactive: bool = False) -> subprocess.CompletedProcess[str]:
+    """gdbus prints the error *name* ("GDBus.Error:NAME: text"), busctl only the text."""
+    cmd = ["gdbus", "call", "--address", address, "--dest", BUS_NAME, "--object-path", path,
+           "--method", method, *(["--interactive"] if interactive else []), *args]
+    return user.run(*cmd)
+
+
+def denied(out: subprocess.CompletedProcess[str]) -> bool:
+    return out.returncode != 0 and f"GDBus.Error:{DENIED}" in out.stderr
+
+
+def test_unprivileged_reads_work_and_writes_are_denied(
+    service: RunningService, client: BusClient, checker: TableChecker, unpriv_user: User
+) -> None:
+    a, u = service.address, unpriv_user
+    (path,) = client.manager("CreateVM", "suta{sv}", "rootvm", 1, 2 * MiB, {})
+    assert checker.asked == []  # root never reaches polkit
+
+    # reads: anyone
+    out = busctl(a, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListVMs", user=u.name)
+    assert out["data"] == [[["rootvm", "created", path]]]
+    assert busctl(a, "get-property", BUS_NAME, path, VM_IFACE, "Owner", user=u.name)["data"] == 0
+    out = busctl(a, "call", BUS_NAME, path, VM_IFACE, "GetVcpuAffinity", "u", "0", user=u.name)
+    assert out["type"] == "au"
+
+    # writes on root's VM: asked, denied, nothing changed
+    for method, args in (("Start", ()), ("Destroy", ()), ("SetVcpuAffinity", ("0", "[0]"))):
+        out = gdbus(u, a, path, f"{VM_IFACE}.{method}", *args)
+        assert denied(out), (method, out.stderr)
+    out = gdbus(u, a, MANAGER_PATH, f"{MANAGER_IFACE}.DestroyVM", "rootvm")
+    assert denied(out), out.stderr
+    assert [(uid, action, d["verb"]) for uid, action, d, _ in checker.asked] == [
+        (u.uid, ACTION_MANAGE, "start"),
+        (u.uid, ACTION_MANAGE, "destroy"),
+        (u.uid, ACTION_PLACE, "set-vcpu-affinity"),
+        (u.uid, ACTION_MANAGE, "destroy"),
+    ]
+    assert all(d["vm"] == "rootvm" for _, _, d, _ in checker.asked)
+    assert client.get(path, VM_IFACE, "State") == "created"
+    assert [vm.name for vm in service.manager.list_vms()] == ["rootvm"]
+    out = busctl(a, "set-property", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "DefaultPolicy", "s", "interleave",
+                 user=u.name, check=False)
+    assert out.returncode != 0 and "Access denied" in out.stderr  # busctl's text for AccessDenied
+    assert checker.asked[-1][1:3] == (ACTION_PLACE, {"verb": "set-default-policy", "policy": "interleave"})
+    assert str(service.manager.default_policy) != "interleave"
+
+
+def test_owner_may_place_and_start_stop_but_not_destroy(
+    service: RunningService, client: BusClient, checker: TableChecker, unpriv_user: User
+) -> None:
+    a, u = service.address, unpriv_user
+    out = gdbus(u, a, MANAGER_PATH, f"{MANAGER_IFACE}.CreateVM", "mine", "1", str(2 * MiB), "{}")
+    assert out.returncode == 0, out.stderr
+    path = "/org/kvmnuma1/vm/mine"
+    assert checker.asked == [(u.uid, ACTION_MANAGE, {"vm": "mine", "verb": "create"}, False)]
+    assert client.get(path, VM_IFACE, "Owner") == u.uid
+
+    for method, args in (("Start", ()), ("SetVcpuAffinity", ("0", "[0]")), ("Stop", ())):
+        out = gdbus(u, a, path, f"{VM_IFACE}.{method}", *args)
+        assert out.returncode == 0, (method, out.stderr)
+    assert len(checker.asked) == 1  # the owner rule answered, not polkit
+    assert client.get(path, VM_IFACE, "State") == "stopped"
+    assert client.get(path, VM_IFACE, "DeclaredVcpuAffinity") == [[0, [0]]]
+
+    out = gdbus(u, a, path, f"{VM_IFACE}.Destroy", interactive=True)
+    assert denied(out), out.stderr
+    assert checker.asked[-1] == (u.uid, ACTION_MANAGE, {"vm": "mine", "verb": "destroy"}, True)
+    assert [vm.name for vm in service.manager.list_vms()] == ["mine"]
+    client.vm(path, "Destroy")  # root may
+
+
+def test_interactive_flag_reaches_the_checker(
+    service: RunningService, client: BusClient, checker: TableChecker, unpriv_user: User
+) -> None:
+    (path,) = client.manager("CreateVM", "suta{sv}", "flag", 1, 2 * MiB, {})
+    for flag in ("yes", "no"):
+        busctl(service.address, f"--allow-interactive-authorization={flag}", "call", BUS_NAME, path, VM_IFACE,
+               "Stop", user=unpriv_user.name, check=False)
+    assert [i for *_, i in checker.asked] == [True, False]
+
+
+def test_concurrent_callers_keep_their_identity(
+    service: RunningService, client: BusClient, checker: TableChecker, unpriv_user: User
+) -> None:
+    """While the user's call waits on polkit, root's calls run and finish: each
+    call is judged by its own sender (the caller context is per task)."""
+    (path,) = client.manager("CreateVM", "suta{sv}", "both", 1, 2 * MiB, {})
+    checker.delay = 1.0
+    cmd = ["runuser", "-u", unpriv_user.name, "--", "gdbus", "call", "--address", service.address, "--dest",
+           BUS_NAME, "--object-path", path, "--method", f"{VM_IFACE}.Start"]
+    slow = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: len(checker.asked) == 1)
+        client.vm(path, "Start")
+        client.vm(path, "Stop")
+        assert slow.poll() is None  # the user's call is still with "polkit"
+        _, err = slow.communicate(timeout=30)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    assert f"GDBus.Error:{DENIED}" in err
+    assert [(uid, d["verb"]) for uid, _, d, _ in checker.asked] == [(unpriv_user.uid, "start")]
+    assert client.get(path, VM_IFACE, "State") == "stopped"
+
+
+def _wait(predicate: Any, timeout: float = 10) -> None:
+    import time  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def no_polkit_service(bus_daemon: Any, manager: Any) -> Iterator[RunningService]:
+    from tests.busfixtures import run_service  # noqa: PLC0415
+
+    with run_service(bus_daemon.address, manager, None) as running:
+        yield running
+
+
+def test_without_a_checker_only_root_may_act(
+    no_polkit_service: RunningService, client: BusClient, unpriv_user: User
+) -> None:
+    a = no_polkit_service.address
+    out = gdbus(unpriv_user, a, MANAGER_PATH, f"{MANAGER_IFACE}.CreateVM", "x", "1", str(2 * MiB), "{}")
+    assert denied(out) and "no polkit checker" in out.stderr
+    assert no_polkit_service.manager.list_vms() == []
+    client.manager("CreateVM", "suta{sv}", "x", 1, 2 * MiB, {})

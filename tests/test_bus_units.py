@@ -1,0 +1,163 @@
+"""The bus layer's pure parts: path escaping, argument parsing, the error table.
+
+Escaping is checked against sd-bus's rules as busctl applies them: busctl
+itself is the observer in test_bus_api (it reaches the escaped path).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from dbus_fast import DBusError, Variant
+
+from kvmnumad import errors
+from kvmnumad.bus.args import check_cpus, check_name, check_signature, parse_options, parse_policy
+from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE, owner_may
+from kvmnumad.bus.errors import DBUS_NAMES, to_dbus_error
+from kvmnumad.bus.vm_object import escape_label, unescape_label, vm_path
+from kvmnumad.model import CreateOptions, Policy
+
+
+# ------------------------------------------------------------------ escaping
+@pytest.mark.parametrize(
+    ("name", "escaped"),
+    [
+        ("web", "web"),
+        ("Web01", "Web01"),
+        ("", "_"),
+        ("_", "_5f"),
+        ("a-b.c_d", "a_2db_2ec_5fd"),
+        ("1vm", "_31vm"),  # sd-bus escapes a leading digit too
+        ("v1", "v1"),
+        ("a/b", "a_2fb"),
+        ("é", "_c3_a9"),  # bytes of the UTF-8 encoding, lowercase hex
+    ],
+)
+def test_escape_label_follows_sd_bus(name: str, escaped: str) -> None:
+    assert escape_label(name) == escaped
+    assert unescape_label(escaped) == name
+
+
+def test_unescape_keeps_a_lone_underscore_as_sd_bus_does() -> None:
+    assert unescape_label("a_zz") == "a_zz"
+    assert unescape_label("a_2") == "a_2"
+    assert unescape_label("_2D") == "-"  # upper-case hex is accepted
+
+
+def test_vm_path() -> None:
+    assert vm_path("my-vm.1") == "/org/kvmnuma1/vm/my_2dvm_2e1"
+
+
+# ----------------------------------------------------------------- arguments
+def test_check_signature_names_both() -> None:
+    check_signature("CreateVM", "suta{sv}", "suta{sv}")
+    with pytest.raises(errors.InvalidArgument, match=r"CreateVM takes arguments \(suta\{sv\}\), got \(sii\)"):
+        check_signature("CreateVM", "suta{sv}", "sii")
+
+
+@pytest.mark.parametrize("name", ["a", "A-b_c.9", "x" * 64])
+def test_good_names(name: str) -> None:
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65, "a b", "a/b", "ä", "a\n"])
+def test_bad_names_are_named(name: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as e:
+        check_name(name)
+    assert repr(name) in str(e.value)
+
+
+def test_policies() -> None:
+    assert parse_policy("local-first") is Policy.LOCAL_FIRST
+    with pytest.raises(errors.InvalidArgument, match="'fastest'"):
+        parse_policy("fastest")
+
+
+def test_cpu_lists() -> None:
+    assert check_cpus([1, 0]) == [1, 0]
+    with pytest.raises(errors.InvalidArgument, match="empty"):
+        check_cpus([])
+    with pytest.raises(errors.InvalidArgument, match="twice"):
+        check_cpus([0, 0])
+
+
+def test_options_parse_into_create_options() -> None:
+    opts = parse_options(
+        {
+            "numa_nodes": Variant("u", 2),
+            "policy": Variant("s", "interleave"),
+            "host_nodes": Variant("au", [0, 1]),
+            "payload": Variant("s", "/srv/guest.bin"),
+            "prealloc": Variant("b", True),
+            "start": Variant("b", True),
+            "allow_split": Variant("b", True),
+            "passes": Variant("u", 3),
+        }
+    )
+    assert opts == CreateOptions(
+        numa_nodes=2, policy=Policy.INTERLEAVE, host_nodes=(0, 1), payload="/srv/guest.bin",
+        prealloc=True, start=True, allow_split=True, passes=3,
+    )
+    assert parse_options({}) == CreateOptions()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"numa_node": Variant("u", 2)}, "unknown option 'numa_node'"),
+        ({"numa_nodes": Variant("i", 2)}, "option 'numa_nodes' must be of type 'u', got 'i'"),
+        ({"numa_nodes": Variant("s", "2")}, "option 'numa_nodes' must be of type 'u', got 's'"),
+        ({"start": Variant("u", 1)}, "option 'start' must be of type 'b'"),
+        ({"host_nodes": Variant("ai", [0])}, "option 'host_nodes' must be of type 'au'"),
+        ({"host_nodes": Variant("au", [0, 0])}, "names a node twice"),
+        ({"policy": Variant("s", "fast")}, "unknown policy 'fast'"),
+        ({"payload": Variant("s", "guest.bin")}, "must be an absolute path"),
+    ],
+)
+def test_bad_options_are_named(options: dict[str, Variant], match: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match=match):
+        parse_options(options)
+
+
+# -------------------------------------------------------------------- errors
+def test_every_core_error_has_a_name() -> None:
+    assert set(DBUS_NAMES) == set(errors.ERROR_TYPES)
+    for cls, name in DBUS_NAMES.items():
+        if cls is errors.AccessDenied:
+            assert name == "org.freedesktop.DBus.Error.AccessDenied"
+        else:
+            assert name == f"org.kvmnuma1.Error.{cls.__name__}"
+
+
+def test_translation_keeps_message_and_subclasses() -> None:
+    class Narrower(errors.CpuOffline):
+        pass
+
+    e = to_dbus_error(errors.NoSuchVM("no VM named 'x'"))
+    assert (e.type, e.text) == ("org.kvmnuma1.Error.NoSuchVM", "no VM named 'x'")
+    assert to_dbus_error(Narrower("cpu 9")).type == "org.kvmnuma1.Error.CpuOffline"
+    assert to_dbus_error(errors.AccessDenied("no")).type == "org.freedesktop.DBus.Error.AccessDenied"
+
+
+def test_unexpected_errors_become_internal_and_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="kvmnumad.bus.errors"):
+        try:
+            raise KeyError("secret/path/in/traceback")
+        except KeyError as exc:
+            e = to_dbus_error(exc, "Test.Call")
+    assert e.type == "org.kvmnuma1.Error.Internal"
+    assert "secret" not in e.text and "KeyError" in e.text
+    assert "Test.Call" in caplog.text and "secret/path/in/traceback" in caplog.text  # traceback in the log
+    # A foreign DBusError (e.g. Failed from a library) never passes through.
+    foreign = DBusError("org.freedesktop.DBus.Error.Failed", "x")
+    assert to_dbus_error(foreign).type == "org.kvmnuma1.Error.Internal"
+
+
+# ------------------------------------------------------------- owner rules
+def test_owner_may_place_and_start_stop_only() -> None:
+    assert owner_may(ACTION_PLACE, "set-vcpu-affinity")
+    assert owner_may(ACTION_MANAGE, "start") and owner_may(ACTION_MANAGE, "stop")
+    assert not owner_may(ACTION_MANAGE, "destroy")
+    assert not owner_may(ACTION_MANAGE, "create")
+    assert not owner_may(ACTION_MIGRATE, "map-numa-node")
