@@ -1,6 +1,7 @@
 """Fixtures of the bus suite: a real dbus-daemon, the real service on it, clients.
 
 Load them as a plugin from a test module: ``pytest_plugins = ["tests.busfixtures"]``.
+(PYTEST_DONT_REWRITE: test modules import helpers from here before the plugin loads.)
 
 ``bus_daemon`` (module): ``dbus-daemon --fork --print-address=1 --print-pid=2``
     with a session-type config of its own: any uid may connect (so tests can
@@ -9,7 +10,8 @@ Load them as a plugin from a test module: ``pytest_plugins = ["tests.busfixtures
 ``service`` (function): a real Manager and start_service() on a connection
     of its own, run by an asyncio loop on a thread of its own (the service is
     async; the tests are not).  Authorizer: BusAuthorizer without polkit,
-    unless the test sets ``service_checker`` (see test_bus_auth).
+    unless the module overrides ``service_checker`` (see test_bus_auth);
+    ``run_service(..., polkit=True)`` wires the daemon's make_authorizer.
 ``client`` (function): a dbus-fast client on its own loop thread with
     blocking helpers (call/ok/error/get/wait_signal).
 ``busctl(address, *args)``: busctl --address=... --json=short, output parsed.
@@ -36,7 +38,7 @@ import pytest
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from kvmnumad.bus.auth import BusAuthorizer, PolkitChecker
+from kvmnumad.bus.auth import BusAuthorizer, PolkitChecker, make_authorizer
 from kvmnumad.bus.service import BUS_NAME, BusService, connect, start_service
 from kvmnumad.manager import Manager
 
@@ -142,14 +144,16 @@ class RunningService:
 
 @contextlib.contextmanager
 def run_service(
-    address: str, manager: Manager, checker: PolkitChecker | None = None
+    address: str, manager: Manager, checker: PolkitChecker | None = None, *, polkit: bool = False
 ) -> Iterator[RunningService]:
+    """With ``polkit``, the authorizer the daemon builds (the real PolkitChecker)."""
     loop = LoopThread("bus-service")
     try:
 
         async def start() -> tuple[MessageBus, BusService]:
             bus = await connect(address)
-            return bus, await start_service(manager, bus, BusAuthorizer(bus, checker))
+            auth = await make_authorizer(bus, use_polkit=True) if polkit else BusAuthorizer(bus, checker)
+            return bus, await start_service(manager, bus, auth)
 
         bus, service = loop.run(start())
         try:
