@@ -18,7 +18,7 @@ import pytest
 from dbus_fast import Message, Variant
 
 import kvmnumad
-from kvmnumad.bus.service import BUS_NAME
+from kvmnumad.bus.service import BUS_NAME, NameUnavailable
 from kvmnumad.bus.vm_object import vm_path
 from tests.busfixtures import (
     MANAGER_IFACE,
@@ -32,6 +32,7 @@ from tests.busfixtures import (
     busctl,
     options,
     plain,
+    run_service,
 )
 from tests.observe import host_nodes, node_cpus, numa_maps_at, online_cpus, taskset_affinity, thread_affinity
 
@@ -267,6 +268,16 @@ def test_disable_numa_and_stats(service: RunningService, client: BusClient) -> N
     out = busctl(a, "call", BUS_NAME, path, VM_IFACE, "GetStats")
     assert out["type"] == "a{sv}" and out["data"][0]["dirty_pages"]["type"] == "t"
     assert {int(k): v for k, v in out["data"][0]["vcpu_tid"]["data"].items()} == threads
+
+
+def test_name_taken_fails_clearly(service: RunningService) -> None:
+    with pytest.raises(NameUnavailable, match="already owned"), run_service(service.address, service.manager):
+        pass
+    # the first service still serves, and the loser left nothing behind on the bus
+    assert busctl(service.address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListVMs")["data"] == [[]]
+    owner = busctl(service.address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                   "org.freedesktop.DBus", "GetNameOwner", "s", BUS_NAME)["data"][0]
+    assert owner == service.unique_name
 
 
 # --------------------------------------------------------------- signals
