@@ -107,3 +107,53 @@ def node_cpus(node: int) -> set[int]:
 def host_nodes() -> set[int]:
     with open("/sys/devices/system/node/online") as f:
         return parse_cpulist(f.read())
+
+
+# --- multi-NUMA guest observers (issue 5) ---
+
+
+@dataclass
+class NumactlHardware:
+    """What ``numactl -H`` reports: a second opinion next to sysfs."""
+
+    cpus: dict[int, set[int]]
+    size_mb: dict[int, int]
+    distances: dict[int, dict[int, int]]
+
+
+def numactl_hardware() -> NumactlHardware:
+    out = subprocess.run(["numactl", "-H"], check=True, capture_output=True, text=True).stdout
+    hw = NumactlHardware({}, {}, {})
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if m := re.match(r"node (\d+) cpus:(.*)$", line):
+            hw.cpus[int(m.group(1))] = {int(c) for c in m.group(2).split()}
+        elif m := re.match(r"node (\d+) size: (\d+) MB", line):
+            hw.size_mb[int(m.group(1))] = int(m.group(2))
+        elif line.startswith("node distances:"):
+            header = [int(n) for n in lines[i + 1].split()[1:]]
+            for row in lines[i + 2 :]:
+                node, *values = row.replace(":", " ").split()
+                hw.distances[int(node)] = dict(zip(header, map(int, values), strict=True))
+            break
+    return hw
+
+
+def node_distances(node: int) -> list[int]:
+    """The kernel's SLIT row for ``node``, from sysfs (index = target node)."""
+    with open(f"/sys/devices/system/node/node{node}/distance") as f:
+        return [int(d) for d in f.read().split()]
+
+
+def pages_per_node_in_range(start: int, end: int, pid: int | None = None) -> dict[int, int]:
+    """Pages per node summed over the mappings that start in [start, end).
+
+    A guest region can be split into several VMAs (different policies per
+    part, mprotect, ...): sum them rather than expect one numa_maps line.
+    """
+    totals: dict[int, int] = {}
+    for entry in numa_maps(pid):
+        if start <= entry.start < end:
+            for node, pages in entry.pages_per_node.items():
+                totals[node] = totals.get(node, 0) + pages
+    return totals

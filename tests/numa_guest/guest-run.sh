@@ -1,0 +1,33 @@
+#!/bin/sh
+# Inside the numa guest: make the machine look like a host kvmnumad runs on,
+# show what it is, then run the numa tests. Runs under dash with the guest's
+# fixed PATH, hence absolute paths from the launcher.
+# Usage: guest-run.sh TOPOLOGY PYTHON TESTS_DIR [pytest args...]
+exec 2>&1
+topology=$1 python=$2 tests=$3
+shift 3
+echo "numa-guest: booted, guest uptime $(cut -d' ' -f1 /proc/uptime) s"
+
+# virtme-ng mounts cgroup2 today; a kernel or vng without it must not make the
+# cpuset tests fail for the wrong reason.
+if ! grep -q ' /sys/fs/cgroup ' /proc/mounts; then
+    mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "numa-guest: WARNING: cannot mount cgroup2"
+fi
+mkdir -p /run/dbus /run/systemd/journal
+
+# udevd loads kvm_amd from the CPU's modalias; wait for it rather than race it.
+if [ ! -e /dev/kvm ]; then
+    modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null
+    udevadm settle --timeout=30 2>/dev/null
+fi
+if [ -e /dev/kvm ]; then
+    echo "numa-guest: /dev/kvm present: $(ls -l /dev/kvm)"
+else
+    echo "numa-guest: WARNING: /dev/kvm missing (nested KVM unavailable)"
+fi
+numactl -H | sed 's/^/numa-guest: /'
+
+KVMNUMAD_TOPOLOGY=$topology PYTHONUNBUFFERED=1 "$python" -m pytest -m numa -p no:cacheprovider "$tests" "$@"
+rc=$?
+echo "numa-guest: pytest exit status $rc"
+exit $rc

@@ -1,0 +1,291 @@
+"""Boot a throw-away multi-NUMA Linux guest and run the ``numa`` tests in it.
+
+The host has one NUMA node, so placement can only be proven in a guest whose
+kernel really has several (see shared/numa-guest.md for the recipe and its
+gotchas, which the comments below refer to by number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from .topology import TOPOLOGIES, Topology
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_SCRIPT = Path(__file__).resolve().with_name("guest-run.sh")
+# udev: the guest's /dev/kvm and the cpu uevent tests depend on a running udevd.
+APT_PACKAGES = ("qemu-system-x86", "linux-image-amd64", "numactl", "busybox-static", "udev")
+DEFAULT_TIMEOUT = 600.0
+KILL_GRACE = 5.0
+EXIT_TIMEOUT = 124
+EXIT_NO_TESTS = 5  # pytest's "no tests collected": an empty NUMA run proves nothing
+
+_BOOT_MARK = "numa-guest: booted"
+_STATUS_RE = re.compile(r"numa-guest: pytest exit status (\d+)")
+_SUMMARY_RE = re.compile(r"^=+ (.*\d+ \w+.*) in [\d.]+s\b.*=+$")
+_COUNT_RE = re.compile(r"(\d+) (\w+)")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class GuestUnavailable(RuntimeError):
+    """The guest cannot be had: the NUMA suite must fail, never skip."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGHUP, turned into an exception so ``finally`` kills qemu."""
+
+
+def _say(msg: str) -> None:
+    print(f"[numa-guest] {msg}", flush=True)
+
+
+def _dpkg_installed(package: str) -> bool:
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False
+    ).stdout
+    return "install ok installed" in out
+
+
+def ensure_host_tools(venv: Path) -> None:
+    """Install qemu, a kernel and virtme-ng when missing, as `make test` must work on a fresh machine."""
+    if shutil.which("dpkg-query") and shutil.which("apt-get"):
+        missing = [p for p in APT_PACKAGES if not _dpkg_installed(p)]
+        if missing:
+            _say(f"apt: installing {' '.join(missing)}")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            try:
+                subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+                subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env)
+            except (subprocess.CalledProcessError, OSError) as e:
+                raise GuestUnavailable(f"apt-get could not install {' '.join(missing)}: {e}") from e
+    if not (venv / "bin" / "vng").exists():
+        _say(f"pip: installing virtme-ng into {venv}")
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "virtme-ng"], check=True)
+        except (subprocess.CalledProcessError, OSError) as e:
+            raise GuestUnavailable(f"pip could not install virtme-ng: {e}") from e
+    for tool in ("qemu-system-x86_64", "numactl", "busybox"):
+        if shutil.which(tool) is None:
+            raise GuestUnavailable(f"{tool} not found (Debian packages: {' '.join(APT_PACKAGES)})")
+    if not (venv / "bin" / "vng").exists():
+        raise GuestUnavailable(f"vng not found in {venv}/bin after installing virtme-ng")
+    newest_kernel()
+
+
+def _version_key(path: Path) -> list[int | str]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path.name)]
+
+
+def newest_kernel() -> Path:
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"), key=_version_key)
+    if not kernels:
+        raise GuestUnavailable("no /boot/vmlinuz-* (Debian package linux-image-amd64)")
+    return kernels[-1]
+
+
+def vng_command(topology: Topology, venv: Path, kernel: Path, pytest_args: list[str]) -> list[str]:
+    python = str(venv / "bin" / "python")
+    guest_cmd = shlex.join(
+        ["/bin/sh", str(GUEST_SCRIPT), topology.name, python, str(REPO / "tests"), *pytest_args]
+    )
+    return [
+        str(venv / "bin" / "vng"),
+        "--disable-kvm",  # QEMU with KVM hangs early on this nested host; TCG works
+        "--run", str(kernel),
+        "--name", f"numa-{topology.name}",
+        *topology.vng_args(),
+        "--force-9p",
+        "--rwdir", str(REPO),  # gotcha 1: only rwdirs reach the host
+        "--exec", guest_cmd,
+    ]  # fmt: skip
+
+
+@dataclass
+class GuestRun:
+    topology: str
+    returncode: int
+    boot_s: float | None = None
+    total_s: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+    problem: str | None = None
+
+    def summary(self) -> str:
+        failed = self.counts.get("failed", 0)
+        parts = [f"{self.counts.get('passed', 0)} passed", f"{failed} failed"]
+        parts += [
+            f"{n} {k}"
+            for k, n in self.counts.items()
+            if k not in ("passed", "failed", "deselected", "warning", "warnings")
+        ]
+        boot = f"{self.boot_s:.1f} s" if self.boot_s is not None else "none"
+        line = f"numa-guest {self.topology}: {', '.join(parts)} (boot {boot}, total {self.total_s:.0f} s)"
+        if self.problem:
+            line += f" -- FAILED: {self.problem}"
+        return line
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: IO[str]) -> GuestRun:
+    """Boot one guest, stream its output, and always take its whole process group down with it."""
+    venv = Path(sys.prefix)
+    cmd = vng_command(topology, venv, newest_kernel(), pytest_args)
+    env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")  # gotcha 4
+    prefix = f"[numa-guest {topology.name}] "
+    run = GuestRun(topology.name, returncode=1)
+    guest_rc: int | None = None
+    timed_out = threading.Event()
+    start = time.monotonic()
+    out.write(f"{prefix}{shlex.join(cmd)}\n")
+    out.flush()
+    # Gotcha 3: vng -> sh -> virtme-run -> qemu; only a process group takes them all.
+    # Gotcha 2: vng truncates its stdout, so it writes to our pipe, never to a file.
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+
+    # Killers run on timer threads; the lock keeps them off a reaped (reusable) pgid.
+    lock = threading.Lock()
+    reaped = False
+
+    def kill(sig: signal.Signals) -> None:
+        with lock:
+            if not reaped:
+                _kill_group(proc.pid, sig)
+
+    def on_timeout() -> None:
+        timed_out.set()
+        kill(signal.SIGTERM)
+        if not exited.wait(KILL_GRACE):
+            kill(signal.SIGKILL)
+
+    exited = threading.Event()
+    timer = threading.Timer(timeout, on_timeout)
+    timer.daemon = True
+    timer.start()
+    try:
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            out.write(f"{prefix}{line}\n")
+            out.flush()
+            plain = _ANSI_RE.sub("", line).strip()
+            if run.boot_s is None and plain.startswith(_BOOT_MARK):
+                run.boot_s = time.monotonic() - start
+                out.write(f"{prefix}boot took {run.boot_s:.1f} s\n")
+            if m := _STATUS_RE.search(plain):
+                guest_rc = int(m.group(1))
+            if m := _SUMMARY_RE.match(plain):
+                run.counts = {k: int(n) for n, k in _COUNT_RE.findall(m.group(1))}
+    except BaseException:
+        kill(signal.SIGTERM)
+        raise
+    finally:
+        timer.cancel()
+        escalate = threading.Timer(KILL_GRACE, kill, (signal.SIGKILL,))
+        escalate.daemon = True
+        escalate.start()
+        # Wait without reaping: while the leader is a zombie its pgid cannot be
+        # reused, so this SIGKILL only reaches what is left of this guest.
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        exited.set()
+        escalate.cancel()
+        with lock:
+            _kill_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            reaped = True
+        run.total_s = time.monotonic() - start
+
+    vng_rc = proc.returncode
+    if timed_out.is_set():
+        run.returncode, run.problem = EXIT_TIMEOUT, f"timed out after {timeout:.0f} s, qemu killed"
+    elif guest_rc is None:
+        run.returncode = vng_rc or 1
+        run.problem = f"the guest never reported pytest's exit status (vng exit {vng_rc})"
+    else:
+        run.returncode = guest_rc
+        if guest_rc == EXIT_NO_TESTS:
+            run.problem = "no numa tests collected"
+        elif guest_rc != 0:
+            run.problem = f"pytest exit status {guest_rc}"
+        if vng_rc != guest_rc:
+            out.write(f"{prefix}warning: vng exit {vng_rc} differs from the guest's pytest exit {guest_rc}\n")
+    return run
+
+
+def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    pytest_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, pytest_args = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(
+        prog="python -m tests.numa_guest",
+        description="Run the numa-marked tests inside a multi-NUMA QEMU guest (one boot per topology).",
+        epilog="Arguments after -- go to pytest inside the guest.",
+    )
+    p.add_argument(
+        "--topology", action="append", required=True, metavar="NAME",
+        help=f"one of {', '.join(TOPOLOGIES)} or all; repeat or comma-separate to boot several in turn",
+    )  # fmt: skip
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per guest (default 600)")
+    p.add_argument(
+        "--keep-going", action="store_true", help="with several topologies, boot the rest after a failure"
+    )
+    args = p.parse_args(argv)
+    names: list[str] = []
+    for item in args.topology:
+        for name in item.split(","):
+            for n in TOPOLOGIES if name == "all" else [name]:
+                if n not in TOPOLOGIES:
+                    p.error(f"unknown topology {n!r}; choose from {', '.join(TOPOLOGIES)} or all")
+                names.append(n)
+    args.topology = names
+    return args, pytest_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, pytest_args = _parse_args(sys.argv[1:] if argv is None else argv)
+    color = "--color=yes" if sys.stdout.isatty() else "--color=no"
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
+    runs: list[GuestRun] = []
+    try:
+        ensure_host_tools(Path(sys.prefix))
+        for name in args.topology:
+            run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout)
+            runs.append(run)
+            print(run.summary(), flush=True)
+            if run.returncode != 0 and not args.keep_going:
+                break
+    except GuestUnavailable as e:
+        print(f"\n*** numa-guest: CANNOT BOOT THE MULTI-NUMA GUEST: {e}", file=sys.stderr)
+        print("*** The numa tests did NOT run; this is a failure, not a skip.\n", file=sys.stderr, flush=True)
+        return 2
+    except (KeyboardInterrupt, Interrupted) as e:
+        print(f"\nnuma-guest: interrupted ({type(e).__name__}), guest killed", file=sys.stderr, flush=True)
+        return 130
+    if len(runs) > 1:
+        print("\n".join(["numa-guest summary:", *(f"  {r.summary()}" for r in runs)]), flush=True)
+    return next((r.returncode for r in runs if r.returncode != 0), 0)
