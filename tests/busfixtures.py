@@ -299,15 +299,16 @@ def options(**kw: Any) -> dict[str, Variant]:
 
 
 # -------------------------------------------------------------------- busctl
-def busctl(address: str, *args: str, check: bool = True, user: str | None = None) -> Any:
+def busctl(address: str, *args: str, check: bool = True, user: str | None = None, json_: bool = True) -> Any:
     """``busctl --address=ADDRESS --json=short ARGS``, its JSON parsed (None
-    when it printed nothing).  With ``user``, run through runuser."""
-    cmd = ["busctl", f"--address={address}", "--json=short", *args]
+    when it printed nothing); with ``check=False`` the CompletedProcess.
+    With ``user``, run through runuser; ``json_=False``: plain output."""
+    cmd = ["busctl", f"--address={address}", *(["--json=short"] if json_ else []), *args]
     if user is not None:
         cmd = ["runuser", "-u", user, "--", *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     if check and out.returncode != 0:
         raise CallFailed("busctl", f"{' '.join(args)}: {out.stderr.strip()}")
-    if not check:
+    if not check or not json_:
         return out
     return json.loads(out.stdout) if out.stdout.strip() else None
