@@ -26,7 +26,7 @@ from kvmnumad import __version__
 from kvmnumad.hotplug import HotplugMonitor
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
-from kvmnumad.model import CreateOptions, Event, EventKind, Policy
+from kvmnumad.model import CreateOptions, Policy
 
 log = logging.getLogger("kvmnumad")
 
@@ -48,24 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write the bus address here once the name is owned (for scripts and tests)")
     p.add_argument("--version", action="version", version=f"kvmnumad {__version__}")
     return p.parse_args(argv)
-
-
-def log_core_event(event: Event) -> None:
-    """Every placement event goes to the log with structured fields."""
-    from kvmnumad.journal import log_event
-
-    if event.kind == EventKind.VCPU_REPINNED:
-        d = event.data
-        log_event("repin", f"vCPU {d['vcpu']} of VM {event.vm} re-pinned to CPUs {d['cpus']} ({d['reason']})",
-                  vm=event.vm, vcpu=d["vcpu"], cpus=d["cpus"], reason=d["reason"])
-    elif event.kind == EventKind.TOPOLOGY_CHANGED:
-        d = event.data
-        log_event("topology-changed", f"host topology changed: online CPUs {d['online_cpus']} ({d['reason']})",
-                  cpus=d["online_cpus"], reason=d["reason"])
-    elif event.kind == EventKind.VM_ADDED:
-        log_event("vm-created", f"VM {event.vm} created", vm=event.vm)
-    elif event.kind == EventKind.VM_REMOVED:
-        log_event("vm-destroyed", f"VM {event.vm} destroyed", vm=event.vm)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -107,7 +89,6 @@ async def serve(args: argparse.Namespace) -> int:
             hotplug = None
         manager = Manager(args.kvm, state_dir=state_dir)
         manager_ref.append(manager)
-        manager.subscribe(log_core_event)
         bus = await connect(bus_spec)
         service = await start_service(manager, bus, await _authorizer(bus, args.bus))
         restored = await asyncio.to_thread(manager.restore)

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmnumad import __version__, errors, placement
+from kvmnumad.cgroups import CpusetBackend
+from kvmnumad.journal import log_event
 from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.errors import KvmError
 from kvmnumad.kvm.ioctls import Cap
@@ -27,7 +29,7 @@ from kvmnumad.memory import PAGE_SIZE
 from kvmnumad.model import NAME_RE, CreateOptions, Event, EventKind, Policy, VmState
 from kvmnumad.numa.memory import MemPolicy
 from kvmnumad.numa.topology import HostTopology, read_topology
-from kvmnumad.vm import GUEST_RAM_BASE, Vm
+from kvmnumad.vm import BOOT_SIZE, ENTRY, GUEST_RAM_BASE, Vm
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class Manager:
         *,
         topology_reader: Callable[[], HostTopology] = read_topology,
         state_dir: Path | None = None,
+        cpusets: bool = True,
     ) -> None:
         self.version = __version__
         self._kvm_path = kvm_path
@@ -57,6 +60,9 @@ class Manager:
         self._default_policy = Policy.MANUAL
         self._state_dir = state_dir
         self._store: Any = None
+        self.cpusets = CpusetBackend.detect() if cpusets else None
+        if cpusets and self.cpusets is None:
+            log.warning("no writable cpuset cgroup (v1 or v2): VMs run without cpusets")
         if state_dir is not None:
             from kvmnumad.state import StateStore
 
@@ -155,10 +161,19 @@ class Manager:
             raise errors.InvalidArgument(f"passes {options.passes} must be >= 0")
 
     def _load(self) -> placement.Load:
-        return placement.load_from_vms(self.topology(), [
-            (vm.vcpu_affinity(), [(r.host_node, r.size) for r in vm.memory_regions()])
-            for vm in self.list_vms()
-        ])
+        """What existing VMs already hold, so new placements go elsewhere first."""
+        topo = self.topology()
+        node_vcpus: dict[int, int] = {}
+        node_bytes: dict[int, int] = {}
+        for vm in self.list_vms():
+            for _vcpu, cpus in vm.vcpu_affinity():
+                nodes = {topo.cpus[c].node for c in cpus if c in topo.cpus}
+                if len(nodes) == 1:
+                    (n,) = nodes
+                    node_vcpus[n] = node_vcpus.get(n, 0) + 1
+            for r in vm.memory_regions():
+                node_bytes[r.host_node] = node_bytes.get(r.host_node, 0) + r.size
+        return placement.Load(node_vcpus=node_vcpus, node_bytes=node_bytes)
 
     def _plan(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> placement.Plan:
         req = placement.PlacementRequest(
@@ -178,7 +193,12 @@ class Manager:
     def create_vm(self, name: str, vcpus: int, memory_bytes: int, options: CreateOptions,
                   owner: int = 0) -> Vm:
         self._validate_request(name, vcpus, memory_bytes, options)
-        payload = kvm_payload.load_flat_binary(options.payload) if options.payload else None
+        payload = None
+        if options.payload:
+            try:
+                payload = kvm_payload.load_flat_binary(options.payload, max_size=BOOT_SIZE - ENTRY)
+            except (OSError, ValueError) as e:
+                raise errors.InvalidArgument(f"payload {options.payload!r}: {e}") from e
         with self._lock:
             if name in self._vms or name in self._creating:
                 raise errors.AlreadyExists(f"a VM named {name!r} exists already")
@@ -186,11 +206,18 @@ class Manager:
         try:
             plan = self._plan(vcpus, memory_bytes, options)
             kvm = self._kvm_handle()
-            vm = Vm(
-                name, kvm, vcpus, self.topology, self._emit_quiet(name),
-                owner=owner, policy=options.policy or self._default_policy, payload=payload,
-                passes=options.passes, max_slots=kvm.check_extension(Cap.NR_MEMSLOTS) or 32,
-            )
+            cpuset = self.cpusets.vm_cpuset(name) if self.cpusets is not None else None
+            try:
+                vm = Vm(
+                    name, kvm, vcpus, self.topology, self._emit_quiet(name),
+                    owner=owner, policy=options.policy or self._default_policy, payload=payload,
+                    passes=options.passes, max_slots=kvm.check_extension(Cap.NR_MEMSLOTS) or 32,
+                cpuset=cpuset,
+                )
+            except BaseException:
+                if cpuset is not None:
+                    cpuset.remove()
+                raise
             try:
                 self._apply_plan(vm, plan, memory_bytes, options)
                 if options.start:
@@ -204,6 +231,8 @@ class Manager:
             with self._lock:
                 self._creating.discard(name)
         vm._emit = self._emit  # from now on its changes are public
+        log_event("vm-created", f"VM {name} created: {vcpus} vCPUs, {memory_bytes} bytes, "
+                  f"{options.numa_nodes} guest nodes, policy {vm.policy}", vm=name, reason="api")
         self._emit(Event(EventKind.VM_ADDED, vm=name))
         self._persist(name)
         return vm
@@ -215,31 +244,28 @@ class Manager:
     def _apply_plan(self, vm: Vm, plan: placement.Plan, memory_bytes: int, options: CreateOptions) -> None:
         guest_nodes = options.numa_nodes
         if guest_nodes:
-            vm.enable_numa(guest_nodes, [g.host_node for g in plan.guest_nodes])
+            vm.enable_numa(guest_nodes, plan.node_map)
         if memory_bytes:
             gpa = GUEST_RAM_BASE
-            if guest_nodes:
-                for g in plan.guest_nodes:
-                    vm.setup_numa_memory(
-                        g.index, g.memory_bytes, gpa, policy=MemPolicy(g.mem_policy),
-                        host_nodes=frozenset(g.mem_nodes), prealloc=options.prealloc,
-                    )
-                    gpa += g.memory_bytes
-            else:
-                # Without guest NUMA one region holds all memory; it still gets a
-                # real host policy from the plan.
-                g = plan.guest_nodes[0]
-                vm.add_memory(0, memory_bytes, gpa, policy=MemPolicy(g.mem_policy),
-                              host_nodes=frozenset(g.mem_nodes), prealloc=options.prealloc)
-        for p in plan.vcpus:
-            bound = p.guest_node if guest_nodes and p.bound else None
-            vm.apply_declared(p.vcpu, frozenset(p.cpus) if p.cpus else None, bound)
+            for n in plan.nodes:
+                # Without guest NUMA the one region still gets a real host policy.
+                add = vm.setup_numa_memory if guest_nodes else vm.add_memory
+                add(n.guest_node, n.bytes, gpa, policy=n.mempolicy, host_nodes=frozenset(n.host_nodes),
+                    prealloc=options.prealloc)
+                gpa += n.bytes
+        if plan.policy == Policy.MANUAL:
+            return  # manual: nothing is pinned until the caller says so
+        for v in plan.vcpus:
+            host = plan.nodes[v.guest_node].host_nodes[0]
+            bound = v.guest_node if guest_nodes and v.cpus == self.topology().cpus_of_node(host) else None
+            vm.apply_declared(v.vcpu, frozenset(v.cpus), bound)
 
     def destroy_vm(self, name: str) -> None:
         with self._lock:
             vm = self.get_vm(name)
             del self._vms[name]
         vm.destroy()
+        log_event("vm-destroyed", f"VM {name} destroyed", vm=name, reason="api")
         if self._store is not None:
             self._store.remove(name)
         self._emit(Event(EventKind.VM_REMOVED, vm=name))
@@ -253,10 +279,14 @@ class Manager:
         for vm in self.list_vms():
             for vcpu, _old, new in vm.repin(topo):
                 moves.append((vm.name, vcpu, sorted(new)))
+                log_event("repin", f"vCPU {vcpu} of VM {vm.name} re-pinned from CPUs {_fmt(_old)} to "
+                          f"{_fmt(new)} ({reason})", vm=vm.name, vcpu=vcpu, cpus=new, reason=reason)
                 self._emit(Event(EventKind.VCPU_REPINNED, vm=vm.name,
                                  data={"vcpu": vcpu, "cpus": sorted(new), "reason": reason,
                                        "from": sorted(_old)}))
         if old.online_cpus() != topo.online_cpus() or reason:
+            log_event("topology-changed", f"host topology changed ({reason}): online CPUs "
+                      f"{_fmt(topo.online_cpus())}", cpus=topo.online_cpus(), reason=reason)
             self._emit(Event(EventKind.TOPOLOGY_CHANGED, data={"online_cpus": sorted(topo.online_cpus()),
                                                                "reason": reason}))
             self._emit(Event(EventKind.MANAGER_CHANGED, props=("OnlineCPUs", "HostNodes")))
@@ -265,7 +295,11 @@ class Manager:
     # ------------------------------------------------------------------ reports
     def report(self) -> str:
         topo = self.topology()
-        lines = [f"kvmnumad {self.version}", f"host nodes: {len(topo.nodes)}"]
+        lines = [
+            f"kvmnumad {self.version}",
+            f"host nodes: {len(topo.nodes)}",
+            f"cpusets: {self.cpusets.describe() if self.cpusets else 'not available (no writable cpuset cgroup)'}",
+        ]
         for nid in sorted(topo.nodes):
             n = topo.nodes[nid]
             lines.append(
@@ -369,6 +403,8 @@ class Manager:
         if self._kvm is not None:
             self._kvm.close()
             self._kvm = None
+        if self.cpusets is not None:
+            self.cpusets.close()
 
     def describe(self) -> str:
         return json.dumps({"vms": [vm.definition() for vm in self.list_vms()]}, indent=2, default=str)

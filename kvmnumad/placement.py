@@ -276,11 +276,12 @@ class _Planner:
 def _validate(topo: HostTopology, req: PlacementRequest) -> None:
     if req.vcpus < 1:
         raise InvalidArgument(f"vcpus must be at least 1, got {req.vcpus}")
-    if req.memory_bytes <= 0 or req.memory_bytes % PAGE_SIZE:
-        raise InvalidArgument(f"memory_bytes must be a positive multiple of {PAGE_SIZE}: {req.memory_bytes}")
+    # memory_bytes 0: memory comes later (SetupNumaMemory); only vCPUs are placed.
+    if req.memory_bytes < 0 or req.memory_bytes % PAGE_SIZE:
+        raise InvalidArgument(f"memory_bytes must be a multiple of {PAGE_SIZE}: {req.memory_bytes}")
     if req.guest_nodes < 0:
         raise InvalidArgument(f"guest_nodes must not be negative, got {req.guest_nodes}")
-    if req.memory_bytes // PAGE_SIZE < max(1, req.guest_nodes):
+    if req.memory_bytes and req.memory_bytes // PAGE_SIZE < max(1, req.guest_nodes):
         raise InvalidArgument(f"{req.memory_bytes} bytes: under a page per guest node ({req.guest_nodes})")
     if not isinstance(req.policy, Policy):
         raise InvalidArgument(f"unknown policy {req.policy!r}")

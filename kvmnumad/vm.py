@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvmnumad import errors
+from kvmnumad.cgroups import VmCpuset
+from kvmnumad.journal import log_event
 from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.runner import VcpuRunner
 from kvmnumad.kvm.system import Kvm
@@ -99,6 +101,7 @@ class Vm:
         payload: bytes | None = None,
         passes: int = 0,
         max_slots: int = 32,
+        cpuset: VmCpuset | None = None,
     ) -> None:
         self.name = name
         self.owner = owner
@@ -107,6 +110,7 @@ class Vm:
         self._policy = policy
         self._passes = passes
         self._max_slots = max_slots
+        self.cpuset = cpuset
         self._lock = threading.RLock()
         self._state = VmState.CREATED
         self._regions: list[_Region] = []
@@ -120,7 +124,7 @@ class Vm:
         self._boot: GuestRegion | None = None
         try:
             self._boot = GuestRegion(f"kvmnumad-{name}-boot", BOOT_SIZE)
-            self._boot.write(ENTRY, payload if payload is not None else kvm_payload.touch_payload())
+            self._boot.write(ENTRY, payload if payload is not None else kvm_payload.TOUCH_PAYLOAD)
             self._vm.set_user_memory_region(BOOT_SLOT, BOOT_GPA, BOOT_SIZE, self._boot.hva, 0)
             for i in range(vcpus):
                 fd = self._vm.create_vcpu(i)
@@ -221,6 +225,8 @@ class Vm:
 
     def _apply_affinity(self, v: _Vcpu, cpus: frozenset[int]) -> None:
         try:
+            if self.cpuset is not None:
+                self.cpuset.place_vcpu(v.index, v.runner.tid, cpus)
             os.sched_setaffinity(v.runner.tid, cpus)
         except OSError as e:
             raise errors.CpuOffline(f"sched_setaffinity({v.runner.tid}, {_fmt(cpus)}): {e.strerror}") from e
@@ -237,11 +243,12 @@ class Vm:
             for v in self._vcpus:
                 if not v.initialized:
                     base, size = self._payload_range(v.index)
-                    v.fd.setup_flat32(ENTRY, ebx=base, ecx=size, esi=v.index, edi=self._passes)
+                    v.fd.setup_flat32(ENTRY, **kvm_payload.touch_payload_regs(base, size, v.index, self._passes))
                     v.initialized = True
             for v in self._vcpus:
                 v.runner.start()
             self._state = VmState.RUNNING
+        log_event("vm-started", f"VM {self.name} started", vm=self.name)
         self._changed("State")
 
     def _payload_range(self, vcpu: int) -> tuple[int, int]:
@@ -262,6 +269,7 @@ class Vm:
             for v in self._vcpus:
                 v.runner.stop()
             self._state = VmState.STOPPED
+        log_event("vm-stopped", f"VM {self.name} stopped", vm=self.name)
         self._changed("State")
 
     def _require_alive(self) -> None:
@@ -286,6 +294,8 @@ class Vm:
         for v in self._vcpus:
             v.fd.close()
         self._vcpus.clear()
+        if self.cpuset is not None:
+            self.cpuset.remove()
         self._vm.close()
         for r in self._regions:
             r.mem.close()
@@ -417,8 +427,13 @@ class Vm:
                 mem.close()
                 raise
             self._regions.append(_Region(slot, gpa, node, frozenset(host_nodes), policy, mem))
+            self._sync_cpuset_mems()
         self._changed("MemoryRegions", "MemoryBytes")
         return slot
+
+    def _sync_cpuset_mems(self) -> None:
+        if self.cpuset is not None and self._regions:
+            self.cpuset.set_mems(set().union(*(r.host_nodes for r in self._regions)))
 
     def _next_slot(self) -> int:
         used = {r.slot for r in self._regions} | {BOOT_SLOT}
@@ -463,6 +478,11 @@ class Vm:
             for r in regions:
                 r.host_nodes = frozenset({host_node})
             self._node_map[node] = host_node
+            self._sync_cpuset_mems()
+            for slot, pages in moved:
+                log_event("migrate", f"VM {self.name} guest node {node} slot {slot}: {pages} pages moved "
+                          f"from host node {old} to {host_node}", vm=self.name, node=host_node,
+                          from_node=old, to_node=host_node, reason="map-numa-node")
             cpus = self.host_cpus_for_guest_node(topo, node)
             for v in self._vcpus:
                 if v.bound_node == node:
@@ -481,6 +501,8 @@ class Vm:
             self._apply_affinity(v, wanted)
             v.declared = wanted
             v.bound_node = None
+        log_event("pin", f"vCPU {vcpu} of VM {self.name} pinned to CPUs {_fmt(wanted)}",
+                  vm=self.name, vcpu=vcpu, cpus=wanted, reason="api")
         self._changed("VcpuAffinity", "DeclaredVcpuAffinity", "VcpuNodes")
 
     def get_vcpu_affinity(self, vcpu: int) -> list[int]:
@@ -498,6 +520,9 @@ class Vm:
             self._apply_affinity(v, cpus)
             v.declared = cpus
             v.bound_node = node
+        log_event("bind", f"vCPU {vcpu} of VM {self.name} bound to guest node {node} "
+                  f"(host node {self._node_map[node]}, CPUs {_fmt(cpus)})",
+                  vm=self.name, vcpu=vcpu, cpus=cpus, node=self._node_map[node], reason="api")
         self._changed("VcpuAffinity", "DeclaredVcpuAffinity", "VcpuNodes")
         return cpus
 

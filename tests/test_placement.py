@@ -76,7 +76,7 @@ def test_no_numa_plans_one_guest_node() -> None:
     [
         ({"vcpus": 0}, InvalidArgument, "vcpus must be at least 1, got 0"),
         ({"memory": 4097}, InvalidArgument, "4097"),
-        ({"memory": 0}, InvalidArgument, ": 0"),
+        ({"memory": -4096}, InvalidArgument, "-4096"),
         ({"guest_nodes": -1}, InvalidArgument, "-1"),
         ({"memory": 4096, "guest_nodes": 2}, InvalidArgument, "under a page"),
         ({"host_nodes": (0, 7)}, NodeOutOfRange, "host node 7"),
@@ -87,6 +87,13 @@ def test_invalid_requests(kw: dict[str, object], error: type[Exception], text: s
     args: dict[str, object] = {"policy": Policy.MANUAL, **kw}
     with pytest.raises(error, match=text):
         plan(two_by_two(), IDLE, req(**args))  # type: ignore[arg-type]
+
+
+def test_zero_memory_places_only_vcpus() -> None:
+    """CreateVM with memory_bytes 0: regions come later through SetupNumaMemory."""
+    p = plan(two_by_two(), IDLE, req(memory=0, guest_nodes=2, policy=Policy.LOCAL_FIRST))
+    assert [n.bytes for n in p.nodes] == [0, 0]
+    assert len(p.vcpus) == 4
 
 
 def test_committed_memory_counts_against_free() -> None:

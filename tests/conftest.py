@@ -1,0 +1,38 @@
+"""Fixtures shared by the host suite and the multi-NUMA guest suite."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from kvmnumad.kvm.runner import install_kick_signal
+from kvmnumad.manager import Manager
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kick_signal() -> None:
+    """vCPU threads are kicked with a signal whose handler only the main
+    thread may install; pytest runs tests in the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        install_kick_signal()
+
+
+@pytest.fixture
+def manager() -> Iterator[Manager]:
+    m = Manager()
+    try:
+        yield m
+    finally:
+        m.shutdown()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Bounded wait for an observable condition (tests only; the daemon never polls)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
