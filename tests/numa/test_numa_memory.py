@@ -15,10 +15,11 @@ import pytest
 from kvmnumad.model import Policy
 from kvmnumad.numa import libnuma
 from kvmnumad.numa.memory import MemPolicy, get_mempolicy, mbind, migrate_range, pages_per_node, prefault
-from kvmnumad.numa.topology import read_topology
+from kvmnumad.numa.topology import UNKNOWN, read_topology
 from kvmnumad.placement import Load, PlacementRequest, plan
 from tests import observe
 from tests.numa_guest import Topology
+from tests.numa_guest.hotplug import CpuHotplug
 from tests.test_numa_mempolicy import Region, _libc, map_memfd
 from tests.test_numa_topology import check_against_numactl
 
@@ -53,6 +54,21 @@ def test_topology_matches_numactl_and_the_booted_shape(topology: Topology) -> No
         assert topo.nearest_nodes(n)[0] == n
         ranked = [topo.distance(n, m) for m in topo.nearest_nodes(n)]
         assert ranked == sorted(ranked)
+
+
+def test_offline_cpu_is_seen(cpu_offline: CpuHotplug) -> None:
+    cpu = max(observe.online_cpus())
+    node = read_topology().node_of_cpu(cpu)
+    with cpu_offline(cpu):
+        topo = read_topology()
+        assert not topo.cpus[cpu].online and topo.cpus[cpu].node == node
+        assert cpu not in topo.online_cpus() and cpu not in topo.cpus_of_node(node)
+        assert cpu in topo.cpus_of_node(node, online_only=False)
+        assert topo.cpus_of_node(node) == observe.node_cpus(node)
+        check_against_numactl(topo)
+    topo = read_topology()
+    assert topo.cpus[cpu].online and cpu in topo.cpus_of_node(node)
+    assert topo.cpus[cpu].core != UNKNOWN
 
 
 def test_bind_to_last_node_puts_pages_there(region: Region) -> None:
