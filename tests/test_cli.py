@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -213,28 +214,43 @@ def test_bus_choice(empty_bus: str) -> None:
 def test_interactive_authorization_flag(empty_bus: str) -> None:
     """The ALLOW_INTERACTIVE_AUTHORIZATION flag (4) as `busctl monitor` sees it
     on the wire: set by --ask-password or a terminal on stdin, clear otherwise."""
+    # stdbuf: a line per message, read by a thread so that no read blocks the test
     mon = subprocess.Popen(
         ["stdbuf", "-oL", "busctl", f"--address={empty_bus}", "monitor", "--json=short"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    timer = threading.Timer(20, mon.kill)
-    timer.start()
+    lines: queue.Queue[str] = queue.Queue()
+    assert mon.stdout is not None
+
+    def pump() -> None:
+        for line in mon.stdout or ():
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+    def next_line(deadline: float) -> str:
+        return lines.get(timeout=max(0.0, deadline - time.monotonic()))
+
     try:
-        assert mon.stdout is not None
-        # stdbuf: a line per message.  Wait until the monitor sees traffic: ping, read up to the ping.
-        busctl(
-            empty_bus,
-            "call",
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
-            "GetId",
-        )
-        for line in mon.stdout:
-            if '"GetId"' in line:
-                break
+        # the monitor is attached once it sees our pings (the first ones may come too early)
+        deadline = time.monotonic() + 15
+        attached = False
+        while not attached:
+            busctl(
+                empty_bus,
+                "call",
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "GetId",
+            )
+            try:
+                while not attached:
+                    attached = '"GetId"' in lines.get(timeout=0.3)
+            except queue.Empty:
+                assert time.monotonic() < deadline, "busctl monitor saw nothing in 15 s"
         master, slave = os.openpty()
         try:
             runs = [
@@ -250,14 +266,12 @@ def test_interactive_authorization_flag(empty_bus: str) -> None:
             os.close(master)
             os.close(slave)
         seen: dict[str, int] = {}
-        for line in mon.stdout:
-            msg = json.loads(line)
+        deadline = time.monotonic() + 15
+        while len(seen) < len(runs):
+            msg = json.loads(next_line(deadline))
             if msg.get("member") == "GetVM":
                 seen[msg["payload"]["data"][0]] = msg["flags"]
-            if len(seen) == len(runs):
-                break
     finally:
-        timer.cancel()
         mon.kill()
         mon.wait()
     assert {name: flags & 4 for name, flags in seen.items()} == {
@@ -388,15 +402,16 @@ def test_numa_memory_bind_map(bus: tuple[str, int]) -> None:
         assert r.returncode == 1
         one_error_line(r, "NodeOutOfRange")
 
-        slot0 = int(ok(address, "memory", "cli-n", "0", "8M", "0"))
-        slot1 = json.loads(ok(address, "memory", "cli-n", "1", "8M", "0x800000", "--json"))["slot"]
+        # above the daemon's boot slot at [0, 1M): both spellings of an address
+        slot0 = int(ok(address, "memory", "cli-n", "0", "8M", "16M"))
+        slot1 = json.loads(ok(address, "memory", "cli-n", "1", "8M", "0x1800000", "--json"))["slot"]
         regions = {r[0]: r for r in vm_prop(address, "cli-n", "MemoryRegions")}
-        assert regions[slot0][1:5] == [0, 8 << 20, 0, 0]
-        assert regions[slot1][1:5] == [8 << 20, 8 << 20, 1, 0]
+        assert regions[slot0][1:5] == [16 << 20, 8 << 20, 0, 0]
+        assert regions[slot1][1:5] == [24 << 20, 8 << 20, 1, 0]
         for slot in (slot0, slot1):
             entry = numa_maps_at(regions[slot][5], daemon_pid)
             assert set(entry.pages_per_node) <= {0}
-        r = ctl(address, "memory", "cli-n", "0", "8M", "4M")
+        r = ctl(address, "memory", "cli-n", "0", "8M", "20M")
         assert r.returncode == 1
         one_error_line(r, "Overlap")
 
