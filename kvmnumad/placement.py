@@ -38,7 +38,7 @@ class Load:
 @dataclass(frozen=True)
 class PlacementRequest:
     vcpus: int
-    memory_bytes: int
+    memory_bytes: int  # 0: a VM without memory yet, only its vCPUs are placed
     guest_nodes: int = 1  # 0 (NUMA off) plans as one guest node
     policy: Policy = Policy.LOCAL_FIRST
     host_nodes: tuple[int, ...] = ()  # allowed host nodes, in the order guest nodes map to; empty = all

@@ -66,6 +66,12 @@ def test_memory_split_in_whole_pages() -> None:
     assert [n.bytes for n in p.nodes] == [4 * 4096, 3 * 4096, 3 * 4096]
 
 
+def test_no_memory_places_vcpus_only() -> None:
+    p = plan(two_by_two(free=0), IDLE, req(Policy.LOCAL_FIRST, memory=0))
+    assert [n.bytes for n in p.nodes] == [0, 0] and all(n.per_host == {} for n in p.nodes)
+    assert cpus(p) == [{0, 1}, {0, 1}, {2, 3}, {2, 3}]
+
+
 def test_no_numa_plans_one_guest_node() -> None:
     p = plan(two_by_two(), IDLE, req(Policy.LOCAL_FIRST, guest_nodes=0))
     assert len(p.nodes) == 1 and p.nodes[0].bytes == 256 * MiB
