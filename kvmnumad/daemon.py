@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -72,6 +73,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     manager: Manager | None = None
     service = None
+    bus = None
     hotplug = None
     try:
         sdnotify.notify("STATUS=starting")
@@ -118,6 +120,10 @@ async def serve(args: argparse.Namespace) -> int:
             hotplug.stop()
         if service is not None:
             await service.stop()
+        if bus is not None:
+            bus.disconnect()  # before its private dbus-daemon goes away
+            with contextlib.suppress(Exception):
+                await bus.wait_for_disconnect()
         if manager is not None:
             await asyncio.to_thread(manager.shutdown)
         if private is not None:

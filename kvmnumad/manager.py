@@ -72,6 +72,10 @@ class Manager:
     def subscribe(self, callback: Callable[[Event], None]) -> None:
         self._subscribers.append(callback)
 
+    def unsubscribe(self, callback: Callable[[Event], None]) -> None:
+        if callback in self._subscribers:
+            self._subscribers.remove(callback)
+
     def _emit(self, event: Event) -> None:
         for cb in list(self._subscribers):
             try:
@@ -138,8 +142,12 @@ class Manager:
 
     def _validate_request(self, name: str | None, vcpus: int, memory_bytes: int,
                           options: CreateOptions) -> None:
-        if name is not None and not NAME_RE.match(name):
-            raise errors.InvalidArgument(f"VM name {name!r} must be 1-64 characters of [A-Za-z0-9_.-]")
+        if name is not None and (not NAME_RE.fullmatch(name) or name.startswith(".")):
+            # a leading dot would make "." and ".." (and hidden files) of the
+            # state and cgroup directories named after VMs
+            raise errors.InvalidArgument(
+                f"VM name {name!r} must be 1-64 characters of [A-Za-z0-9_.-], not starting with '.'"
+            )
         limit = self.max_vcpus() or 1024
         if not 1 <= vcpus <= min(limit, 256):
             raise errors.InvalidArgument(f"vcpus {vcpus} out of range 1..{min(limit, 256)}")

@@ -39,7 +39,7 @@ class StateStore:
 
     def path(self, name: str) -> Path:
         # The name becomes a file name: the VM name rule keeps '/' and '..' out.
-        if not NAME_RE.match(name) or name.startswith("."):
+        if not NAME_RE.fullmatch(name) or name.startswith("."):
             raise ValueError(f"invalid VM name for a state file: {name!r}")
         return self.directory / (name + SUFFIX)
 

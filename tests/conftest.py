@@ -11,6 +11,8 @@ import pytest
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
 
+pytest_plugins = ["tests.sysfixtures", "tests.busfixtures"]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _kick_signal() -> None:

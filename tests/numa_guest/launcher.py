@@ -100,7 +100,7 @@ def newest_kernel() -> Path:
 def vng_command(topology: Topology, venv: Path, kernel: Path, pytest_args: list[str]) -> list[str]:
     python = str(venv / "bin" / "python")
     guest_cmd = shlex.join(
-        ["/bin/sh", str(GUEST_SCRIPT), topology.name, python, str(REPO / "tests"), *pytest_args]
+        ["/bin/sh", str(GUEST_SCRIPT), topology.name, python, str(REPO / "tests" / "numa"), *pytest_args]
     )
     return [
         str(venv / "bin" / "vng"),
