@@ -8,8 +8,8 @@ the multi-NUMA guest checks the real ones against ``numactl -H``.
 Shapes handled: one node; memory-only nodes (no CPUs); offline CPUs (the
 kernel removes their ``topology/`` directory and their bit in the node
 cpulist, but keeps the ``nodeN/cpuM`` links); and no ``/sys/devices/system/node``
-at all (a kernel without CONFIG_NUMA: one node 0 holding every CPU, memory
-figures from psutil).
+at all (a kernel without CONFIG_NUMA: one node 0 holding every CPU).  With a
+single node its memory figures are psutil's system-wide ones (see read_topology).
 """
 
 from __future__ import annotations
