@@ -27,7 +27,7 @@ from kvmnumad.kvm.ioctls import Cap
 from kvmnumad.kvm.system import Kvm
 from kvmnumad.memory import PAGE_SIZE
 from kvmnumad.model import NAME_RE, CreateOptions, Event, EventKind, Policy, VmState
-from kvmnumad.numa.memory import MemPolicy
+from kvmnumad.numa.memory import MemPolicy, pages_per_node
 from kvmnumad.numa.topology import HostTopology, read_topology
 from kvmnumad.vm import BOOT_SIZE, ENTRY, GUEST_RAM_BASE, Vm
 
@@ -180,7 +180,9 @@ class Manager:
                     (n,) = nodes
                     node_vcpus[n] = node_vcpus.get(n, 0) + 1
             for r in vm.memory_regions():
-                node_bytes[r.host_node] = node_bytes.get(r.host_node, 0) + r.size
+                # MemFree already excludes what is resident: count only the rest
+                resident = sum(pages_per_node(r.hva, r.size).values()) * PAGE_SIZE
+                node_bytes[r.host_node] = node_bytes.get(r.host_node, 0) + r.size - resident
         return placement.Load(node_vcpus=node_vcpus, node_bytes=node_bytes)
 
     def _plan(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> placement.Plan:

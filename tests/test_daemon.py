@@ -1,0 +1,166 @@
+"""The daemon as a process: what `make run` prints works, sd_notify, restart after kill -9.
+
+Each test starts ``python -m kvmnumad`` as a real subprocess and checks it
+only from outside: busctl, taskset, the notify socket it writes to.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.busfixtures import BusDaemon, busctl
+from tests.conftest import wait_until
+from tests.observe import taskset_affinity
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvmnumad", "--log-target", "stderr", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        out, _ = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+def _name_owned(address: str) -> bool:
+    out = busctl(address, "list", "--acquired", json_=False, check=False)
+    return "org.kvmnuma1" in out.stdout
+
+
+def test_make_run_prints_lines_that_work() -> None:
+    """`make run` = kvmnumad.demo: a private bus, a demo VM, and busctl lines to paste."""
+    proc = subprocess.Popen([sys.executable, "-m", "kvmnumad.demo", "--log-target", "stderr"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        text = "".join(lines)
+        calls = [ln.strip() for ln in lines if ln.strip().startswith("busctl --address=")]
+        assert calls, text
+        listing = next(c for c in calls if "ListVMs" in c)
+        out = subprocess.run(shlex.split(listing), check=True, capture_output=True, text=True).stdout
+        assert '"demo" "running" "/org/kvmnuma1/vm/demo"' in out, out
+        affinity = next(c for c in calls if "VcpuAffinity" in c)
+        out = subprocess.run(shlex.split(affinity), check=True, capture_output=True, text=True).stdout
+        assert out.startswith("a(uau) 4 "), out
+        ctl = next(ln.strip() for ln in lines if "kvmnumactl" in ln and ln.strip().endswith(" list"))
+        address = re.search(r"--bus '([^']+)'", ctl)
+        assert address is not None
+        out = subprocess.run([sys.executable, "-m", "kvmnumad.cli", "--bus", address.group(1), "list"],
+                             check=True, capture_output=True, text=True).stdout
+        assert "demo" in out and "running" in out
+        bus_socket = re.search(r"unix:path=([^,]+)", address.group(1))
+        assert bus_socket is not None
+    finally:
+        rest = _stop(proc, signal.SIGINT)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert not os.path.exists(bus_socket.group(1)), "the private bus outlived the daemon"
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    path = tempfile.mktemp(prefix="kvmnumad-notify-")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(20)
+    try:
+        yield sock, path
+    finally:
+        sock.close()
+        os.unlink(path)
+
+
+def test_sd_notify_ready_watchdog_stopping(bus_daemon: BusDaemon,
+                                           notify_socket: tuple[socket.socket, str]) -> None:
+    sock, path = notify_socket
+    proc = _start("--bus", bus_daemon.address,
+                  env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+    try:
+        got: list[tuple[float, str]] = []
+        while not any(m.startswith("READY=1") for _, m in got):
+            got.append((time.monotonic(), sock.recv(4096).decode()))
+        # READY only once the name is owned (a bus-activated client must find it)
+        assert _name_owned(bus_daemon.address)
+        pings = []
+        while len(pings) < 4:
+            msg = sock.recv(4096).decode()
+            if "WATCHDOG=1" in msg:
+                pings.append(time.monotonic())
+        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        assert all(0.1 < g < 0.4 for g in gaps), gaps  # every usec/2 = 0.2 s
+        proc.send_signal(signal.SIGTERM)
+        rest = []
+        while not any("STOPPING=1" in m for m in rest):
+            rest.append(sock.recv(4096).decode())
+    finally:
+        out = _stop(proc)
+    assert proc.returncode == 0, out
+    assert any(m.startswith("STATUS=") for _, m in got), got
+
+
+def test_kill_9_restart_restores_vms_and_declared_placement(bus_daemon: BusDaemon, tmp_path: Path) -> None:
+    address = bus_daemon.address
+    proc = _start("--bus", address, "--state-dir", str(tmp_path))
+    try:
+        wait_until(lambda: _name_owned(address), timeout=20)
+        busctl(address, "call", "org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.Manager", "CreateVM",
+               "suta{sv}", "keep", "2", str(8 << 20), "2", "numa_nodes", "u", "2", "start", "b", "true")
+        vm_path = "/org/kvmnuma1/vm/keep"
+        busctl(address, "call", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM", "SetVcpuAffinity",
+               "uau", "1", "1", "1")
+        busctl(address, "call", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM", "BindVcpuToNumaNode",
+               "uu", "0", "1")
+    finally:
+        proc.kill()  # no clean shutdown: what survives is what was saved on the way
+        proc.communicate()
+    assert list(tmp_path.glob("keep*")), "no saved definition"
+    proc = _start("--bus", address, "--state-dir", str(tmp_path))
+    try:
+        wait_until(lambda: _name_owned(address), timeout=20)
+        vms = busctl(address, "call", "org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.Manager", "ListVMs")
+        assert [v[0] for v in vms["data"][0]] == ["keep"], vms
+        threads = busctl(address, "get-property", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM", "VcpuThreads")
+        tids = dict(threads["data"])
+        assert taskset_affinity(tids[1]) == {1}
+        declared = busctl(address, "get-property", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM",
+                          "DeclaredVcpuAffinity")
+        assert [1, [1]] in declared["data"], declared
+        nodes = busctl(address, "call", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM", "GetVcpuNumaNode", "u", "0")
+        assert nodes["data"] == [[True, 1]], nodes
+        state = busctl(address, "get-property", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM", "State")
+        assert state["data"] == "running"
+    finally:
+        out = _stop(proc)
+    assert proc.returncode == 0, out
