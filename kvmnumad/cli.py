@@ -389,7 +389,8 @@ async def cmd_list(c: Client, args: argparse.Namespace) -> None:
     if args.json:
         print_json([{"name": n, "state": s, "path": p} for n, s, p in vms])
         return
-    print_table(["NAME", "STATE", "PATH"], [[n, s, p] for n, s, p in vms], f"{len(vms)} VM{'' if len(vms) == 1 else 's'} listed.")
+    legend = f"{len(vms)} VM{'' if len(vms) == 1 else 's'} listed."
+    print_table(["NAME", "STATE", "PATH"], [[n, s, p] for n, s, p in vms], legend)
 
 
 async def cmd_show(c: Client, args: argparse.Namespace) -> None:
@@ -471,7 +472,8 @@ async def cmd_suggestions(c: Client, args: argparse.Namespace) -> None:
     if args.json:
         print_json([{"vm": vm, "action": action, "reason": reason} for vm, action, reason in items])
         return
-    print_table(["VM", "ACTION", "REASON"], [list(i) for i in items], f"{len(items)} suggestion{'' if len(items) == 1 else 's'}.")
+    legend = f"{len(items)} suggestion{'' if len(items) == 1 else 's'}."
+    print_table(["VM", "ACTION", "REASON"], [list(i) for i in items], legend)
 
 
 # ---------------------------------------------------------------- monitor
