@@ -1,17 +1,22 @@
 """cpuset cgroups for VMs: the placement, visible to every cgroup tool.
 
 Layout: one directory per daemon process, one per VM, one per vCPU thread,
-``<mount>/kvmnumad/<pid>/<vm>/vcpu<N>``.  The pid level keeps two daemons
-(or a daemon and a test) out of each other's way and tells a crashed
+``<mount>/kvmnumad/<pid>/vm-<name>/vcpu<N>``.  The pid level keeps two
+daemons (or a daemon and a test) out of each other's way and tells a crashed
 instance's leftovers apart: a directory whose pid is dead is removed at the
-next start.
+next start.  The ``vm-`` prefix keeps a VM called ``tasks`` or
+``cpuset.cpus`` from colliding with the kernel's control files.
 
 * cgroup v1 (cpuset controller mounted on its own): a thread joins through
-  ``tasks`` (v1 accepts thread ids there).
+  ``tasks`` (v1 accepts thread ids there).  v1 insists that a child is a
+  subset of its parent, and it removes an offlined CPU from every cpuset for
+  good: each placement therefore widens the ancestors back to what the
+  hierarchy's root holds (the online CPUs) before narrowing the children.
 * cgroup v2 (unified): v2 keeps all threads of a process inside one domain,
   so the daemon's process moves into ``kvmnumad/<pid>``, which becomes the
   domain root of a *threaded* subtree; each VM and vCPU cgroup is of type
-  ``threaded`` and a thread joins through ``cgroup.threads``.
+  ``threaded`` and a thread joins through ``cgroup.threads``.  v2 keeps the
+  requested CPUs across hotplug (only ``cpuset.cpus.effective`` shrinks).
 
 Why both: this project's machines run v1, real hosts mostly v2.  Where
 neither is writable the daemon runs without cpusets and its report says so.
@@ -23,7 +28,6 @@ its member threads to the whole set; sched_setaffinity then narrows it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -31,14 +35,23 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from kvmnumad.numa.topology import format_cpulist, parse_cpulist
+
 log = logging.getLogger(__name__)
 
 TOP = "kvmnumad"
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+VM_PREFIX = "vm-"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def cpulist(cpus: Iterable[int]) -> str:
-    return ",".join(str(c) for c in sorted(cpus))
+    return format_cpulist(set(cpus))
+
+
+def vm_dirname(vm: str) -> str:
+    """``vm-<name>``, other bytes escaped as ``\\xHH`` (systemd's unit-name
+    escaping: injective, so two VM names never share a directory)."""
+    return VM_PREFIX + _UNSAFE.sub(lambda m: "".join(f"\\x{b:02x}" for b in m.group().encode()), vm)
 
 
 def _write(path: Path, value: str) -> None:
@@ -60,11 +73,16 @@ def _mountpoints() -> list[tuple[str, Path, str]]:
     return out
 
 
-class CpusetBackend:
-    """Where and how VM cpusets are made; None-like when unavailable."""
+def _own_v2_cgroup() -> str:
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return ""
 
-    version: int
-    root: Path  # the kvmnumad directory
+
+class CpusetBackend:
+    """Where and how VM cpusets are made; Manager.cpusets is None without one."""
 
     def __init__(self, version: int, mount: Path) -> None:
         self.version = version
@@ -82,7 +100,11 @@ class CpusetBackend:
                 if backend._prepare():
                     return backend
         for fstype, mnt, _ in mounts:
-            if fstype == "cgroup2" and "cpuset" in _read(mnt / "cgroup.controllers").split():
+            try:
+                controllers = _read(mnt / "cgroup.controllers").split()
+            except OSError:
+                continue
+            if fstype == "cgroup2" and "cpuset" in controllers:
                 backend = cls(2, mnt)
                 if backend._prepare():
                     return backend
@@ -93,13 +115,15 @@ class CpusetBackend:
             self.top.mkdir(exist_ok=True)
             self.root.mkdir(exist_ok=True)
             if self.version == 1:
-                for d in (self.top, self.root):
-                    _write(d / "cpuset.cpus", _read(self.mount / "cpuset.cpus"))
-                    _write(d / "cpuset.mems", _read(self.mount / "cpuset.mems"))
+                self.widen_ancestors()
             else:
                 self._enable_cpuset(self.mount)
                 self._enable_cpuset(self.top)
-                _write(self.root / "cgroup.procs", str(os.getpid()))
+                # Only when not there yet: re-writing cgroup.procs would pull
+                # the vCPU threads of another Manager in this process out of
+                # their vcpuN cgroups.
+                if _own_v2_cgroup() != "/" + str(self.root.relative_to(self.mount)):
+                    _write(self.root / "cgroup.procs", str(os.getpid()))
             self.cleanup_stale()
             return True
         except OSError as e:
@@ -111,22 +135,50 @@ class CpusetBackend:
         if "cpuset" not in _read(directory / "cgroup.subtree_control").split():
             _write(directory / "cgroup.subtree_control", "+cpuset")
 
+    def all_cpus(self) -> set[int]:
+        """What the hierarchy's root may use: the online CPUs as the kernel sees them now."""
+        name = "cpuset.cpus" if self.version == 1 else "cpuset.cpus.effective"
+        return set(parse_cpulist(_read(self.mount / name)))
+
+    def all_mems(self) -> set[int]:
+        """The nodes with memory (a CPU-only or memory-less node cannot be in cpuset.mems)."""
+        name = "cpuset.mems" if self.version == 1 else "cpuset.mems.effective"
+        return set(parse_cpulist(_read(self.mount / name)))
+
+    def widen_ancestors(self) -> None:
+        """v1: give ``kvmnumad`` and ``kvmnumad/<pid>`` everything the root has,
+        which brings back CPUs that an offline/online cycle took from them."""
+        if self.version != 1:
+            return
+        cpus, mems = cpulist(self.all_cpus()), cpulist(self.all_mems())
+        for d in (self.top, self.root):
+            _write(d / "cpuset.mems", mems)
+            _write(d / "cpuset.cpus", cpus)
+
     def cleanup_stale(self) -> list[str]:
         """Remove the cgroups of kvmnumad instances that are gone (crashed):
         their pid directory names a process that no longer exists."""
-        removed = []
-        for inst in self.top.iterdir() if self.top.exists() else []:
+        removed: list[str] = []
+        try:
+            instances = list(self.top.iterdir())
+        except FileNotFoundError:
+            return removed
+        for inst in instances:
             if inst.is_dir() and inst.name.isdigit() and not os.path.exists(f"/proc/{inst.name}"):
                 self._rmtree(inst)
                 removed.append(inst.name)
         return removed
 
     def _rmtree(self, directory: Path) -> None:
-        if not directory.exists():
+        """Depth-first rmdir (cgroup directories hold only kernel files).
+        Tolerates a concurrent remover: another daemon's start may be
+        cleaning the same stale instance."""
+        try:
+            children = [c for c in directory.iterdir() if c.is_dir()]
+        except FileNotFoundError:
             return
-        for child in directory.iterdir():
-            if child.is_dir():
-                self._rmtree(child)
+        for child in children:
+            self._rmtree(child)
         try:
             directory.rmdir()
         except OSError as e:
@@ -144,11 +196,15 @@ class CpusetBackend:
 
     # ---------------------------------------------------------------- per VM
     def vm_cpuset(self, vm: str) -> VmCpuset:
-        return VmCpuset(self, _SAFE.sub("_", vm))
+        return VmCpuset(self, vm_dirname(vm))
 
 
 class VmCpuset:
-    """The cgroup directory of one VM and its vCPU children."""
+    """The cgroup directory of one VM and its vCPU children.
+
+    The VM directory holds the union of its vCPUs' CPUs and the nodes of its
+    memory regions; each ``vcpu<N>`` holds that vCPU's placement.
+    """
 
     def __init__(self, backend: CpusetBackend, name: str) -> None:
         self.backend = backend
@@ -158,35 +214,28 @@ class VmCpuset:
         self._ensure()
 
     def _ensure(self) -> None:
-        if self.path.exists():
-            return
-        self.path.mkdir()
         backend = self.backend
-        if backend.version == 2:
-            _write(self.path / "cgroup.type", "threaded")
-            with contextlib.suppress(OSError):  # possible only once a threaded child exists
-                CpusetBackend._enable_cpuset(backend.root)
-            CpusetBackend._enable_cpuset(self.path)
-        else:
-            self._write_limits(self.path, self._all_cpus(), self._all_mems())
+        if backend.version == 1:
+            backend.widen_ancestors()
+            if not self.path.exists():
+                self.path.mkdir()
+                self._write_limits(self.path, backend.all_cpus(), backend.all_mems())
+            return
+        if not self.path.exists():
+            self.path.mkdir()
+        _make_threaded(self.path)
+        # Possible only now: kvmnumad/<pid> holds processes, so it may enable
+        # a controller for its children only once it is a threaded domain.
+        CpusetBackend._enable_cpuset(backend.root)
+        CpusetBackend._enable_cpuset(self.path)
 
-    def _all_cpus(self) -> set[int]:
-        from kvmnumad.numa.topology import read_topology
-
-        return set(read_topology().online_cpus())
-
-    def _all_mems(self) -> set[int]:
-        from kvmnumad.numa.topology import read_topology
-
-        return set(read_topology().nodes)
-
-    def _write_limits(self, directory: Path, cpus: set[int], mems: set[int]) -> None:
-        # v1 refuses a child wider than its parent and a parent narrower than a
-        # child: widen parents first, narrow children first.  Here the parent
-        # is always the union of its children, so writing parent-then-child
-        # when widening and child-then-parent when narrowing is enough.
+    @staticmethod
+    def _write_limits(directory: Path, cpus: set[int], mems: set[int]) -> None:
         _write(directory / "cpuset.mems", cpulist(mems))
         _write(directory / "cpuset.cpus", cpulist(cpus))
+
+    def _children(self) -> list[Path]:
+        return [self.path / f"vcpu{i}" for i in sorted(self._vcpus)]
 
     def set_mems(self, mems: Iterable[int]) -> None:
         """Memory nodes of the VM's regions: written to every vCPU cgroup at
@@ -196,53 +245,56 @@ class VmCpuset:
         if not self._mems:
             return
         self._ensure()
-        mems_text = cpulist(self._mems)
-        children = [self.path / f"vcpu{i}" for i in self._vcpus]
-        if self.backend.version == 1:
-            _write(self.path / "cpuset.mems", cpulist(self._mems | self._all_mems()))
-            for child in children:
-                _write(child / "cpuset.mems", mems_text)
-        else:
-            _write(self.path / "cpuset.mems", mems_text)
-            for child in children:
-                _write(child / "cpuset.mems", mems_text)
-        _write(self.path / "cpuset.mems", mems_text)
+        text = cpulist(self._mems)
+        if self.backend.version == 1:  # parent wide, children, then parent narrow
+            _write(self.path / "cpuset.mems", cpulist(self._mems | self.backend.all_mems()))
+        for child in self._children():
+            _write(child / "cpuset.mems", text)
+        _write(self.path / "cpuset.mems", text)
 
     def read(self, index: int | None = None) -> tuple[set[int], set[int]]:
         """(cpus, mems) as the kernel holds them, for reports."""
-        from kvmnumad.numa.topology import parse_cpulist
-
         d = self.path if index is None else self.path / f"vcpu{index}"
-        return parse_cpulist(_read(d / "cpuset.cpus")), parse_cpulist(_read(d / "cpuset.mems"))
+        return set(parse_cpulist(_read(d / "cpuset.cpus"))), set(parse_cpulist(_read(d / "cpuset.mems")))
 
     def place_vcpu(self, index: int, tid: int, cpus: Iterable[int]) -> None:
         """Put thread ``tid`` into ``vcpu<index>`` limited to ``cpus``; call
-        before sched_setaffinity (see the module docstring)."""
+        before sched_setaffinity (see the module docstring).  Called again
+        by a hotplug re-pin, so every call rewrites the whole chain."""
         cpus = set(cpus)
         self._ensure()
-        mems = self._mems or self._all_mems()
+        backend = self.backend
+        mems = self._mems or backend.all_mems()
         child = self.path / f"vcpu{index}"
-        new_child = not child.exists()
         child.mkdir(exist_ok=True)
         self._vcpus[index] = cpus
-        union = set().union(*self._vcpus.values())
-        if self.backend.version == 1:
-            self._write_limits(self.path, union | self._all_cpus(), mems | self._all_mems())
+        union = set[int]().union(*self._vcpus.values())
+        if backend.version == 1:
+            # v1 subset rule: widen the VM first, narrow it after the child.
+            self._write_limits(self.path, union | backend.all_cpus(), mems | backend.all_mems())
             self._write_limits(child, cpus, mems)
             self._write_limits(self.path, union, mems)
             _write(child / "tasks", str(tid))
         else:
-            if new_child:
-                _write(child / "cgroup.type", "threaded")
-            _write(self.path / "cpuset.cpus", cpulist(union))
-            _write(self.path / "cpuset.mems", cpulist(mems))
-            _write(child / "cpuset.mems", cpulist(mems))
-            _write(child / "cpuset.cpus", cpulist(cpus))
+            _make_threaded(child)
+            self._write_limits(self.path, union, mems)
+            self._write_limits(child, cpus, mems)
             _write(child / "cgroup.threads", str(tid))
 
     def release_vcpu(self, index: int) -> None:
-        self._vcpus.pop(index, None)
+        """After the vCPU's thread has ended: its cgroup goes, the VM's CPUs shrink."""
+        if self._vcpus.pop(index, None) is None:
+            return
+        self.backend._rmtree(self.path / f"vcpu{index}")
+        if self._vcpus:
+            _write(self.path / "cpuset.cpus", cpulist(set[int]().union(*self._vcpus.values())))
 
     def remove(self) -> None:
         """After the vCPU threads have ended: the directories are empty."""
+        self._vcpus.clear()
         self.backend._rmtree(self.path)
+
+
+def _make_threaded(directory: Path) -> None:
+    if _read(directory / "cgroup.type") != "threaded":
+        _write(directory / "cgroup.type", "threaded")

@@ -23,11 +23,17 @@ import signal
 import sys
 from pathlib import Path
 
-from kvmnumad import __version__
+from dbus_fast.aio import MessageBus
+
+from kvmnumad import __version__, sdnotify
+from kvmnumad.bus.auth import Authorizer, make_authorizer
+from kvmnumad.bus.service import connect, start_service
 from kvmnumad.hotplug import HotplugMonitor
+from kvmnumad.journal import setup_logging
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
+from kvmnumad.privatebus import PrivateBus
 
 log = logging.getLogger("kvmnumad")
 
@@ -52,9 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from kvmnumad import sdnotify
-    from kvmnumad.bus.service import connect, start_service
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,8 +66,6 @@ async def serve(args: argparse.Namespace) -> int:
     private = None
     bus_spec = args.bus
     if bus_spec == "private":
-        from kvmnumad.privatebus import PrivateBus
-
         private = PrivateBus()
         bus_spec = private.address
     state_dir = args.state_dir
@@ -73,7 +74,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     manager: Manager | None = None
     service = None
-    bus = None
+    bus: MessageBus | None = None
     hotplug = None
     try:
         sdnotify.notify("STATUS=starting")
@@ -123,17 +124,15 @@ async def serve(args: argparse.Namespace) -> int:
         if bus is not None:
             bus.disconnect()  # before its private dbus-daemon goes away
             with contextlib.suppress(Exception):
-                await bus.wait_for_disconnect()
+                await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
         if manager is not None:
             await asyncio.to_thread(manager.shutdown)
         if private is not None:
             private.close()
 
 
-async def _authorizer(bus: object, bus_kind: str) -> object:
+async def _authorizer(bus: MessageBus, bus_kind: str) -> Authorizer:
     """Root passes; others go to polkit on the system bus (where polkitd lives)."""
-    from kvmnumad.bus.auth import make_authorizer
-
     return await make_authorizer(bus, use_polkit=bus_kind == "system")
 
 
@@ -154,8 +153,6 @@ def _print_howto(address: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from kvmnumad.journal import setup_logging
-
     setup_logging(args.log_level, args.log_target)
     install_kick_signal()
     try:

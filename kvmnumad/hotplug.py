@@ -79,7 +79,7 @@ def _summarize(reasons: list[str]) -> str:
     """'cpu3 offline' style text for signals and logs; the last state wins."""
     last: dict[str, str] = {}
     for r in reasons:
-        subsystem, name, action = r.split(":", 2)
+        _subsystem, name, action = r.split(":", 2)
         if action in ("online", "offline") or name not in last:
             last[name] = action
     return ", ".join(f"{name} {action}" for name, action in last.items())

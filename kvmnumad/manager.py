@@ -29,6 +29,7 @@ from kvmnumad.memory import PAGE_SIZE
 from kvmnumad.model import NAME_RE, CreateOptions, Event, EventKind, Policy, VmState
 from kvmnumad.numa.memory import MemPolicy, pages_per_node
 from kvmnumad.numa.topology import HostTopology, read_topology
+from kvmnumad.state import StateStore
 from kvmnumad.vm import BOOT_SIZE, ENTRY, GUEST_RAM_BASE, Vm
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ class Manager:
         if cpusets and self.cpusets is None:
             log.warning("no writable cpuset cgroup (v1 or v2): VMs run without cpusets")
         if state_dir is not None:
-            from kvmnumad.state import StateStore
-
             self._store = StateStore(state_dir)
 
     # ------------------------------------------------------------------ events
@@ -164,7 +163,9 @@ class Manager:
         topo = self.topology()
         for h in options.host_nodes:
             if h not in topo.nodes:
-                raise errors.NodeOutOfRange(f"host node {h} does not exist (host nodes: {sorted(topo.nodes)})")
+                raise errors.NodeOutOfRange(
+                    f"host node {h} does not exist (host nodes: {sorted(topo.nodes)})"
+                )
         if options.passes < 0:
             raise errors.InvalidArgument(f"passes {options.passes} must be >= 0")
 
@@ -308,7 +309,8 @@ class Manager:
         lines = [
             f"kvmnumad {self.version}",
             f"host nodes: {len(topo.nodes)}",
-            f"cpusets: {self.cpusets.describe() if self.cpusets else 'not available (no writable cpuset cgroup)'}",
+            "cpusets: " + (self.cpusets.describe() if self.cpusets
+                           else "not available (no writable cpuset cgroup)"),
         ]
         for nid in sorted(topo.nodes):
             n = topo.nodes[nid]

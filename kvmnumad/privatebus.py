@@ -8,6 +8,7 @@ would to the system bus.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -51,10 +52,8 @@ class PrivateBus:
         self.pid = int(out.stderr.strip().splitlines()[-1])
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
         elif self.socket.exists():

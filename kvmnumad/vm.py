@@ -243,7 +243,8 @@ class Vm:
             for v in self._vcpus:
                 if not v.initialized:
                     base, size = self._payload_range(v.index)
-                    v.fd.setup_flat32(ENTRY, **kvm_payload.touch_payload_regs(base, size, v.index, self._passes))
+                    regs = kvm_payload.touch_payload_regs(base, size, v.index, self._passes)
+                    v.fd.setup_flat32(ENTRY, **regs)
                     v.initialized = True
             for v in self._vcpus:
                 v.runner.start()

@@ -31,7 +31,7 @@ MiB = 1 << 20
 PAGE = 4096
 
 
-def _vm(manager: Manager, name: str = "core", passes: int = 1, start: bool = True,
+def _vm(manager: Manager, name: str = "core", *, passes: int = 1, start: bool = True,
         memory: int = 128 * MiB, vcpus: int = 4, nodes: int = 2) -> Vm:
     return manager.create_vm(name, vcpus, memory, CreateOptions(numa_nodes=nodes, passes=passes, start=start))
 
@@ -109,7 +109,7 @@ def _bad_calls(vm: Vm) -> list[tuple[Callable[[], object], type[errors.KvmnumaEr
         (lambda: vm.map_numa_node(3, 0), errors.NodeOutOfRange, "guest node 3"),
         (lambda: vm.enable_numa(0), errors.InvalidArgument, "at least 1"),
         (lambda: vm.enable_numa(4), errors.Busy, "memory region"),
-        (lambda: vm.disable_numa(), errors.Busy, "cannot be disabled"),
+        (vm.disable_numa, errors.Busy, "cannot be disabled"),
         (lambda: vm.get_vcpu_numa_node(4), errors.NoSuchVcpu, "vCPU 4"),
     ]
 

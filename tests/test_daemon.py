@@ -6,6 +6,7 @@ only from outside: busctl, taskset, the notify socket it writes to.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -118,7 +119,7 @@ def test_sd_notify_ready_watchdog_stopping(bus_daemon: BusDaemon,
             msg = sock.recv(4096).decode()
             if "WATCHDOG=1" in msg:
                 pings.append(time.monotonic())
-        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert all(0.1 < g < 0.4 for g in gaps), gaps  # every usec/2 = 0.2 s
         proc.send_signal(signal.SIGTERM)
         rest = []
@@ -157,7 +158,8 @@ def test_kill_9_restart_restores_vms_and_declared_placement(bus_daemon: BusDaemo
         declared = busctl(address, "get-property", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM",
                           "DeclaredVcpuAffinity")
         assert [1, [1]] in declared["data"], declared
-        nodes = busctl(address, "call", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM", "GetVcpuNumaNode", "u", "0")
+        nodes = busctl(address, "call", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM", "GetVcpuNumaNode",
+                       "u", "0")
         assert nodes["data"] == [[True, 1]], nodes
         state = busctl(address, "get-property", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM", "State")
         assert state["data"] == "running"

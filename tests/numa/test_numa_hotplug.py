@@ -1,0 +1,161 @@
+"""CPU hotplug through the running daemon, on a real multi-node kernel.
+
+The daemon runs as its own process on a private bus; the CPU goes offline
+through sysfs; the test watches what an admin would: taskset on the vCPU
+thread, the signals on the bus (busctl monitor) and the journal
+(journalctl -o json with the KVMNUMA_* fields).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
+from tests.conftest import wait_until
+from tests.numa_guest.hotplug import CpuHotplug
+from tests.observe import node_cpus, online_cpus, taskset_affinity
+from tests.sysfixtures import Journal
+
+pytestmark = pytest.mark.numa
+
+ROOT = Path(__file__).resolve().parents[2]
+REPIN_ID = "98a5b04b200e47faac4bff9ab6350209"
+TOPOLOGY_ID = "c52c477987f24cd5bceb6a08d0ad144c"
+MIGRATE_ID = "72eb4c393c9a41f5a246177ae2c3a65c"
+PIN_ID = "a3cdb94f7a1749019c1e75937f824b8f"
+BIND_ID = "2517a41608564c1b96dbd0ebae87f628"
+
+
+@pytest.fixture(scope="module")
+def daemon_bus() -> Iterator[BusDaemon]:
+    with start_bus_daemon() as bus:
+        yield bus
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_bus: BusDaemon, journald: Journal) -> Iterator[str]:
+    """kvmnumad as a process, logging to the journal the fixture started."""
+    proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", daemon_bus.address,
+                             "--log-target", "journal"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: "org.kvmnuma1" in busctl(daemon_bus.address, "list", "--acquired",
+                                                     json_=False, check=False).stdout, timeout=180)
+        yield daemon_bus.address
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Monitor:
+    """``busctl monitor`` of the daemon's signals, as JSON lines."""
+
+    def __init__(self, address: str) -> None:
+        self.proc = subprocess.Popen(["busctl", f"--address={address}", "--json=short", "monitor",
+                                      "org.kvmnuma1"], stdout=subprocess.PIPE, text=True)
+        self.seen: list[dict[str, Any]] = []
+        os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        self._buf = ""
+
+    def signals(self, member: str) -> list[dict[str, Any]]:
+        assert self.proc.stdout is not None
+        chunk = self.proc.stdout.read()
+        if chunk:
+            self._buf += chunk
+            *lines, self._buf = self._buf.split("\n")
+            self.seen += [json.loads(ln) for ln in lines if ln.startswith("{")]
+        return [m for m in self.seen if m.get("type") == "signal" and m.get("member") == member]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def _nearest_online(node: int) -> set[int]:
+    """Online CPUs of the nearest node (by the kernel's distances) that has any."""
+    distances = [int(d) for d in Path(f"/sys/devices/system/node/node{node}/distance").read_text().split()]
+    for candidate in sorted(range(len(distances)), key=lambda n: (distances[n], n)):
+        exists = Path(f"/sys/devices/system/node/node{candidate}").exists()
+        cpus = node_cpus(candidate) & online_cpus() if exists else set()
+        if cpus:
+            return cpus
+    raise AssertionError("no online CPU")
+
+
+def _call(address: str, path: str, iface: str, method: str, sig: str, *args: str) -> Any:
+    return busctl(address, "call", "org.kvmnuma1", path, iface, method, sig, *args)
+
+
+def test_offline_cpu_repins_vcpu_and_online_restores_it(daemon: str, journald: Journal,
+                                                        cpu_offline: CpuHotplug) -> None:
+    nodes = sorted(n for n in range(8) if os.path.exists(f"/sys/devices/system/node/node{n}"))
+    last = nodes[-1]
+    victim = max(node_cpus(last))
+    vm = "/org/kvmnuma1/vm/hp"
+    _call(daemon, "/org/kvmnuma1", "org.kvmnuma1.Manager", "CreateVM", "suta{sv}",
+          "hp", "2", "0", "1", "numa_nodes", "u", str(len(nodes)))
+    _call(daemon, vm, "org.kvmnuma1.VM", "SetVcpuAffinity", "uau", "1", "1", str(victim))
+    _call(daemon, vm, "org.kvmnuma1.VM", "BindVcpuToNumaNode", "uu", "0", "0")
+    threads = busctl(daemon, "get-property", "org.kvmnuma1", vm, "org.kvmnuma1.VM", "VcpuThreads")
+    tid = dict(threads["data"])[1]
+    assert taskset_affinity(tid) == {victim}
+    monitor = Monitor(daemon)
+    try:
+        time.sleep(1)  # busctl monitor attached
+        t0 = time.monotonic()
+        cpu_offline.offline(victim)
+        expected = _nearest_online(last)
+        wait_until(lambda: taskset_affinity(tid) == expected, timeout=60)
+        moved = taskset_affinity(tid)
+        reaction = time.monotonic() - t0
+        wait_until(lambda: monitor.signals("VcpuRepinned"), timeout=60)
+        sig = monitor.signals("VcpuRepinned")[0]["payload"]["data"]
+        assert sig[0] == "hp" and sig[1] == 1 and sorted(sig[2]) == sorted(moved)
+        assert "offline" in sig[3]
+        wait_until(lambda: monitor.signals("TopologyChanged"), timeout=60)
+        assert victim not in monitor.signals("TopologyChanged")[-1]["payload"]["data"][0]
+
+        cpu_offline.online(victim)
+        wait_until(lambda: taskset_affinity(tid) == {victim}, timeout=60)  # declared pinning returns
+        declared = busctl(daemon, "get-property", "org.kvmnuma1", vm, "org.kvmnuma1.VM",
+                          "DeclaredVcpuAffinity")
+        assert [1, [victim]] in declared["data"]
+        wait_until(lambda: len(monitor.signals("VcpuRepinned")) >= 2, timeout=60)
+    finally:
+        monitor.close()
+    repins = journald.entries("KVMNUMA_VM=hp", f"MESSAGE_ID={REPIN_ID}", wait_for=2, timeout=60)
+    assert {e["KVMNUMA_VCPU"] for e in repins} == {"1"}
+    assert {e["KVMNUMA_REASON"].split()[-1] for e in repins} >= {"offline", "online"}
+    assert journald.entries(f"MESSAGE_ID={TOPOLOGY_ID}", wait_for=2, timeout=30)
+    pin = journald.entries("KVMNUMA_VM=hp", f"MESSAGE_ID={PIN_ID}", timeout=30)[0]
+    assert pin["KVMNUMA_VCPU"] == "1" and pin["KVMNUMA_CPUS"] == str(victim)
+    bind = journald.entries("KVMNUMA_VM=hp", f"MESSAGE_ID={BIND_ID}", timeout=30)[0]
+    assert bind["KVMNUMA_NODE"] == "0"
+    print(f"hotplug re-pin seen from outside {reaction:.2f} s after the offline write")
+    _call(daemon, "/org/kvmnuma1", "org.kvmnuma1.Manager", "DestroyVM", "s", "hp")
+
+
+def test_migration_is_journaled(daemon: str, journald: Journal) -> None:
+    vm = "/org/kvmnuma1/vm/mig"
+    _call(daemon, "/org/kvmnuma1", "org.kvmnuma1.Manager", "CreateVM", "suta{sv}",
+          "mig", "1", str(8 << 20), "2", "numa_nodes", "u", "1", "prealloc", "b", "true")
+    _call(daemon, vm, "org.kvmnuma1.VM", "MapNumaNode", "uu", "0", "1")
+    entry = journald.entries("KVMNUMA_VM=mig", f"MESSAGE_ID={MIGRATE_ID}", timeout=30)[0]
+    assert (entry["KVMNUMA_FROM_NODE"], entry["KVMNUMA_TO_NODE"]) == ("0", "1")
+    regions = busctl(daemon, "get-property", "org.kvmnuma1", vm, "org.kvmnuma1.VM", "MemoryRegions")["data"]
+    assert [r[4] for r in regions] == [1]
+    _call(daemon, "/org/kvmnuma1", "org.kvmnuma1.Manager", "DestroyVM", "s", "mig")
