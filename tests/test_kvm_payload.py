@@ -73,7 +73,9 @@ def test_passes_dirty_every_page_and_report_on_ports(kvm: Kvm, size: int) -> Non
         ]
         assert reasons.count(ExitReason.HLT) == passes - 1  # idle points between passes only
         assert vm.count_dirty(1, data.size) == size // 4096
-        assert vm.count_dirty(0, BOOT_SIZE) == 0  # the code page is never written
+        # The payload writes nothing in the boot slot; the host's kvm-pvm reports 0 pages,
+        # nested kvm_amd (in the multi-NUMA guest) 1: allow at most that one page.
+        assert vm.count_dirty(0, BOOT_SIZE) <= 1
         # The last pass wrote its number (2, counting from 0) at the start of each page.
         for page in range(size // 4096):
             assert data.map[page * 4096 : page * 4096 + 8] == b"\x02\0\0\0\0\0\0\0"
