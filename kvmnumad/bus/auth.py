@@ -33,6 +33,7 @@ ACTION_MIGRATE = "org.kvmnuma1.migrate-memory"
 # What the owner of a VM may do to it without polkit: action -> verbs (None: all)
 OWNER_MAY: dict[str, frozenset[str] | None] = {
     ACTION_PLACE: None,
+    ACTION_MIGRATE: None,  # the owner's memory, moved between nodes
     ACTION_MANAGE: frozenset({"start", "stop"}),
 }
 

@@ -19,7 +19,7 @@ from dbus_fast import PropertyAccess, Variant
 from dbus_fast.service import dbus_property, method
 
 from kvmnumad.bus.args import check_cpus
-from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_PLACE
+from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE
 from kvmnumad.bus.dispatch import BusObject, current_call
 from kvmnumad.model import VmStats
 from kvmnumad.vm import Vm
@@ -216,7 +216,11 @@ class VmObject(BusObject):
 
     @method()
     async def MapNumaNode(self, node: "u", host_node: "u") -> None:
-        await self._act(ACTION_PLACE, "map-numa-node", self.vm.map_numa_node, node, host_node)
+        # Moving resident guest memory is its own polkit action; a node
+        # without memory only changes where future memory and vCPUs go.
+        regions = await asyncio.to_thread(self.vm.memory_regions)
+        action = ACTION_MIGRATE if any(r.guest_node == node for r in regions) else ACTION_PLACE
+        await self._act(action, "map-numa-node", self.vm.map_numa_node, node, host_node)
 
     @method()
     async def GetStats(self) -> "a{sv}":

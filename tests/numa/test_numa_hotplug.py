@@ -62,22 +62,28 @@ def daemon(daemon_bus: BusDaemon, journald: Journal) -> Iterator[str]:
 
 
 class Monitor:
-    """``busctl monitor`` of the daemon's signals, as JSON lines."""
+    """``busctl monitor`` of the daemon's signals, as JSON lines (read without blocking)."""
 
     def __init__(self, address: str) -> None:
         self.proc = subprocess.Popen(["busctl", f"--address={address}", "--json=short", "monitor",
-                                      "org.kvmnuma1"], stdout=subprocess.PIPE, text=True)
+                                      "org.kvmnuma1"], stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        self._fd = self.proc.stdout.fileno()
+        os.set_blocking(self._fd, False)
         self.seen: list[dict[str, Any]] = []
-        os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
-        self._buf = ""
+        self._buf = b""
 
     def signals(self, member: str) -> list[dict[str, Any]]:
-        assert self.proc.stdout is not None
-        chunk = self.proc.stdout.read()
-        if chunk:
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
             self._buf += chunk
-            *lines, self._buf = self._buf.split("\n")
-            self.seen += [json.loads(ln) for ln in lines if ln.startswith("{")]
+        *lines, self._buf = self._buf.split(b"\n")
+        self.seen += [json.loads(ln) for ln in lines if ln.startswith(b"{")]
         return [m for m in self.seen if m.get("type") == "signal" and m.get("member") == member]
 
     def close(self) -> None:
