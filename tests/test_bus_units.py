@@ -155,9 +155,9 @@ def test_unexpected_errors_become_internal_and_are_logged(caplog: pytest.LogCapt
 
 
 # ------------------------------------------------------------- owner rules
-def test_owner_may_place_and_start_stop_only() -> None:
+def test_owner_may_place_migrate_and_start_stop_only() -> None:
     assert owner_may(ACTION_PLACE, "set-vcpu-affinity")
+    assert owner_may(ACTION_MIGRATE, "map-numa-node")  # their own VM's memory
     assert owner_may(ACTION_MANAGE, "start") and owner_may(ACTION_MANAGE, "stop")
     assert not owner_may(ACTION_MANAGE, "destroy")
     assert not owner_may(ACTION_MANAGE, "create")
-    assert not owner_may(ACTION_MIGRATE, "map-numa-node")

@@ -10,7 +10,9 @@ python3-systemd, never the development venv.  Skip the module with
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,13 +50,43 @@ class InstalledDeb:
 
 
 def start_installed_daemon(package: InstalledDeb) -> None:
-    """Hook for the end-to-end check of the installed daemon on a private bus (the lead's daemon).
-
-    Kept separate so the test below stays about packaging; it runs
-    /usr/bin/kvmnumad --help with the system Python today.
-    """
+    """The installed daemon (Debian's python3 and python3-dbus-fast) serves a
+    demo VM on a private bus, reachable by the busctl line it prints."""
     out = run("/usr/bin/kvmnumad", "--help", timeout=60)
     assert "--bus" in out.stdout and "--state-dir" in out.stdout
+    proc = subprocess.Popen(["/usr/bin/kvmnumad", "--bus", "private", "--demo", "--log-target", "stderr"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/")
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        call = next(ln.strip() for ln in lines if ln.strip().startswith("busctl") and "ListVMs" in ln)
+        listing = run(*shlex.split(call), timeout=30).stdout
+        assert '"demo" "running"' in listing, "".join(lines) + listing
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines)
+
+
+def _backup_unowned(deb: Path) -> dict[str, bytes]:
+    """Files the package will own that exist already (a test fixture installed
+    the polkit action, say): purging the package would delete them under
+    everyone else's feet, so they are put back afterwards."""
+    names = run("dpkg-deb", "-c", str(deb), timeout=60).stdout.splitlines()
+    saved: dict[str, bytes] = {}
+    for line in names:
+        path = line.split()[-1].lstrip(".")
+        if path and os.path.isfile(path):
+            saved[path] = Path(path).read_bytes()
+    return saved
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +99,16 @@ def installed_deb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installe
     out_dir = tmp_path_factory.mktemp("deb")
     run(str(ROOT / "packaging" / "build-deb.sh"), str(out_dir))
     (deb,) = out_dir.glob("kvmnumad_*_all.deb")
+    saved = _backup_unowned(deb)
     run("dpkg", "-i", str(deb))
     try:
         files = run("dpkg", "-L", "kvmnumad").stdout.split()
         yield InstalledDeb(deb, files)
     finally:
         run("dpkg", "--purge", "kvmnumad", check=False)
+        for path, data in saved.items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_bytes(data)
 
 
 def test_deb_installs_its_files(installed_deb: InstalledDeb) -> None:
