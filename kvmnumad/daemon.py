@@ -92,11 +92,13 @@ async def serve(args: argparse.Namespace) -> int:
             hotplug = None
         manager = Manager(args.kvm, state_dir=state_dir)
         manager_ref.append(manager)
-        bus = await connect(bus_spec)
-        service = await start_service(manager, bus, await _authorizer(bus, args.bus))
+        # Saved VMs come back before the name is requested: a client that
+        # finds org.kvmnuma1 finds every VM it had.
         restored = await asyncio.to_thread(manager.restore)
         if restored:
             log.info("restored VMs: %s", ", ".join(restored))
+        bus = await connect(bus_spec)
+        service = await start_service(manager, bus, await _authorizer(bus, args.bus))
         if args.demo and DEMO_VM not in {vm.name for vm in manager.list_vms()}:
             await asyncio.to_thread(
                 manager.create_vm, DEMO_VM, 4, 128 << 20,

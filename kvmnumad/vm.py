@@ -267,6 +267,8 @@ class Vm:
             self._require_alive()
             if self._state != VmState.RUNNING:
                 return
+            for v in self._vcpus:  # kick all, then wait for each: they park in parallel
+                v.runner.request_stop()
             for v in self._vcpus:
                 v.runner.stop()
             self._state = VmState.STOPPED
@@ -287,6 +289,8 @@ class Vm:
 
     def _release(self) -> None:
         first: BaseException | None = None
+        for v in self._vcpus:
+            v.runner.request_close()
         for v in self._vcpus:
             try:
                 v.runner.close()
@@ -451,7 +455,8 @@ class Vm:
         """Remap guest node ``node`` to ``host_node``, live.
 
         Its memory moves with mbind(MPOL_MF_MOVE) and its pinned vCPUs follow.
-        Returns the (slot, pages) that were resident before the move.
+        Returns (slot, pages in the slot) per region moved; counting the
+        resident pages first would cost a move_pages query as long as the move.
         """
         topo = self._topology()
         moved: list[tuple[int, int]] = []
@@ -466,10 +471,9 @@ class Vm:
             done: list[_Region] = []
             try:
                 for r in regions:
-                    before = sum(pages_per_node(r.mem.hva, r.size).values())
                     r.mem.bind(r.policy, {host_node}, move=True)
                     done.append(r)
-                    moved.append((r.slot, before))
+                    moved.append((r.slot, r.size // PAGE_SIZE))
             except OSError as e:
                 for r in done:  # roll back what already moved
                     r.mem.bind(r.policy, r.host_nodes, move=True)
@@ -481,7 +485,7 @@ class Vm:
             self._node_map[node] = host_node
             self._sync_cpuset_mems()
             for slot, pages in moved:
-                log_event("migrate", f"VM {self.name} guest node {node} slot {slot}: {pages} pages moved "
+                log_event("migrate", f"VM {self.name} guest node {node} slot {slot} ({pages} pages) moved "
                           f"from host node {old} to {host_node}", vm=self.name, node=host_node,
                           from_node=old, to_node=host_node, reason="map-numa-node")
             cpus = self.host_cpus_for_guest_node(topo, node)

@@ -194,6 +194,12 @@ class VcpuRunner:
                 self._state = self._parked_state()  # a done guest: "halted" again
             self._cond.notify_all()
 
+    def request_stop(self) -> None:
+        """Kick the vCPU out of KVM_RUN without waiting for it to park."""
+        with self._cond:
+            self._want_run = False
+            self._kick_locked()
+
     def stop(self, timeout: float = 1.0) -> None:
         """Pause: kick the vCPU out of KVM_RUN and return once its thread is parked
         (at once when called from that thread, e.g. by on_serial)."""
@@ -207,15 +213,21 @@ class VcpuRunner:
             if self._parked:
                 self._state = self._parked_state()  # parked earlier as "halted" or "created"
 
+    def request_close(self) -> None:
+        """Ask the thread to end without waiting for it: a VM kicks all its
+        vCPUs first and joins them after, so none keeps running (and taking a
+        CPU from the others) while another is being joined."""
+        with self._cond:
+            self._closing = True
+            self._want_run = False
+            self._kick_locked()
+
     def close(self, timeout: float = 1.0) -> None:
         """End the thread and join it; idempotent. The VcpuFd stays open (the caller's).
 
         From the vCPU thread itself (on_serial) it only asks; a later close() joins.
         """
-        with self._cond:
-            self._closing = True
-            self._want_run = False
-            self._kick_locked()
+        self.request_close()
         if threading.get_ident() == self._thread.ident:
             return
         deadline = time.monotonic() + timeout
