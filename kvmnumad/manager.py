@@ -18,6 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from kvmnumad import __version__, errors, placement
 from kvmnumad.cgroups import CpusetBackend
 from kvmnumad.journal import log_event
@@ -184,7 +186,11 @@ class Manager:
                 # MemFree already excludes what is resident: count only the rest
                 resident = sum(pages_per_node(r.hva, r.size).values()) * PAGE_SIZE
                 node_bytes[r.host_node] = node_bytes.get(r.host_node, 0) + r.size - resident
-        return placement.Load(node_vcpus=node_vcpus, node_bytes=node_bytes)
+        # busy fraction per CPU since the previous plan (psutil keeps the last
+        # sample; the very first call has none and reads as idle)
+        busy = psutil.cpu_percent(percpu=True, interval=None)
+        cpu = {i: p / 100.0 for i, p in enumerate(busy)}
+        return placement.Load(cpu=cpu, node_vcpus=node_vcpus, node_bytes=node_bytes)
 
     def _plan(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> placement.Plan:
         req = placement.PlacementRequest(
