@@ -281,6 +281,19 @@ class VmCpuset:
             self._write_limits(child, cpus, mems)
             _write(child / "cgroup.threads", str(tid))
 
+    def holds(self, index: int, tid: int, cpus: Iterable[int]) -> bool:
+        """Whether ``vcpu<index>`` still holds ``tid`` limited to ``cpus``.  A
+        CPU offline can leave the thread's affinity right while its cgroup is
+        wrong: v1 moves the thread up to the VM's cgroup, v2 keeps the old
+        CPUs requested; a re-pin that only compares affinities misses both."""
+        child = self.path / f"vcpu{index}"
+        members = "tasks" if self.backend.version == 1 else "cgroup.threads"
+        try:
+            return (str(tid) in _read(child / members).split()
+                    and set(parse_cpulist(_read(child / "cpuset.cpus"))) == set(cpus))
+        except OSError:
+            return False
+
     def release_vcpu(self, index: int) -> None:
         """After the vCPU's thread has ended: its cgroup goes, the VM's CPUs shrink."""
         if self._vcpus.pop(index, None) is None:

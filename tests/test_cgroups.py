@@ -178,9 +178,11 @@ def test_v1_cpus_lost_to_offline_come_back_on_repin(manager: Manager) -> None:
     vm = manager.create_vm("cg-lost", 1, 0, CreateOptions(numa_nodes=1, policy=Policy.LOCAL_FIRST))
     (_, tid), = vm.vcpu_threads()
     vmdir = cs.root / "vm-cg-lost"
+    assert vm.cpuset is not None and vm.cpuset.holds(0, tid, {0, 1})
     for d in (vmdir / "vcpu0", vmdir, cs.root):  # children first: v1's subset rule
         d.joinpath("cpuset.cpus").write_text("0")
     assert taskset_affinity(tid) == {0}
+    assert not vm.cpuset.holds(0, tid, {0, 1})
 
     moves = manager.on_topology_changed("cpu1 online")
     assert moves == [("cg-lost", 0, [0, 1])]
@@ -188,6 +190,7 @@ def test_v1_cpus_lost_to_offline_come_back_on_repin(manager: Manager) -> None:
         assert cpus_of(d) == {0, 1}, d
     assert taskset_affinity(tid) == {0, 1}
     assert members(cs, vmdir / "vcpu0") == {tid}
+    assert vm.cpuset.holds(0, tid, {0, 1})
 
 
 def test_refused_vm_creates_no_cgroup(manager: Manager) -> None:

@@ -74,7 +74,10 @@ def test_v2_threaded_subtree_follows_placement_and_hotplug(manager: Manager, cpu
 
     # Hotplug: vCPU 0 pinned to CPU 3; CPU 3 goes; it moves to CPU 2 (node 1 in
     # 2node, node 2 at distance 15 in 4node); CPU 3 returns, so does vCPU 0.
+    # vCPU 1 on CPU 0 keeps the kernel's own fallback for vCPU 0 (the VM's
+    # effective CPUs, {0}) apart from the re-pin's target: a move is seen.
     vcpu0 = vmdir / "vcpu0"
+    vm.set_vcpu_affinity(1, [0])
     vm.set_vcpu_affinity(0, [3])
     assert cpus_of(vcpu0) == {3} == taskset_affinity(tids[0])
     with cpu_offline(3):
