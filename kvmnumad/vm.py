@@ -571,9 +571,14 @@ class Vm:
                 if not target:
                     target = _nearest_online(topo, v.declared)
                 old = self.effective_affinity(v.index)
-                if target and target != old:
+                # the affinity can look right while the cpuset is not (v1 moves
+                # the thread up a level on offline, v2 keeps the lost CPU asked)
+                stale_cpuset = self.cpuset is not None and not self.cpuset.holds(
+                    v.index, v.runner.tid, target)
+                if target and (target != old or stale_cpuset):
                     self._apply_affinity(v, target)
-                    moves.append((v.index, old, target))
+                    if target != old:
+                        moves.append((v.index, old, target))
         if moves:
             self._changed("VcpuAffinity")
         return moves
