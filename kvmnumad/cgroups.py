@@ -1,7 +1,9 @@
 """cpuset cgroups for VMs: the placement, visible to every cgroup tool.
 
 Layout: one directory per daemon process, one per VM, one per vCPU thread,
-``<mount>/kvmnumad/<pid>/vm-<name>/vcpu<N>``.  The pid level keeps two
+``<base>/kvmnumad/<pid>/vm-<name>/vcpu<N>``, where base is the cpuset mount
+(v1) or the process's own cgroup (v2: under systemd the service's, handed to
+it by ``Delegate=cpuset``, so systemd's tree stays systemd's).  The pid level keeps two
 daemons (or a daemon and a test) out of each other's way and tells a crashed
 instance's leftovers apart: a directory whose pid is dead is removed at the
 next start.  The ``vm-`` prefix keeps a VM called ``tasks`` or
@@ -81,13 +83,26 @@ def _own_v2_cgroup() -> str:
     return ""
 
 
+def _v2_base() -> str:
+    """Where this process may build: its own cgroup (the service's, delegated
+    by systemd), or the root when it runs outside any (a test, a guest).  A
+    second Manager in a process that already moved into ``kvmnumad/<pid>``
+    builds beside the first, not inside it."""
+    own = _own_v2_cgroup() or "/"
+    suffix = f"/{TOP}/{os.getpid()}"
+    if own.endswith(suffix):
+        own = own[: -len(suffix)] or "/"
+    return own
+
+
 class CpusetBackend:
     """Where and how VM cpusets are made; Manager.cpusets is None without one."""
 
     def __init__(self, version: int, mount: Path) -> None:
         self.version = version
         self.mount = mount
-        self.top = mount / TOP
+        self.base = mount if version == 1 else mount / _v2_base().lstrip("/")
+        self.top = self.base / TOP
         self.root = self.top / str(os.getpid())
 
     # ---------------------------------------------------------------- setup
@@ -117,13 +132,18 @@ class CpusetBackend:
             if self.version == 1:
                 self.widen_ancestors()
             else:
-                self._enable_cpuset(self.mount)
-                self._enable_cpuset(self.top)
+                if self.base == self.mount:
+                    self._enable_cpuset(self.mount)
                 # Only when not there yet: re-writing cgroup.procs would pull
                 # the vCPU threads of another Manager in this process out of
                 # their vcpuN cgroups.
                 if _own_v2_cgroup() != "/" + str(self.root.relative_to(self.mount)):
                     _write(self.root / "cgroup.procs", str(os.getpid()))
+                # Under systemd (Delegate=cpuset) the base is the service's own
+                # cgroup: it may enable controllers only once no process is
+                # left in it, i.e. after the move above.
+                self._enable_cpuset(self.base)
+                self._enable_cpuset(self.top)
             self.cleanup_stale()
             return True
         except OSError as e:

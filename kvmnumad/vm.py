@@ -576,9 +576,10 @@ class Vm:
                 stale_cpuset = self.cpuset is not None and not self.cpuset.holds(
                     v.index, v.runner.tid, target)
                 if target and (target != old or stale_cpuset):
+                    # reported even when the kernel's own fallback already put
+                    # the thread there: the placement was repaired all the same
                     self._apply_affinity(v, target)
-                    if target != old:
-                        moves.append((v.index, old, target))
+                    moves.append((v.index, old, target))
         if moves:
             self._changed("VcpuAffinity")
         return moves
