@@ -87,11 +87,13 @@ def _v2_base() -> str:
     """Where this process may build: its own cgroup (the service's, delegated
     by systemd), or the root when it runs outside any (a test, a guest).  A
     second Manager in a process that already moved into ``kvmnumad/<pid>``
-    builds beside the first, not inside it."""
+    builds beside the first, not inside it, and so does a child it started."""
     own = _own_v2_cgroup() or "/"
-    suffix = f"/{TOP}/{os.getpid()}"
-    if own.endswith(suffix):
-        own = own[: -len(suffix)] or "/"
+    # also a child process started from inside another instance's cgroup
+    # (a test starting the daemon) builds beside it
+    m = re.search(rf"(?:/{TOP}/\d+)+$", own)
+    if m:
+        own = own[: m.start()] or "/"
     return own
 
 
