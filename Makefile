@@ -1,6 +1,7 @@
 # kvmnumad: two commands on a fresh machine.
 #   make run   install what is missing, start a private bus + kvmnumad + a demo VM
-#   make test  install what is missing, lint, host suite, then the NUMA suite in 2- and 4-node guests
+#   make test  install what is missing, lint, host suite, then the NUMA suite in 2-node, 4-node and
+#              memory-only-node guests
 
 SHELL := /bin/bash
 PY ?= python3
@@ -40,6 +41,7 @@ lint: deps
 	$(VENV)/bin/ruff check kvmnumad tests bench
 	$(VENV)/bin/mypy --strict kvmnumad/kvm kvmnumad/numa
 	$(VENV)/bin/mypy kvmnumad
+	$(VENV)/bin/mypy --strict bench
 
 test: deps lint test-host test-numa
 
@@ -48,7 +50,7 @@ test-host: deps
 
 # One guest boot per topology; both run even when the first fails, one summary at the end.
 test-numa: deps
-	$(VPY) -m tests.numa_guest --topology 2node,4node --keep-going
+	$(VPY) -m tests.numa_guest --topology 2node,4node,memonly --keep-going
 
 test-numa-2: deps
 	$(VPY) -m tests.numa_guest --topology 2node

@@ -109,7 +109,7 @@ def _call(address: str, path: str, iface: str, method: str, sig: str, *args: str
 def test_offline_cpu_repins_vcpu_and_online_restores_it(daemon: str, journald: Journal,
                                                         cpu_offline: CpuHotplug) -> None:
     nodes = sorted(n for n in range(8) if os.path.exists(f"/sys/devices/system/node/node{n}"))
-    last = nodes[-1]
+    last = max(n for n in nodes if node_cpus(n))  # a memory-only node has no CPU to take away
     victim = max(node_cpus(last))
     vm = "/org/kvmnuma1/vm/hp"
     _call(daemon, "/org/kvmnuma1", "org.kvmnuma1.Manager", "CreateVM", "suta{sv}",
