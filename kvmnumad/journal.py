@@ -47,6 +47,8 @@ import sys
 from collections.abc import Iterable
 from typing import Literal
 
+from kvmnumad.numa.topology import format_cpulist
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "kvmnumad"
 
@@ -83,18 +85,6 @@ FIELD_PREFIX = "KVMNUMA_"
 Target = Literal["auto", "journal", "stderr"]
 
 
-def format_cpulist(cpus: Iterable[int]) -> str:
-    """Kernel cpulist notation, the form /proc, taskset and the observers read back."""
-    parts: list[str] = []
-    ordered = sorted(set(cpus))
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(parts)
 
 
 class _FieldsFormatter(logging.Formatter):

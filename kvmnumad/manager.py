@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from kvmnumad.kvm.system import Kvm
 from kvmnumad.memory import PAGE_SIZE
 from kvmnumad.model import NAME_RE, CreateOptions, Event, EventKind, Policy, VmState
 from kvmnumad.numa.memory import MemPolicy, pages_per_node
-from kvmnumad.numa.topology import HostTopology, read_topology
+from kvmnumad.numa.topology import HostTopology, format_cpulist, read_topology
 from kvmnumad.state import StateStore
 from kvmnumad.vm import BOOT_SIZE, ENTRY, GUEST_RAM_BASE, Vm
 
@@ -428,9 +428,8 @@ class Manager:
         return json.dumps({"vms": [vm.definition() for vm in self.list_vms()]}, indent=2, default=str)
 
 
-def _fmt(cpus: object) -> str:
-    items = sorted(cpus)  # type: ignore[call-overload]
-    return ",".join(str(c) for c in items) if items else "-"
+def _fmt(cpus: Iterable[int]) -> str:
+    return format_cpulist(cpus) or "-"
 
 
 __all__ = ["Manager", "asdict"]

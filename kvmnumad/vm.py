@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from kvmnumad import errors
@@ -37,7 +37,7 @@ from kvmnumad.model import (
     VmStats,
 )
 from kvmnumad.numa.memory import MemPolicy, pages_per_node
-from kvmnumad.numa.topology import HostTopology
+from kvmnumad.numa.topology import HostTopology, format_cpulist
 
 log = logging.getLogger(__name__)
 
@@ -703,6 +703,5 @@ def _nearest_online(topo: HostTopology, cpus: frozenset[int]) -> frozenset[int]:
     return topo.online_cpus()
 
 
-def _fmt(cpus: object) -> str:
-    items = sorted(cpus)  # type: ignore[call-overload]
-    return ",".join(str(c) for c in items) if items else "(none)"
+def _fmt(cpus: Iterable[int]) -> str:
+    return format_cpulist(cpus) or "(none)"

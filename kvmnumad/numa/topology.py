@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -41,10 +42,10 @@ def parse_cpulist(text: str) -> frozenset[int]:
     return frozenset(ids)
 
 
-def format_cpulist(ids: frozenset[int] | set[int]) -> str:
+def format_cpulist(ids: Iterable[int]) -> str:
     """Inverse of parse_cpulist, for messages and cpuset files."""
     runs: list[list[int]] = []
-    for i in sorted(ids):
+    for i in sorted(set(ids)):
         if runs and runs[-1][1] == i - 1:
             runs[-1][1] = i
         else:
