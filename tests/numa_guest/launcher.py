@@ -288,4 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if len(runs) > 1:
         print("\n".join(["numa-guest summary:", *(f"  {r.summary()}" for r in runs)]), flush=True)
+    # the plain closing line CI reads: every guest's tests together
+    passed = sum(r.counts.get("passed", 0) for r in runs)
+    failed = sum(r.counts.get("failed", 0) + r.counts.get("error", 0) + r.counts.get("errors", 0)
+                 for r in runs)
+    print(f"numa-guests: {passed} passed, {failed} failed", flush=True)
     return next((r.returncode for r in runs if r.returncode != 0), 0)
