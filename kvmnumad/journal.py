@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
+import socket
 import sys
 from collections.abc import Iterable
 from typing import Literal
@@ -100,8 +100,19 @@ class _FieldsFormatter(logging.Formatter):
         return f"{text} {' '.join(fields)}" if fields else text
 
 
+def _journal_listening() -> bool:
+    """The socket file outlives a journald that was stopped; only a connect
+    tells whether anyone reads it (else every log line would fail)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(JOURNAL_SOCKET)
+        except OSError:
+            return False
+    return True
+
+
 def _journal_handler() -> logging.Handler | None:
-    if not os.path.exists(JOURNAL_SOCKET):
+    if not _journal_listening():
         return None
     try:
         from systemd.journal import JournalHandler  # noqa: PLC0415 (optional dependency)

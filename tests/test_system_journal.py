@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -93,3 +95,15 @@ def test_auto_falls_back_to_stderr_without_journal(monkeypatch: pytest.MonkeyPat
     assert "no journal" in capsys.readouterr().err
     with pytest.raises(ValueError):
         setup_logging("loud")
+
+
+def test_auto_ignores_a_socket_nobody_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            restore_logging: None) -> None:
+    """A journald that was stopped leaves its socket file behind: a real stale
+    socket (bound, then closed) must send 'auto' to stderr, not to a dead end."""
+    stale = tmp_path / "socket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(stale))
+    assert stale.exists()
+    monkeypatch.setattr(journal, "JOURNAL_SOCKET", str(stale))
+    assert journal.setup_logging("info", "auto") == "stderr"
