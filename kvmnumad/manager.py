@@ -22,13 +22,22 @@ import psutil
 
 from kvmnumad import __version__, errors, placement
 from kvmnumad.cgroups import CpusetBackend
+from kvmnumad.events import (
+    DefaultPolicyChanged,
+    Event,
+    TopologyChanged,
+    VcpuRepinned,
+    VmAdded,
+    VmChanged,
+    VmRemoved,
+)
 from kvmnumad.journal import log_event
 from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.errors import KvmError
 from kvmnumad.kvm.ioctls import Cap
 from kvmnumad.kvm.system import Kvm
 from kvmnumad.memory import PAGE_SIZE
-from kvmnumad.model import NAME_RE, CreateOptions, Event, EventKind, Policy, VmState
+from kvmnumad.model import NAME_RE, CreateOptions, Policy, VmState
 from kvmnumad.numa.memory import MemPolicy, pages_per_node
 from kvmnumad.numa.topology import HostTopology, format_cpulist, read_topology
 from kvmnumad.state import StateStore
@@ -82,8 +91,8 @@ class Manager:
             try:
                 cb(event)
             except Exception:  # a broken subscriber must not break the core
-                log.exception("event subscriber failed on %s", event.kind)
-        if event.vm and event.kind == EventKind.VM_CHANGED:
+                log.exception("event subscriber failed on %s", event)
+        if isinstance(event, VmChanged):
             self._persist(event.vm)
 
     # ------------------------------------------------------------------ host
@@ -104,7 +113,7 @@ class Manager:
         if self._default_policy == policy:
             return
         self._default_policy = Policy(policy)
-        self._emit(Event(EventKind.MANAGER_CHANGED, props=("DefaultPolicy",)))
+        self._emit(DefaultPolicyChanged(self._default_policy))
 
     def topology(self) -> HostTopology:
         with self._topo_lock:
@@ -250,7 +259,7 @@ class Manager:
         vm._emit = self._emit  # from now on its changes are public
         log_event("vm-created", f"VM {name} created: {vcpus} vCPUs, {memory_bytes} bytes, "
                   f"{options.numa_nodes} guest nodes, policy {vm.policy}", vm=name, reason="api")
-        self._emit(Event(EventKind.VM_ADDED, vm=name))
+        self._emit(VmAdded(name))
         self._persist(name)
         return vm
 
@@ -285,7 +294,7 @@ class Manager:
         log_event("vm-destroyed", f"VM {name} destroyed", vm=name, reason="api")
         if self._store is not None:
             self._store.remove(name)
-        self._emit(Event(EventKind.VM_REMOVED, vm=name))
+        self._emit(VmRemoved(name))
 
     # ------------------------------------------------------------------ hotplug
     def on_topology_changed(self, reason: str) -> list[tuple[str, int, list[int]]]:
@@ -298,15 +307,11 @@ class Manager:
                 moves.append((vm.name, vcpu, sorted(new)))
                 log_event("repin", f"vCPU {vcpu} of VM {vm.name} re-pinned from CPUs {_fmt(_old)} to "
                           f"{_fmt(new)} ({reason})", vm=vm.name, vcpu=vcpu, cpus=new, reason=reason)
-                self._emit(Event(EventKind.VCPU_REPINNED, vm=vm.name,
-                                 data={"vcpu": vcpu, "cpus": sorted(new), "reason": reason,
-                                       "from": sorted(_old)}))
+                self._emit(VcpuRepinned(vm.name, vcpu, _old, new, reason))
         if old.online_cpus() != topo.online_cpus() or reason:
             log_event("topology-changed", f"host topology changed ({reason}): online CPUs "
                       f"{_fmt(topo.online_cpus())}", cpus=topo.online_cpus(), reason=reason)
-            self._emit(Event(EventKind.TOPOLOGY_CHANGED, data={"online_cpus": sorted(topo.online_cpus()),
-                                                               "reason": reason}))
-            self._emit(Event(EventKind.MANAGER_CHANGED, props=("OnlineCPUs", "HostNodes")))
+            self._emit(TopologyChanged(topo.online_cpus(), reason))
         return moves
 
     # ------------------------------------------------------------------ reports

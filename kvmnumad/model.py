@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # use fullmatch: "$" would accept a trailing newline
 
@@ -68,22 +67,3 @@ class VmStats:
     vcpus: tuple[VcpuStats, ...]
     pages_per_host_node: dict[int, int]  # resident guest pages by host node (move_pages query)
     dirty_pages: int  # pages dirtied since the previous stats() call, over all slots
-
-
-class EventKind(enum.StrEnum):
-    VM_ADDED = "vm-added"
-    VM_REMOVED = "vm-removed"
-    VM_CHANGED = "vm-changed"  # props names the changed VM properties (D-Bus property names)
-    TOPOLOGY_CHANGED = "topology-changed"  # data["online_cpus"]
-    VCPU_REPINNED = "vcpu-repinned"  # data: vcpu, cpus, reason
-    MANAGER_CHANGED = "manager-changed"  # props names Manager properties
-
-
-@dataclass(frozen=True)
-class Event:
-    """Something the front ends publish (signals, PropertiesChanged, journal)."""
-
-    kind: EventKind
-    vm: str | None = None
-    props: tuple[str, ...] = ()
-    data: dict[str, Any] = field(default_factory=dict)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from kvmnumad import errors
 from kvmnumad.cgroups import VmCpuset
+from kvmnumad.events import Aspect, Event, VmChanged
 from kvmnumad.journal import log_event
 from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.runner import VcpuRunner
@@ -28,8 +29,6 @@ from kvmnumad.kvm.vcpu import VcpuFd
 from kvmnumad.kvm.vm import VmFd
 from kvmnumad.memory import PAGE_SIZE, GuestRegion, is_page_aligned
 from kvmnumad.model import (
-    Event,
-    EventKind,
     MemoryRegionInfo,
     Policy,
     VcpuStats,
@@ -170,8 +169,8 @@ class Vm:
         return self._policy
 
     # ------------------------------------------------------------------ helpers
-    def _changed(self, *props: str) -> None:
-        self._emit(Event(EventKind.VM_CHANGED, vm=self.name, props=props))
+    def _changed(self, *aspects: Aspect) -> None:
+        self._emit(VmChanged(self.name, frozenset(aspects)))
 
     def _on_serial(self, index: int, data: bytes) -> None:
         with self._serial_lock:
@@ -250,7 +249,7 @@ class Vm:
                 v.runner.start()
             self._state = VmState.RUNNING
         log_event("vm-started", f"VM {self.name} started", vm=self.name)
-        self._changed("State")
+        self._changed(Aspect.STATE)
 
     def _payload_range(self, vcpu: int) -> tuple[int, int]:
         if not self._numa_nodes:
@@ -273,7 +272,7 @@ class Vm:
                 v.runner.stop()
             self._state = VmState.STOPPED
         log_event("vm-stopped", f"VM {self.name} stopped", vm=self.name)
-        self._changed("State")
+        self._changed(Aspect.STATE)
 
     def _require_alive(self) -> None:
         if self._destroyed:
@@ -333,7 +332,7 @@ class Vm:
                 self._require_host_node(topo, h)
             self._numa_nodes = nodes
             self._node_map = list(node_map)
-        self._changed("NumaEnabled", "NumaNodes", "NodeMap", "VcpuNodes")
+        self._changed(Aspect.NUMA_LAYOUT, Aspect.VCPU_PLACEMENT)
 
     def disable_numa(self) -> None:
         with self._lock:
@@ -349,7 +348,7 @@ class Vm:
                 v.bound_node = None
             self._numa_nodes = 0
             self._node_map = []
-        self._changed("NumaEnabled", "NumaNodes", "NodeMap", "VcpuNodes")
+        self._changed(Aspect.NUMA_LAYOUT, Aspect.VCPU_PLACEMENT)
 
     def setup_numa_memory(
         self,
@@ -433,7 +432,7 @@ class Vm:
                 raise
             self._regions.append(_Region(slot, gpa, node, frozenset(host_nodes), policy, mem))
             self._sync_cpuset_mems()
-        self._changed("MemoryRegions", "MemoryBytes")
+        self._changed(Aspect.MEMORY)
         return slot
 
     def _sync_cpuset_mems(self) -> None:
@@ -493,7 +492,7 @@ class Vm:
                 if v.bound_node == node:
                     self._apply_affinity(v, cpus)
                     v.declared = cpus
-        self._changed("NodeMap", "MemoryRegions", "VcpuAffinity", "DeclaredVcpuAffinity", "VcpuNodes")
+        self._changed(Aspect.NUMA_LAYOUT, Aspect.MEMORY, Aspect.VCPU_PLACEMENT)
         return moved
 
     # ------------------------------------------------------------------ vCPU placement
@@ -508,7 +507,7 @@ class Vm:
             v.bound_node = None
         log_event("pin", f"vCPU {vcpu} of VM {self.name} pinned to CPUs {_fmt(wanted)}",
                   vm=self.name, vcpu=vcpu, cpus=wanted, reason="api")
-        self._changed("VcpuAffinity", "DeclaredVcpuAffinity", "VcpuNodes")
+        self._changed(Aspect.VCPU_PLACEMENT)
 
     def get_vcpu_affinity(self, vcpu: int) -> list[int]:
         with self._lock:
@@ -528,7 +527,7 @@ class Vm:
         log_event("bind", f"vCPU {vcpu} of VM {self.name} bound to guest node {node} "
                   f"(host node {self._node_map[node]}, CPUs {_fmt(cpus)})",
                   vm=self.name, vcpu=vcpu, cpus=cpus, node=self._node_map[node], reason="api")
-        self._changed("VcpuAffinity", "DeclaredVcpuAffinity", "VcpuNodes")
+        self._changed(Aspect.VCPU_PLACEMENT)
         return cpus
 
     def get_vcpu_numa_node(self, vcpu: int) -> tuple[bool, int]:
@@ -554,7 +553,7 @@ class Vm:
                 self._apply_affinity(v, cpus)
             v.declared = cpus
             v.bound_node = bound_node
-        self._changed("VcpuAffinity", "DeclaredVcpuAffinity", "VcpuNodes")
+        self._changed(Aspect.VCPU_PLACEMENT)
 
     def repin(self, topo: HostTopology) -> list[tuple[int, frozenset[int], frozenset[int]]]:
         """Bring every vCPU's effective affinity back in line with its declared
@@ -581,7 +580,7 @@ class Vm:
                     self._apply_affinity(v, target)
                     moves.append((v.index, old, target))
         if moves:
-            self._changed("VcpuAffinity")
+            self._changed(Aspect.VCPU_PLACEMENT)
         return moves
 
     # ------------------------------------------------------------------ views

@@ -23,8 +23,16 @@ from kvmnumad.bus.manager_object import MANAGER_PATH, ManagerObject
 from kvmnumad.bus.manager_object import snapshot as manager_snapshot
 from kvmnumad.bus.vm_object import VM_INTERFACE, VM_PATH_PREFIX, VmObject, snapshot, unescape_label
 from kvmnumad.errors import NoSuchVM
+from kvmnumad.events import (
+    DefaultPolicyChanged,
+    Event,
+    TopologyChanged,
+    VcpuRepinned,
+    VmAdded,
+    VmChanged,
+    VmRemoved,
+)
 from kvmnumad.manager import Manager
-from kvmnumad.model import Event, EventKind
 from kvmnumad.vm import Vm
 
 log = logging.getLogger(__name__)
@@ -158,17 +166,17 @@ class BusService:
     async def _handle(self, event: Event) -> None:
         mo = self.manager_object
         assert mo is not None
-        kind = event.kind
-        if kind in (EventKind.VM_ADDED, EventKind.VM_REMOVED, EventKind.VM_CHANGED) and event.vm:
-            await self.reconcile(event.vm, refresh=kind == EventKind.VM_CHANGED)
-        elif kind == EventKind.VCPU_REPINNED and event.vm:
-            d = event.data
-            mo.VcpuRepinned(event.vm, int(d["vcpu"]), sorted(d["cpus"]), str(d.get("reason", "")))
+        if isinstance(event, (VmAdded, VmRemoved)):
+            await self.reconcile(event.vm)
+        elif isinstance(event, VmChanged):
             await self.reconcile(event.vm, refresh=True)
-        elif kind == EventKind.TOPOLOGY_CHANGED:
-            mo.TopologyChanged(sorted(event.data["online_cpus"]))
+        elif isinstance(event, VcpuRepinned):
+            mo.VcpuRepinned(event.vm, event.vcpu, sorted(event.new), event.reason)
+            await self.reconcile(event.vm, refresh=True)
+        elif isinstance(event, TopologyChanged):
+            mo.TopologyChanged(sorted(event.online_cpus))
             await mo.refresh()
-        elif kind == EventKind.MANAGER_CHANGED:
+        elif isinstance(event, DefaultPolicyChanged):
             await mo.refresh()
 
 

@@ -1,0 +1,65 @@
+"""What the core tells its subscribers, in the core's own terms.
+
+Each event says *what* changed (a VM's state, its memory, its vCPU
+placement...), never how a front end shows it: the D-Bus layer decides which
+properties and signals an aspect means, persistence decides whether a
+definition must be written.  Events are delivered on the thread that made
+the change (a worker thread, or the loop for hotplug), in order.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from kvmnumad.model import Policy
+
+
+class Aspect(enum.StrEnum):
+    """One part of a VM that a change may touch."""
+
+    STATE = "state"  # created / running / stopped
+    NUMA_LAYOUT = "numa-layout"  # guest NUMA on or off, node count, guest-to-host node map
+    MEMORY = "memory"  # memory regions (slots, sizes, host nodes)
+    VCPU_PLACEMENT = "vcpu-placement"  # declared or effective affinity, bindings
+
+
+@dataclass(frozen=True)
+class VmAdded:
+    vm: str
+
+
+@dataclass(frozen=True)
+class VmRemoved:
+    vm: str
+
+
+@dataclass(frozen=True)
+class VmChanged:
+    vm: str
+    aspects: frozenset[Aspect]
+
+
+@dataclass(frozen=True)
+class VcpuRepinned:
+    """A vCPU moved because the host changed (hotplug), not because a caller asked."""
+
+    vm: str
+    vcpu: int
+    old: frozenset[int]
+    new: frozenset[int]
+    reason: str
+
+
+@dataclass(frozen=True)
+class TopologyChanged:
+    online_cpus: frozenset[int]
+    reason: str
+
+
+@dataclass(frozen=True)
+class DefaultPolicyChanged:
+    policy: Policy
+
+
+Event = VmAdded | VmRemoved | VmChanged | VcpuRepinned | TopologyChanged | DefaultPolicyChanged
