@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import psutil
 
+from kvmnumad import cpulist
 from kvmnumad.errors import CpuOffline, NodeOutOfRange
 
 UNKNOWN = -1  # core/package of an offline CPU: the kernel hides its topology/ directory
@@ -31,26 +31,9 @@ _NODE_DIR = re.compile(r"^node(\d+)$")
 _CPU_DIR = re.compile(r"^cpu(\d+)$")
 
 
-def parse_cpulist(text: str) -> frozenset[int]:
-    """Kernel list format, ``0-3,8,10-11``; empty text is the empty set."""
-    ids: set[int] = set()
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        ids.update(range(int(lo), int(hi or lo) + 1))
-    return frozenset(ids)
-
-
-def format_cpulist(ids: Iterable[int]) -> str:
-    """Inverse of parse_cpulist, for messages and cpuset files."""
-    runs: list[list[int]] = []
-    for i in sorted(set(ids)):
-        if runs and runs[-1][1] == i - 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+# Kept as names of this module: topology readers and their tests use them.
+parse_cpulist = cpulist.parse
+format_cpulist = cpulist.format
 
 
 @dataclass(frozen=True)
