@@ -1,4 +1,4 @@
-"""kvmnumactl against a real dbus-daemon (and the real kvmnumad once it serves).
+"""kvmnumactl against a real dbus-daemon, and against the real kvmnumad on it.
 
 Every effect is read back by someone other than kvmnumactl: busctl for the
 API, taskset for pinning, /proc/PID/numa_maps for memory, `busctl monitor`
@@ -7,7 +7,6 @@ for the message flags the client puts on the wire.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
@@ -26,8 +25,6 @@ from tests.observe import host_nodes, node_cpus, numa_maps_at, taskset_affinity,
 
 CLI = [sys.executable, "-m", "kvmnumad.cli"]
 ROOT = Path(__file__).resolve().parent.parent
-HAVE_SERVICE = importlib.util.find_spec("kvmnumad.bus.service") is not None
-needs_service = pytest.mark.skipif(not HAVE_SERVICE, reason="kvmnumad's bus service is not there yet")
 
 
 def start_bus() -> tuple[str, int]:
@@ -51,8 +48,6 @@ def empty_bus() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """A real bus with the real kvmnumad on it; yields (address, daemon pid)."""
-    if not HAVE_SERVICE:
-        pytest.skip("kvmnumad's bus service is not there yet")
     address, bus_pid = start_bus()
     ready = tmp_path_factory.mktemp("kvmnumad") / "address"
     daemon = subprocess.Popen(
@@ -318,7 +313,6 @@ def read_until(proc: subprocess.Popen[str], predicate: Any, seconds: float = 15)
     raise AssertionError(f"no matching line within {seconds} s")
 
 
-@needs_service
 def test_topology(bus: tuple[str, int]) -> None:
     address, _pid = bus
     nodes = json.loads(ok(address, "topology", "--json"))
@@ -336,7 +330,6 @@ def test_topology(bus: tuple[str, int]) -> None:
     assert table[1].split()[:2] == [str(first), kernel_text]
 
 
-@needs_service
 def test_create_show_list_start_pin_stop_destroy(bus: tuple[str, int]) -> None:
     address, daemon_pid = bus
     path = ok(address, "create", "cli-a", "--vcpus", "2", "--memory", "16M", "--passes", "1").strip()
@@ -388,7 +381,6 @@ def test_create_show_list_start_pin_stop_destroy(bus: tuple[str, int]) -> None:
     one_error_line(r, "NoSuchVM")
 
 
-@needs_service
 def test_numa_memory_bind_map(bus: tuple[str, int]) -> None:
     address, daemon_pid = bus
     ok(address, "create", "cli-n", "--vcpus", "2", "--memory", "0")
@@ -434,7 +426,6 @@ def test_numa_memory_bind_map(bus: tuple[str, int]) -> None:
         ok(address, "destroy", "cli-d")
 
 
-@needs_service
 def test_report_suggestions_plan(bus: tuple[str, int]) -> None:
     address, _pid = bus
     assert ctl(address, "report").returncode == 0
@@ -442,14 +433,11 @@ def test_report_suggestions_plan(bus: tuple[str, int]) -> None:
     assert isinstance(json.loads(ok(address, "suggestions", "--json")), list)
     before = ok(address, "list", "--json")
     r = ctl(address, "plan", "--vcpus", "2", "--memory", "64M", "--json")
-    if "UnknownMethod" in r.stderr:
-        pytest.skip("PlanVM is not in the service yet (issue 6)")
     assert r.returncode == 0, r.stderr
     json.loads(r.stdout)
     assert ok(address, "list", "--json") == before  # a dry run creates nothing
 
 
-@needs_service
 @pytest.mark.parametrize("as_json", [False, True])
 def test_monitor_sees_changes(bus: tuple[str, int], as_json: bool) -> None:
     address, _pid = bus
@@ -488,7 +476,6 @@ def test_monitor_sees_changes(bus: tuple[str, int], as_json: bool) -> None:
         ctl(address, "destroy", name)
 
 
-@needs_service
 def test_pin_to_offline_cpu_is_refused(bus: tuple[str, int]) -> None:
     address, _pid = bus
     ok(address, "create", "cli-e", "--vcpus", "1", "--memory", "0")
