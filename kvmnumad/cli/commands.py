@@ -1,0 +1,176 @@
+"""The one-shot commands: one or two calls each, then the answer printed.
+
+A command gets the parsed arguments and a Client and nothing else, so that
+it stays a plain translation from the command line to the bus API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dbus_fast import Variant
+
+from kvmnumad import cpulist
+from kvmnumad.cli.client import VM_IFACE, Client
+from kvmnumad.cli.output import flatten, format_property, human_bytes, plain, print_json, print_table
+
+Command = Callable[[Client, argparse.Namespace], Awaitable[None]]
+
+
+def create_options(args: argparse.Namespace, *, plan: bool) -> dict[str, Variant]:
+    """Only the options given: an absent key lets the daemon apply its default
+    (its DefaultPolicy, for one), which a value sent here would override."""
+    opts: dict[str, Variant] = {}
+    if args.numa_nodes is not None:
+        opts["numa_nodes"] = Variant("u", args.numa_nodes)
+    if args.policy is not None:
+        opts["policy"] = Variant("s", args.policy)
+    if args.host_nodes is not None:
+        opts["host_nodes"] = Variant("au", args.host_nodes)
+    if args.payload is not None:
+        # the daemon opens it, from its own working directory
+        opts["payload"] = Variant("s", os.path.abspath(args.payload))
+    if args.prealloc:
+        opts["prealloc"] = Variant("b", True)
+    if args.allow_split:
+        opts["allow_split"] = Variant("b", True)
+    if args.passes is not None:
+        opts["passes"] = Variant("u", args.passes)
+    if args.start and not plan:
+        opts["start"] = Variant("b", True)
+    return opts
+
+
+async def cmd_topology(c: Client, args: argparse.Namespace) -> None:
+    (nodes,) = await c.manager("GetTopology")
+    if args.json:
+        keys = ("node", "cpus", "total_bytes", "free_bytes", "distances")
+        print_json([dict(zip(keys, n, strict=True)) for n in nodes])
+        return
+    rows = [
+        [str(n), cpulist.format(cpus) or "-", human_bytes(total), human_bytes(free), " ".join(map(str, dist))]
+        for n, cpus, total, free, dist in nodes
+    ]
+    print_table(["NODE", "CPUS", "MEMORY", "FREE", "DISTANCES"], rows)
+
+
+async def cmd_create(c: Client, args: argparse.Namespace) -> None:
+    (path,) = await c.manager(
+        "CreateVM", "suta{sv}", args.name, args.vcpus, args.memory, create_options(args, plan=False)
+    )
+    if args.json:
+        print_json({"name": args.name, "path": path})
+    else:
+        print(path)
+
+
+async def cmd_plan(c: Client, args: argparse.Namespace) -> None:
+    (plan,) = await c.manager("PlanVM", "uta{sv}", args.vcpus, args.memory, create_options(args, plan=True))
+    try:
+        parsed = json.loads(plan)
+    except ValueError:
+        print(plan)
+        return
+    print(json.dumps(parsed) if args.json else json.dumps(parsed, indent=2))
+
+
+async def cmd_list(c: Client, args: argparse.Namespace) -> None:
+    (vms,) = await c.manager("ListVMs")
+    vms = sorted(vms, key=lambda v: v[0])
+    if args.json:
+        print_json([{"name": n, "state": s, "path": p} for n, s, p in vms])
+        return
+    legend = f"{len(vms)} VM{'' if len(vms) == 1 else 's'} listed."
+    print_table(["NAME", "STATE", "PATH"], [[n, s, p] for n, s, p in vms], legend)
+
+
+async def cmd_show(c: Client, args: argparse.Namespace) -> None:
+    props = await c.properties(await c.vm_path(args.name), VM_IFACE)
+    if args.json:
+        print_json(props)
+        return
+    for name, variant in props.items():
+        print(f"{name}={format_property(name, variant)}")
+
+
+def vm_call(member: str, signature: str = "", *fields: str) -> Command:
+    """A command that is one VM method whose arguments are ``fields`` of the
+    command line, in order, and whose reply is nothing."""
+
+    async def run(c: Client, args: argparse.Namespace) -> None:
+        await c.vm(args.name, member, signature, *(getattr(args, f) for f in fields))
+
+    return run
+
+
+async def cmd_destroy(c: Client, args: argparse.Namespace) -> None:
+    # the Manager's method, not VM.Destroy: one call instead of GetVM and Destroy
+    await c.manager("DestroyVM", "s", args.name)
+
+
+async def cmd_numa(c: Client, args: argparse.Namespace) -> None:
+    if args.action == "disable":
+        await c.vm(args.name, "DisableNuma")
+        return
+    await c.vm(args.name, "EnableNuma", "u", args.nodes)
+
+
+async def cmd_memory(c: Client, args: argparse.Namespace) -> None:
+    (slot,) = await c.vm(args.name, "SetupNumaMemory", "utt", args.node, args.size, args.gpa)
+    if args.json:
+        print_json({"slot": slot})
+    else:
+        print(slot)
+
+
+async def cmd_stats(c: Client, args: argparse.Namespace) -> None:
+    (stats,) = await c.vm(args.name, "GetStats")
+    if args.json:
+        print_json(stats)
+        return
+    # vcpu_* maps keyed by vCPU index become one table row per vCPU; the rest key=value lines
+    per_vcpu = {
+        k.removeprefix("vcpu_"): plain(v)
+        for k, v in stats.items()
+        if k.startswith("vcpu_") and isinstance(plain(v), dict)
+    }
+    rest = {k: v for k, v in stats.items() if not (k.startswith("vcpu_") and k[5:] in per_vcpu)}
+    for key, value in flatten("", rest):
+        print(f"{key}={value}")
+    if not per_vcpu:
+        return
+    vcpus = sorted({int(i) for column in per_vcpu.values() for i in column})
+
+    def cell(value: Any) -> str:
+        if isinstance(value, dict):
+            return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
+        return "-" if value is None else str(value)
+
+    rows = [[str(i), *(cell(col.get(str(i))) for col in per_vcpu.values())] for i in vcpus]
+    print()
+    print_table(["VCPU", *(k.upper() for k in per_vcpu)], rows)
+
+
+async def cmd_report(c: Client, args: argparse.Namespace) -> None:
+    (report,) = await c.manager("GetReport")
+    if not args.json:
+        print(report.rstrip("\n"))
+        return
+    # the contract allows a text report or a JSON one; --json always prints JSON
+    try:
+        print(json.dumps(json.loads(report)))
+    except ValueError:
+        print_json({"report": report})
+
+
+async def cmd_suggestions(c: Client, args: argparse.Namespace) -> None:
+    (items,) = await c.manager("GetSuggestions")
+    if args.json:
+        print_json([{"vm": vm, "action": action, "reason": reason} for vm, action, reason in items])
+        return
+    legend = f"{len(items)} suggestion{'' if len(items) == 1 else 's'}."
+    print_table(["VM", "ACTION", "REASON"], [list(i) for i in items], legend)
