@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -38,30 +38,38 @@ class BusError(Exception):
         self.message = message
 
 
-def parse_bus(text: str) -> tuple[BusType | None, str | None]:
+class BusChoice(NamedTuple):
+    """A parsed ``--bus``: parsed once, before anything is sent, so that a bad
+    value is a usage error and not a connection failure."""
+
+    spec: str  # as the user wrote it, for messages
+    bus_type: BusType | None
+    address: str | None
+
+
+def parse_bus(text: str) -> BusChoice:
     """``system``, ``session``, a D-Bus address, or a socket path as a shorthand."""
     if text == "system":
-        return BusType.SYSTEM, None
+        return BusChoice(text, BusType.SYSTEM, None)
     if text == "session":
-        return BusType.SESSION, None
+        return BusChoice(text, BusType.SESSION, None)
     if text.startswith("/"):
-        return None, f"unix:path={text}"
+        return BusChoice(text, None, f"unix:path={text}")
     if all(re.match(r"^[a-z][a-z0-9-]*:", part) for part in text.split(";") if part) and text.strip(";"):
-        return None, text
+        return BusChoice(text, None, text)
     raise UsageError(f"invalid bus {text!r} (expected system, session, a D-Bus address or a socket path)")
 
 
-async def connect(bus_spec: str) -> MessageBus:
-    bus_type, address = parse_bus(bus_spec)
+async def connect(choice: BusChoice) -> MessageBus:
     try:
-        if address is not None:
-            bus = MessageBus(bus_address=address)
+        if choice.address is not None:
+            bus = MessageBus(bus_address=choice.address)
         else:
-            assert bus_type is not None
-            bus = MessageBus(bus_type=bus_type)
+            assert choice.bus_type is not None  # parse_bus gives one or the other
+            bus = MessageBus(bus_type=choice.bus_type)
         return await bus.connect()
     except Exception as e:  # the library raises OSError, AuthError, InvalidAddressError, ...
-        raise BusError("ConnectFailed", f"cannot connect to the {bus_spec} bus: {e}") from None
+        raise BusError("ConnectFailed", f"cannot connect to the {choice.spec} bus: {e}") from None
 
 
 class Client:

@@ -12,15 +12,15 @@ import asyncio
 import os
 import sys
 
-from kvmnumad.cli.client import BusError, Client, connect, parse_bus
+from kvmnumad.cli.client import BusChoice, BusError, Client, connect, parse_bus
 from kvmnumad.cli.parser import PROG, build_parser
 from kvmnumad.cli.values import UsageError
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace, choice: BusChoice) -> None:
     interactive = sys.stdin.isatty() if args.interactive is None else args.interactive
     timeout = args.timeout if args.timeout and args.timeout > 0 else None
-    bus = await connect(args.bus)
+    bus = await connect(choice)
     try:
         await args.func(Client(bus, interactive, timeout), args)
     finally:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        parse_bus(args.bus)
+        choice = parse_bus(args.bus)
         if args.check is not None:
             args.check(args)
     except SystemExit as e:
@@ -39,11 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG}: UsageError: {e}", file=sys.stderr)
         return 2
+    # every usage error is found above: from here on, a failure is the bus's or the service's
     try:
-        asyncio.run(run(args))
-    except UsageError as e:
-        print(f"{PROG}: UsageError: {e}", file=sys.stderr)
-        return 2
+        asyncio.run(run(args, choice))
     except BusError as e:
         print(f"{PROG}: {e.name.rsplit('.', 1)[-1]}: {e.message}".rstrip(": "), file=sys.stderr)
         return 1

@@ -42,12 +42,12 @@ _SIGNALS = {
 
 class Monitor:
     """Knows VM names by path, from ListVMs and InterfacesAdded, so that a
-    PropertiesChanged line says which VM and not only an escaped path."""
+    PropertiesChanged line says which VM and not only an escaped path.  Name is
+    const on the bus, so those two sources are all there is."""
 
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
         self.names: dict[str, str] = {}
-        self.lost = asyncio.Event()
 
     def handle(self, msg: Message) -> None:
         # the handler sees every message on the connection, method replies included
@@ -66,8 +66,6 @@ class Monitor:
             props = args["interfaces"].get(VM_IFACE, {})
             if "Name" in props:
                 self.names[args["path"]] = plain(props["Name"])
-        if msg.member == "PropertiesChanged" and "Name" in args["changed"]:
-            self.names[path] = plain(args["changed"]["Name"])
         vm = self.names.get(args.get("path", path), "")
         self.emit(msg.member or "", path, args, vm)
         if msg.member == "InterfacesRemoved":
