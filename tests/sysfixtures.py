@@ -45,12 +45,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BUS_POLICY = ROOT / "dbus" / "org.kvmnuma1.conf"
@@ -58,18 +60,6 @@ POLKIT_POLICY = ROOT / "dbus" / "org.kvmnuma1.policy"
 POLKIT_ACTIONS_DIR = Path("/usr/share/polkit-1/actions")
 POLKIT_RULES_DIR = Path("/etc/polkit-1/rules.d")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` (sleeping between tries) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def _kill(pid: int, timeout: float = 5.0) -> None:
@@ -237,7 +227,8 @@ class Polkitd:
         return out.returncode == 0
 
     @contextlib.contextmanager
-    def grant(self, group: str, *action_ids: str, probe: Any = None) -> Iterator[Path]:
+    def grant(self, group: str, *action_ids: str,
+              probe: Callable[[], object] | None = None) -> Iterator[Path]:
         """A rules file saying YES to ``action_ids`` for members of ``group``, for the block.
 
         polkitd re-reads rules on an inotify event; ``probe()`` (returns True when
@@ -256,7 +247,7 @@ class Polkitd:
         rule.chmod(0o644)
         try:
             if probe is not None:
-                wait_until(probe, 10, f"polkitd to load {rule}", interval=0.2)
+                wait_until(probe, f"polkitd to load {rule}", timeout=10, interval=0.2)
             yield rule
         finally:
             rule.unlink(missing_ok=True)
@@ -272,7 +263,7 @@ def polkitd(system_bus: SystemBus) -> Iterator[Polkitd]:
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             wait_until(lambda: system_bus.has_owner("org.freedesktop.PolicyKit1") or proc.poll() is not None,
-                       20, "polkitd on the bus")
+                       "polkitd on the bus", timeout=20)
             if proc.poll() is not None:
                 raise RuntimeError(f"polkitd exited with {proc.returncode}")
             yield Polkitd(system_bus, proc.pid)
@@ -317,7 +308,7 @@ class Journal:
             return len(found) >= wait_for
 
         if wait_for:
-            wait_until(enough, timeout, f"{wait_for} journal entries for {matches}", interval=0.1)
+            wait_until(enough, f"{wait_for} journal entries for {matches}", timeout=timeout, interval=0.1)
         else:
             found = read()
         return found
@@ -332,7 +323,8 @@ def journald() -> Iterator[Journal]:
     proc = subprocess.Popen(["/lib/systemd/systemd-journald"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_until(lambda: journal_listening() or proc.poll() is not None, 10, "systemd-journald")
+        wait_until(lambda: journal_listening() or proc.poll() is not None, "systemd-journald's socket",
+                   timeout=10)
         if proc.poll() is not None:
             raise RuntimeError(f"systemd-journald exited with {proc.returncode}")
         yield Journal(started_here=True)

@@ -17,7 +17,6 @@ from kvmnumad import errors
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, VmState
 from kvmnumad.vm import Vm
-from tests.conftest import wait_until
 from tests.observe import (
     numa_maps_at,
     online_cpus,
@@ -26,6 +25,7 @@ from tests.observe import (
     thread_affinity,
     thread_ids,
 )
+from tests.waiting import wait_until
 
 MiB = 1 << 20
 PAGE = 4096
@@ -38,7 +38,7 @@ def _vm(manager: Manager, name: str = "core", *, passes: int = 1, start: bool = 
 
 def test_vm_runs_payload_and_placement_is_real(manager: Manager) -> None:
     vm = _vm(manager)
-    wait_until(lambda: all(s == "halted" for s in vm.runner_states()))
+    wait_until(lambda: all(s == "halted" for s in vm.runner_states()), "every vCPU to halt")
     # the payload ran: progress port reached its pass count, serial bytes arrived
     assert vm.progress() == [1, 1, 1, 1]
     assert sorted(vm.serial_output()) == sorted(b"0123")
@@ -72,9 +72,10 @@ def test_vm_runs_payload_and_placement_is_real(manager: Manager) -> None:
 
 def test_progress_rises_while_running(manager: Manager) -> None:
     vm = _vm(manager, passes=0, memory=8 * MiB)
-    wait_until(lambda: min(vm.progress()) >= 3)
+    wait_until(lambda: min(vm.progress()) >= 3, "3 passes on every vCPU")
     first = vm.progress()
-    wait_until(lambda: all(b > a for a, b in zip(first, vm.progress(), strict=True)))
+    wait_until(lambda: all(b > a for a, b in zip(first, vm.progress(), strict=True)),
+               "every vCPU to progress further")
     t = time.monotonic()
     vm.stop()
     assert time.monotonic() - t < 1.0
@@ -83,7 +84,7 @@ def test_progress_rises_while_running(manager: Manager) -> None:
     time.sleep(0.2)
     assert vm.progress() == stopped  # parked: the guest makes no progress
     vm.start()
-    wait_until(lambda: min(vm.progress()) > max(stopped))
+    wait_until(lambda: min(vm.progress()) > max(stopped), "every vCPU to progress after start")
 
 
 def _snapshot() -> tuple[set[int], int]:
@@ -130,7 +131,7 @@ def test_invalid_inputs_are_typed_and_change_nothing(manager: Manager) -> None:
 
 def test_numa_off_vm_and_numa_errors(manager: Manager) -> None:
     vm = manager.create_vm("flat", 1, 4 * MiB, CreateOptions(numa_nodes=0, passes=1, start=True))
-    wait_until(lambda: vm.runner_states() == ["halted"])
+    wait_until(lambda: vm.runner_states() == ["halted"], "the vCPU to halt")
     assert not vm.numa_enabled and vm.memory_bytes == 4 * MiB
     with pytest.raises(errors.NumaDisabled):
         vm.bind_vcpu_to_numa_node(0, 0)
@@ -175,7 +176,7 @@ def test_destroy_ends_threads_and_releases_everything(manager: Manager) -> None:
     manager.max_vcpus()  # opens the manager's own /dev/kvm handle, kept for its lifetime
     before = _snapshot()
     vm = _vm(manager, passes=0, memory=8 * MiB)
-    wait_until(lambda: min(vm.progress()) >= 1)
+    wait_until(lambda: min(vm.progress()) >= 1, "a pass on every vCPU")
     tids = [tid for _, tid in vm.vcpu_threads()]
     hvas = [r.hva for r in vm.memory_regions()]
     t = time.monotonic()
@@ -200,7 +201,7 @@ def test_200_create_destroy_cycles_leave_nothing(manager: Manager) -> None:
 
 def test_idle_vm_costs_almost_nothing(manager: Manager) -> None:
     vm = _vm(manager, memory=8 * MiB)
-    wait_until(lambda: all(s == "halted" for s in vm.runner_states()))
+    wait_until(lambda: all(s == "halted" for s in vm.runner_states()), "every vCPU to halt")
     proc = psutil.Process()
     t0, c0 = time.monotonic(), sum(proc.cpu_times()[:2])
     time.sleep(5)

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.busfixtures import BusDaemon, busctl
-from tests.conftest import wait_until
 from tests.observe import taskset_affinity
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,7 +135,7 @@ def test_kill_9_restart_restores_vms_and_declared_placement(bus_daemon: BusDaemo
     address = bus_daemon.address
     proc = _start("--bus", address, "--state-dir", str(tmp_path))
     try:
-        wait_until(lambda: _name_owned(address), timeout=20)
+        wait_until(lambda: _name_owned(address), "kvmnumad to own org.kvmnuma1", timeout=20)
         busctl(address, "call", "org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.Manager", "CreateVM",
                "suta{sv}", "keep", "2", str(8 << 20), "2", "numa_nodes", "u", "2", "start", "b", "true")
         vm_path = "/org/kvmnuma1/vm/keep"
@@ -149,7 +149,7 @@ def test_kill_9_restart_restores_vms_and_declared_placement(bus_daemon: BusDaemo
     assert list(tmp_path.glob("keep*")), "no saved definition"
     proc = _start("--bus", address, "--state-dir", str(tmp_path))
     try:
-        wait_until(lambda: _name_owned(address), timeout=20)
+        wait_until(lambda: _name_owned(address), "kvmnumad to own org.kvmnuma1", timeout=20)
         vms = busctl(address, "call", "org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.Manager", "ListVMs")
         assert [v[0] for v in vms["data"][0]] == ["keep"], vms
         threads = busctl(address, "get-property", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM", "VcpuThreads")

@@ -19,6 +19,7 @@ from kvmnumad.kvm.system import Kvm
 from kvmnumad.kvm.vcpu import VcpuFd
 from tests.observe import online_cpus, taskset_affinity, thread_affinity, thread_ids
 from tests.test_kvm_helpers import DATA_GPA, ENTRY, SPIN, guest
+from tests.waiting import wait_until
 
 DATA = 2 << 20
 
@@ -37,16 +38,6 @@ class Serial:
     def __call__(self, index: int, data: bytes) -> None:
         with self.lock:
             self.data.append((index, data))
-
-
-def wait_for(predicate: object, timeout: float = 5.0) -> float:
-    """Poll an observable (the guest gives no event to wait on); returns the time it took."""
-    assert callable(predicate)
-    t0 = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - t0 < timeout, "timed out"
-        time.sleep(0.005)
-    return time.monotonic() - t0
 
 
 def touch_vcpu(vcpu: VcpuFd, index: int, passes: int) -> None:
@@ -68,7 +59,7 @@ def test_thread_exists_parked_before_start_and_can_be_pinned(kvm: Kvm) -> None:
             assert taskset_affinity(runner.tid) == {cpu}
             touch_vcpu(vcpu, 0, 2)
             runner.start()
-            wait_for(lambda: runner.state == "halted")
+            wait_until(lambda: runner.state == "halted", "the runner to halt", timeout=5)
             assert runner.current_cpu() == cpu
             assert thread_affinity(os.getpid(), runner.tid) == {cpu}
         finally:
@@ -83,9 +74,9 @@ def test_progress_rises_and_serial_arrives(kvm: Kvm) -> None:
         runner = VcpuRunner(vcpu, 3, on_serial=serial, idle_interval=0.01)
         try:
             runner.start()
-            wait_for(lambda: runner.progress >= 3)
+            wait_until(lambda: runner.progress >= 3, "3 passes", timeout=5)
             first = runner.progress
-            wait_for(lambda: runner.progress >= first + 3)
+            wait_until(lambda: runner.progress >= first + 3, "3 more passes", timeout=5)
             assert runner.state in ("running", "idle")
             runner.stop()
             assert runner.state == "stopped"
@@ -101,7 +92,7 @@ def test_progress_rises_and_serial_arrives(kvm: Kvm) -> None:
             assert vm.count_dirty(1, DATA) == DATA // 4096
             assert runner.cpu_time_ns() > 0
             runner.start()  # resumes where it stopped
-            wait_for(lambda: runner.progress > stopped_at)
+            wait_until(lambda: runner.progress > stopped_at, "a pass after the restart", timeout=5)
         finally:
             runner.close()
 
@@ -112,7 +103,7 @@ def test_finite_passes_end_halted_and_costs_no_cpu(kvm: Kvm) -> None:
         runner = VcpuRunner(vcpu, 0, idle_interval=0.01)
         try:
             runner.start()
-            wait_for(lambda: runner.state == "halted")
+            wait_until(lambda: runner.state == "halted", "the runner to halt", timeout=5)
             assert runner.progress == 3
             assert runner.exit_counts() == {"io": 7, "hlt": 2}
             proc = psutil.Process()
@@ -137,7 +128,8 @@ def test_stop_and_close_of_a_spinning_guest_within_a_second(kvm: Kvm) -> None:
         runner = VcpuRunner(vcpu, 0)
         try:
             runner.start()
-            wait_for(lambda: runner.cpu_time_ns() > 50_000_000)  # inside KVM_RUN, never exiting
+            # inside KVM_RUN, never exiting
+            wait_until(lambda: runner.cpu_time_ns() > 50_000_000, "50 ms of vCPU time", timeout=5)
             assert runner.state == "running"
             t0 = time.monotonic()
             runner.stop()
@@ -149,7 +141,7 @@ def test_stop_and_close_of_a_spinning_guest_within_a_second(kvm: Kvm) -> None:
             time.sleep(0.2)
             assert runner.cpu_time_ns() - cpu < 2_000_000  # parked, not spinning
             runner.start()
-            wait_for(lambda: runner.cpu_time_ns() - cpu > 50_000_000)
+            wait_until(lambda: runner.cpu_time_ns() - cpu > 50_000_000, "50 ms more vCPU time", timeout=5)
             t0 = time.monotonic()
             runner.close()
             close_s = time.monotonic() - t0
@@ -172,9 +164,9 @@ def test_triple_fault_stops_the_vcpu_with_the_reason(kvm: Kvm) -> None:
         runner = VcpuRunner(vcpu, 0)
         try:
             runner.start()
-            wait_for(lambda: runner.fault is not None)
+            wait_until(lambda: runner.fault is not None, "the runner to record a fault", timeout=5)
             assert runner.fault == "shutdown"
-            wait_for(lambda: runner.state == "stopped")
+            wait_until(lambda: runner.state == "stopped", "the runner to stop", timeout=5)
             assert runner.exit_counts() == {"shutdown": 1}
             with pytest.raises(KvmError, match="shutdown"):
                 runner.start()
@@ -193,7 +185,7 @@ def test_kick_works_even_when_the_creator_blocks_the_signal(kvm: Kvm) -> None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         try:
             runner.start()
-            wait_for(lambda: runner.cpu_time_ns() > 20_000_000)
+            wait_until(lambda: runner.cpu_time_ns() > 20_000_000, "20 ms of vCPU time", timeout=5)
             t0 = time.monotonic()
             runner.stop()
             assert time.monotonic() - t0 < 1.0
@@ -213,7 +205,8 @@ def test_stop_from_the_serial_callback_does_not_deadlock(kvm: Kvm) -> None:
         runner = VcpuRunner(vcpu, 0, on_serial=on_serial)
         try:
             runner.start()
-            wait_for(lambda: runner is not None and runner.state == "stopped", timeout=2.0)
+            wait_until(lambda: runner is not None and runner.state == "stopped",
+                       "the serial consumer to stop the runner", timeout=2.0)
             assert runner.progress == 1
         finally:
             runner.close()
@@ -228,7 +221,7 @@ def test_a_failing_serial_consumer_does_not_kill_the_vcpu(kvm: Kvm) -> None:
         runner = VcpuRunner(vcpu, 0, on_serial=broken, idle_interval=0.01)
         try:
             runner.start()
-            wait_for(lambda: runner.state == "halted")
+            wait_until(lambda: runner.state == "halted", "the runner to halt", timeout=5)
             assert runner.progress == 2 and runner.fault is None
         finally:
             runner.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvmnumad import sdnotify
+from tests.waiting import wait_until
 
 
 class NotifySocket:
@@ -45,9 +46,8 @@ class NotifySocket:
         return [lines for _, lines in self.received]
 
     def wait(self, count: int, timeout: float = 2.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.received) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(self.received) >= count, f"{count} datagrams on the notify socket",
+                   timeout=timeout)
 
 
 @pytest.fixture(params=["path", "abstract"])

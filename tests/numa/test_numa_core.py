@@ -10,8 +10,8 @@ import pytest
 
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
-from tests.conftest import wait_until
 from tests.observe import host_nodes, node_cpus, numa_maps_at, taskset_affinity
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.numa
 
@@ -25,7 +25,7 @@ def test_each_guest_node_lands_on_its_host_node(manager: Manager) -> None:
         "spread", len(nodes), len(nodes) * 8 * MiB,
         CreateOptions(numa_nodes=len(nodes), policy=Policy.MANUAL, passes=1, prealloc=True, start=True),
     )
-    wait_until(lambda: all(s == "halted" for s in vm.runner_states()), timeout=60)
+    wait_until(lambda: all(s == "halted" for s in vm.runner_states()), "every vCPU to halt", timeout=60)
     assert vm.node_map == nodes
     tids = dict(vm.vcpu_threads())
     for g, host in enumerate(nodes):
@@ -50,7 +50,7 @@ def test_bind_moves_thread_to_node1(manager: Manager) -> None:
 def test_map_numa_node_migrates_memory_live(manager: Manager) -> None:
     vm = manager.create_vm("migr", 2, 16 * MiB,
                            CreateOptions(numa_nodes=2, policy=Policy.MANUAL, passes=0, start=True))
-    wait_until(lambda: min(vm.progress()) >= 2, timeout=60)
+    wait_until(lambda: min(vm.progress()) >= 2, "2 passes on every vCPU", timeout=60)
     vm.bind_vcpu_to_numa_node(0, 0)
     r0 = vm.memory_regions()[0]
     assert numa_maps_at(r0.hva).pages_per_node == {0: r0.size // PAGE}
@@ -59,4 +59,5 @@ def test_map_numa_node_migrates_memory_live(manager: Manager) -> None:
     assert entry.policy == "bind:1" and entry.pages_per_node == {1: r0.size // PAGE}, entry.raw
     assert taskset_affinity(dict(vm.vcpu_threads())[0]) == node_cpus(1)
     prog = vm.progress()
-    wait_until(lambda: min(vm.progress()) > max(prog), timeout=60)  # the guest survived the move
+    wait_until(lambda: min(vm.progress()) > max(prog), "every vCPU to progress after the move",
+               timeout=60)  # the guest survived the move

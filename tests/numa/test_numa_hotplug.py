@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
-from tests.conftest import wait_until
 from tests.numa_guest.hotplug import CpuHotplug
 from tests.observe import node_cpus, online_cpus, taskset_affinity
 from tests.sysfixtures import Journal
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.numa
 
@@ -50,7 +50,8 @@ def daemon(daemon_bus: BusDaemon, journald: Journal) -> Iterator[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: "org.kvmnuma1" in busctl(daemon_bus.address, "list", "--acquired",
-                                                     json_=False, check=False).stdout, timeout=180)
+                                                     json_=False, check=False).stdout,
+                   "kvmnumad to own org.kvmnuma1", timeout=180)
         yield daemon_bus.address
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -125,26 +126,29 @@ def test_offline_cpu_repins_vcpu_and_online_restores_it(daemon: str, journald: J
         t0 = time.monotonic()
         cpu_offline.offline(victim)
         expected = _nearest_online(last)
-        wait_until(lambda: taskset_affinity(tid) == expected, timeout=60)
+        wait_until(lambda: taskset_affinity(tid) == expected, f"vCPU 1 re-pinned to {sorted(expected)}",
+                   timeout=60)
         moved = taskset_affinity(tid)
         reaction = time.monotonic() - t0
         def repins_of_vcpu1() -> list[list[Any]]:
             return [m["payload"]["data"] for m in monitor.signals("VcpuRepinned")
                     if m["payload"]["data"][:2] == ["hp", 1]]
 
-        wait_until(repins_of_vcpu1, timeout=60)
+        wait_until(repins_of_vcpu1, "a VcpuRepinned signal for hp vCPU 1", timeout=60)
         sig = repins_of_vcpu1()[0]
         assert sorted(sig[2]) == sorted(moved)
         assert "offline" in sig[3]
-        wait_until(lambda: monitor.signals("TopologyChanged"), timeout=60)
+        wait_until(lambda: monitor.signals("TopologyChanged"), "a TopologyChanged signal", timeout=60)
         assert victim not in monitor.signals("TopologyChanged")[-1]["payload"]["data"][0]
 
         cpu_offline.online(victim)
-        wait_until(lambda: taskset_affinity(tid) == {victim}, timeout=60)  # declared pinning returns
+        wait_until(lambda: taskset_affinity(tid) == {victim}, f"vCPU 1 back on CPU {victim}",
+                   timeout=60)  # declared pinning returns
         declared = busctl(daemon, "get-property", "org.kvmnuma1", vm, "org.kvmnuma1.VM",
                           "DeclaredVcpuAffinity")
         assert [1, [victim]] in declared["data"]
-        wait_until(lambda: len(repins_of_vcpu1()) >= 2, timeout=60)
+        wait_until(lambda: len(repins_of_vcpu1()) >= 2, "a second VcpuRepinned signal for hp vCPU 1",
+                   timeout=60)
     finally:
         monitor.close()
     repins = journald.entries("KVMNUMA_VM=hp", f"MESSAGE_ID={REPIN_ID}", wait_for=2, timeout=60)
