@@ -17,8 +17,9 @@ Load them as a plugin from a test module (or from conftest.py)::
     dbus/org.kvmnuma1.policy installed into /usr/share/polkit-1/actions for the
     session (an existing file is restored at teardown).  Gives a ``Polkitd``:
     ``.grant(group, *action_ids)`` writes a rules file in /etc/polkit-1/rules.d
-    and waits until polkitd has re-read its rules; a context manager, the file
-    is removed on exit.  Unprivileged callers get "no" from the policy defaults
+    and waits until polkitd answers by it (pkcheck for a member's process); a
+    context manager: on exit the file is removed and the block ends once
+    polkitd answers without it.  Unprivileged callers get "no" from the policy defaults
     (no logind here, so no active session).
 ``journald`` (session): the systemd-journald already serving
     /run/systemd/journal/socket, or one started here and stopped at teardown.
@@ -34,9 +35,11 @@ Load them as a plugin from a test module (or from conftest.py)::
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import logging
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -107,8 +110,6 @@ def unpriv_user() -> Iterator[User]:
     name = "kvmnt" + secrets.token_hex(4)
     subprocess.run(["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", name], check=True)
     try:
-        import pwd  # noqa: PLC0415
-
         pw = pwd.getpwnam(name)
         yield User(name, pw.pw_uid, pw.pw_gid)
     finally:
@@ -231,28 +232,52 @@ class Polkitd:
               probe: Callable[[], object] | None = None) -> Iterator[Path]:
         """A rules file saying YES to ``action_ids`` for members of ``group``, for the block.
 
-        polkitd re-reads rules on an inotify event; ``probe()`` (returns True when
-        the grant is visible) is polled until it holds, so the block starts with
-        the rule in force.
+        polkitd re-reads its rules on an inotify event, in its own time.  A
+        process of an unprivileged member of ``group`` is kept for the block, and
+        pkcheck asked about it: the block starts once polkitd says yes to every
+        action (and ``probe()``, if given, holds too), and ends once polkitd says
+        no to every one again, so the next test meets the rules as they were.
         """
+        member = _unprivileged_member(group)
+        holder = subprocess.Popen(["sleep", "infinity"], user=member.pw_uid, group=member.pw_gid,
+                                  extra_groups=os.getgrouplist(member.pw_name, member.pw_gid),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         ids = json.dumps(list(action_ids))
         rule = POLKIT_RULES_DIR / f"60-kvmnuma-test-{group}.rules"
-        rule.write_text(
-            "polkit.addRule(function(action, subject) {\n"
-            f"    if ({ids}.indexOf(action.id) >= 0 && subject.isInGroup({json.dumps(group)}))\n"
-            "        return polkit.Result.YES;\n"
-            "});\n"
-        )
-        shutil.chown(rule, "polkitd", "root")
-        rule.chmod(0o644)
         try:
-            if probe is not None:
-                wait_until(probe, f"polkitd to load {rule}", timeout=10, interval=0.2)
-            yield rule
+            rule.write_text(
+                "polkit.addRule(function(action, subject) {\n"
+                f"    if ({ids}.indexOf(action.id) >= 0 && subject.isInGroup({json.dumps(group)}))\n"
+                "        return polkit.Result.YES;\n"
+                "});\n"
+            )
+            shutil.chown(rule, "polkitd", "root")
+            rule.chmod(0o644)
+            try:
+                wait_until(lambda: all(self.check(holder.pid, a) for a in action_ids),
+                           f"polkitd to load {rule} (pkcheck says yes to {ids} for {member.pw_name})",
+                           timeout=10, interval=0.2)
+                if probe is not None:
+                    wait_until(probe, f"the grant of {rule} to show through the probe",
+                               timeout=10, interval=0.2)
+                yield rule
+            finally:
+                rule.unlink(missing_ok=True)
+                wait_until(lambda: not any(self.check(holder.pid, a) for a in action_ids),
+                           f"polkitd to drop {rule} (pkcheck says no to {ids} for {member.pw_name})",
+                           timeout=10, interval=0.2)
         finally:
-            rule.unlink(missing_ok=True)
-            # Give polkitd its reload before the next test asks.
-            time.sleep(0.5)
+            holder.kill()
+            holder.wait()
+
+
+def _unprivileged_member(group: str) -> pwd.struct_passwd:
+    """A user other than root whose groups (as polkit computes them) include ``group``."""
+    gid = grp.getgrnam(group).gr_gid
+    for user in pwd.getpwall():
+        if user.pw_uid != 0 and gid in os.getgrouplist(user.pw_name, user.pw_gid):
+            return user
+    raise LookupError(f"group {group} has no unprivileged member to ask polkit about")
 
 
 @pytest.fixture(scope="session")
