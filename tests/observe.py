@@ -1,4 +1,4 @@
-"""Independent observers: what the kernel says, read without asking kvmnumad.
+"""Independent observers: what the kernel and the bus say, read without asking kvmnumad.
 
 Rule 2 of DEVELOPERS.md: a placement is proven by /proc, taskset, numa_maps,
 busctl or journalctl, never by the daemon's own bookkeeping.
@@ -6,10 +6,14 @@ busctl or journalctl, never by the daemon's own bookkeeping.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 from dataclasses import dataclass, field
+from typing import Any
+
+from tests.waiting import wait_until
 
 
 def parse_cpulist(text: str) -> set[int]:
@@ -92,6 +96,83 @@ def numa_maps_at(address: int, pid: int | None = None) -> NumaMapsEntry:
         if entry.start == address:
             return entry
     raise LookupError(f"no numa_maps entry starts at {address:#x}")
+
+
+class BusMonitor:
+    """``busctl monitor NAME`` on the bus at ``address``, as JSON lines read without blocking.
+
+    Construction returns once the monitor is attached: a Peer.Ping is sent to
+    ``name`` until the monitor shows one (a monitor installs its match rules
+    in its own time, and misses what is sent before).  ``sync()`` does the same
+    later: whatever the bus routed before it returns is in ``messages()``.
+    """
+
+    def __init__(self, address: str, name: str, *, timeout: float = 30) -> None:
+        self.address, self.name = address, name
+        self.proc = subprocess.Popen(["busctl", f"--address={address}", "--json=short", "monitor", name],
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        self._fd = self.proc.stdout.fileno()
+        os.set_blocking(self._fd, False)
+        self._buf = b""
+        self.seen: list[dict[str, Any]] = []
+        try:
+            self.sync(timeout=timeout, what=f"busctl monitor {name} to attach")
+        except BaseException:
+            self.close()
+            raise
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        self.seen += [json.loads(ln) for ln in lines if ln.startswith(b"{")]
+
+    def _pings(self) -> int:
+        return len(self.calls("Ping", interface="org.freedesktop.DBus.Peer"))
+
+    def sync(self, *, timeout: float = 30, what: str | None = None) -> None:
+        """Return once a Ping sent now to ``name`` shows in the monitor's output."""
+        before = self._pings()
+
+        def ping_seen() -> bool:
+            subprocess.run(["busctl", f"--address={self.address}", "--expect-reply=no", "call", self.name,
+                            "/", "org.freedesktop.DBus.Peer", "Ping"],
+                           capture_output=True, timeout=30, check=False)
+            return self._pings() > before
+
+        wait_until(ping_seen, what or f"busctl monitor {self.name} to show a Ping sent after the others",
+                   timeout=timeout, interval=0.1)
+
+    def messages(self) -> list[dict[str, Any]]:
+        self._drain()
+        return list(self.seen)
+
+    def calls(self, member: str, *, interface: str | None = None) -> list[dict[str, Any]]:
+        return [m for m in self.messages() if m.get("type") == "method_call" and m.get("member") == member
+                and (interface is None or m.get("interface") == interface)]
+
+    def signals(self, member: str) -> list[dict[str, Any]]:
+        return [m for m in self.messages() if m.get("type") == "signal" and m.get("member") == member]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._drain()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+    def __enter__(self) -> BusMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def online_cpus() -> set[int]:

@@ -11,7 +11,6 @@ bus layer does.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import subprocess
 import threading
@@ -24,6 +23,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from kvmnumad.bus.polkit import PolkitChecker
+from tests.observe import BusMonitor
 
 if TYPE_CHECKING:
     from tests.sysfixtures import Polkitd, SystemBus, User
@@ -58,14 +58,19 @@ class RecordingService:
 
     def __exit__(self, *exc: object) -> None:
         if self.bus is not None:
-            self.loop.call_soon_threadsafe(self.bus.disconnect)
-        time.sleep(0.05)
+            self.run(self._disconnect(), timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.loop.close()
 
     def run(self, coro: object, timeout: float = 30) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    async def _disconnect(self) -> None:
+        """Close the connection and return once dbus_fast has seen it closed."""
+        assert self.bus is not None
+        self.bus.disconnect()
+        await self.bus.wait_for_disconnect()
 
     async def _connect(self) -> None:
         self.bus = await MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM).connect()
@@ -240,21 +245,15 @@ def test_check_sends_subject_flags_and_details(system_bus: SystemBus, polkitd: P
                                               service: RecordingService) -> None:
     """The CheckAuthorization calls on the wire, seen by ``busctl monitor`` (root may monitor)."""
     assert service.checker is not None and service.bus is not None
-    monitor = subprocess.Popen(["busctl", f"--address={system_bus.address}", "monitor", "--json=short",
-                                "org.freedesktop.PolicyKit1"], stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.5)  # let the monitor install its match rules
+    with BusMonitor(system_bus.address, "org.freedesktop.PolicyKit1") as monitor:  # returns attached
         subject = service.bus.unique_name
         assert subject is not None
         # Interactive or not, nobody runs an authentication agent here: root's own name is allowed.
         assert service.run(service.checker.check(subject, "org.kvmnuma1.place", {"vm": "web"}, True))
         assert service.run(service.checker.check(subject, "org.kvmnuma1.manage", {"vm": "db"}, False))
-        time.sleep(0.3)
-    finally:
-        monitor.terminate()
-        out, _ = monitor.communicate(timeout=10)
-    calls = [m for m in map(json.loads, out.splitlines()) if m.get("member") == "CheckAuthorization"]
-    assert len(calls) == 2, out
+        monitor.sync()  # both calls were answered: the monitor has them once a later Ping shows
+        calls = monitor.calls("CheckAuthorization")
+    assert len(calls) == 2, monitor.seen
     bodies = [c["payload"]["data"] for c in calls]
     assert calls[0]["payload"]["type"] == "(sa{sv})sa{ss}us"
     assert bodies[0][0] == ["system-bus-name", {"name": {"type": "s", "data": subject}}]

@@ -8,7 +8,6 @@ thread, the signals on the bus (busctl monitor) and the journal
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 
 from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
 from tests.numa_guest.hotplug import CpuHotplug
-from tests.observe import node_cpus, online_cpus, taskset_affinity
+from tests.observe import BusMonitor, node_cpus, online_cpus, taskset_affinity
 from tests.sysfixtures import Journal
 from tests.waiting import wait_until
 
@@ -62,36 +61,6 @@ def daemon(daemon_bus: BusDaemon, journald: Journal) -> Iterator[str]:
             proc.wait()
 
 
-class Monitor:
-    """``busctl monitor`` of the daemon's signals, as JSON lines (read without blocking)."""
-
-    def __init__(self, address: str) -> None:
-        self.proc = subprocess.Popen(["busctl", f"--address={address}", "--json=short", "monitor",
-                                      "org.kvmnuma1"], stdout=subprocess.PIPE)
-        assert self.proc.stdout is not None
-        self._fd = self.proc.stdout.fileno()
-        os.set_blocking(self._fd, False)
-        self.seen: list[dict[str, Any]] = []
-        self._buf = b""
-
-    def signals(self, member: str) -> list[dict[str, Any]]:
-        while True:
-            try:
-                chunk = os.read(self._fd, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            self._buf += chunk
-        *lines, self._buf = self._buf.split(b"\n")
-        self.seen += [json.loads(ln) for ln in lines if ln.startswith(b"{")]
-        return [m for m in self.seen if m.get("type") == "signal" and m.get("member") == member]
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
-
-
 def _nearest_online(node: int) -> set[int]:
     """Online CPUs of the nearest node (by the kernel's distances) that has any."""
     distances = [int(d) for d in Path(f"/sys/devices/system/node/node{node}/distance").read_text().split()]
@@ -120,9 +89,8 @@ def test_offline_cpu_repins_vcpu_and_online_restores_it(daemon: str, journald: J
     threads = busctl(daemon, "get-property", "org.kvmnuma1", vm, "org.kvmnuma1.VM", "VcpuThreads")
     tid = dict(threads["data"])[1]
     assert taskset_affinity(tid) == {victim}
-    monitor = Monitor(daemon)
+    monitor = BusMonitor(daemon, "org.kvmnuma1")  # returns once the monitor shows a Ping it was sent
     try:
-        time.sleep(1)  # busctl monitor attached
         t0 = time.monotonic()
         cpu_offline.offline(victim)
         expected = _nearest_online(last)
