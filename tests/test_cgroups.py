@@ -17,7 +17,7 @@ from kvmnumad import errors
 from kvmnumad.cgroups import CpusetBackend
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
-from tests.observe import node_cpus, online_cpus, parse_cpulist, taskset_affinity
+from tests.observe import node_cpus, online_cpus, open_fds, parse_cpulist, taskset_affinity, thread_ids
 
 MiB = 1 << 20
 
@@ -199,7 +199,9 @@ def test_refused_vm_creates_no_cgroup(manager: Manager) -> None:
     opts = CreateOptions(numa_nodes=1, policy=Policy.LOCAL_FIRST)
     with pytest.raises(errors.InsufficientMemory):
         manager.plan_vm(1, 1 << 40, opts)
+    fds, threads = open_fds(), thread_ids()
     with pytest.raises(errors.InsufficientMemory):
         manager.create_vm("cg-huge", 1, 1 << 40, opts)
     assert subdirs(cs.root) == before
+    assert (open_fds(), thread_ids()) == (fds, threads), "a refused VM left an fd or a thread behind"
     assert manager.list_vms() == []

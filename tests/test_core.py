@@ -18,6 +18,7 @@ from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, VmState
 from kvmnumad.vm import Vm
 from tests.observe import (
+    numa_maps,
     numa_maps_at,
     online_cpus,
     open_fds,
@@ -115,16 +116,28 @@ def _bad_calls(vm: Vm) -> list[tuple[Callable[[], object], type[errors.KvmnumaEr
     ]
 
 
+def _kernel_view(vm: Vm) -> tuple[list[tuple[int, str, str | None]], dict[int, set[int]]]:
+    """What the kernel says of a VM: its guest-memory mappings (start, policy, memfd) from
+    numa_maps, and each vCPU thread's affinity from taskset."""
+    mappings = [(e.start, e.policy, e.file) for e in numa_maps()
+                if e.file is not None and f"memfd:kvmnumad-{vm.name}" in e.file]
+    return mappings, {tid: taskset_affinity(tid) for _, tid in vm.vcpu_threads()}
+
+
 def test_invalid_inputs_are_typed_and_change_nothing(manager: Manager) -> None:
     vm = _vm(manager, start=False, memory=8 * MiB)
     before_regions = vm.memory_regions()
     before_aff = vm.vcpu_affinity()
+    before_kernel = _kernel_view(vm)
+    # the kernel shows each region's memfd (and the boot slot's)
+    assert {r.hva for r in before_regions} < {start for start, *_ in before_kernel[0]}, before_kernel
     before = _snapshot()
     for call, kind, needle in _bad_calls(vm):
         with pytest.raises(kind) as info:
             call()
         assert needle in str(info.value), (kind, str(info.value))
         assert _snapshot() == before, f"{kind.__name__} leaked fds or threads"
+        assert _kernel_view(vm) == before_kernel, f"{kind.__name__} changed a mapping or an affinity"
     assert vm.memory_regions() == before_regions
     assert vm.vcpu_affinity() == before_aff
 
@@ -153,6 +166,7 @@ def test_enable_disable_numa_without_memory(manager: Manager) -> None:
 
 def test_manager_errors(manager: Manager) -> None:
     _vm(manager, name="dup", start=False, memory=0)
+    before = _snapshot()
     with pytest.raises(errors.AlreadyExists):
         _vm(manager, name="dup", start=False, memory=0)
     with pytest.raises(errors.NoSuchVM):
@@ -166,6 +180,7 @@ def test_manager_errors(manager: Manager) -> None:
     with pytest.raises(errors.InvalidArgument, match="payload"):
         manager.create_vm("z", 1, 0, CreateOptions(payload="/nonexistent/payload.bin"))
     assert [vm.name for vm in manager.list_vms()] == ["dup"]
+    assert _snapshot() == before, "a refused VM left an fd or a thread behind"
     broken = Manager("/nonexistent/kvm", cpusets=False)
     with pytest.raises(errors.KvmUnavailable):
         broken.create_vm("k", 1, 0, CreateOptions())

@@ -31,10 +31,12 @@ def test_each_guest_node_lands_on_its_host_node(manager: Manager) -> None:
     for g, host in enumerate(nodes):
         vm.bind_vcpu_to_numa_node(g, g)
         assert taskset_affinity(tids[g]) == node_cpus(host)
-    for r in vm.memory_regions():
+    regions = vm.memory_regions()
+    assert sorted(r.guest_node for r in regions) == list(range(len(nodes)))
+    for r in regions:  # guest node g on host node nodes[g], per numa_maps (not per the region's own record)
         entry = numa_maps_at(r.hva)
-        assert entry.policy == f"bind:{r.host_node}", entry.raw
-        assert entry.pages_per_node == {r.host_node: r.size // PAGE}, entry.raw
+        assert entry.policy == f"bind:{nodes[r.guest_node]}", entry.raw
+        assert entry.pages_per_node == {nodes[r.guest_node]: r.size // PAGE}, entry.raw
 
 
 def test_bind_moves_thread_to_node1(manager: Manager) -> None:
