@@ -12,8 +12,8 @@ from bench.report import Row, median, percentile, timed_us
 from kvmnumad.kvm.runner import VcpuRunner
 from kvmnumad.kvm.system import Kvm
 from kvmnumad.manager import Manager
-from kvmnumad.memory import GuestRegion
 from kvmnumad.model import CreateOptions
+from kvmnumad.vm.region import GuestRegion
 from tests.observe import open_fds, thread_ids
 
 MiB = 1 << 20

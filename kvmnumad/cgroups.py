@@ -233,28 +233,50 @@ class VmCpuset:
         self.path = backend.root / name
         self._vcpus: dict[int, set[int]] = {}
         self._mems: set[int] = set()
+        # What this object last wrote, file by file, and each vCPU's whole
+        # placement: a file is written only when its value changes (the
+        # kernel, too, ignores an equal cpuset.cpus), and a placement equal
+        # to the last one costs no cgroup I/O at all.  forget() drops both
+        # when the kernel may have changed files behind our back (hotplug).
+        self._written: dict[Path, str] = {}
+        self._placed: dict[int, tuple[int, frozenset[int], frozenset[int]]] = {}
+        self._ensured = False
         self._ensure()
 
+    def forget(self) -> None:
+        self._written.clear()
+        self._placed.clear()
+        self._ensured = False
+
+    def _write(self, path: Path, value: str) -> None:
+        if self._written.get(path) != value:
+            _write(path, value)
+            self._written[path] = value
+
     def _ensure(self) -> None:
+        """The VM's directory, and (v1) ancestors wide enough for it: once, and
+        again after forget(), since only hotplug takes CPUs from them."""
+        if self._ensured:
+            return
         backend = self.backend
         if backend.version == 1:
             backend.widen_ancestors()
             if not self.path.exists():
                 self.path.mkdir()
                 self._write_limits(self.path, backend.all_cpus(), backend.all_mems())
-            return
-        if not self.path.exists():
-            self.path.mkdir()
-        _make_threaded(self.path)
-        # Possible only now: kvmnumad/<pid> holds processes, so it may enable
-        # a controller for its children only once it is a threaded domain.
-        CpusetBackend._enable_cpuset(backend.root)
-        CpusetBackend._enable_cpuset(self.path)
+        else:
+            if not self.path.exists():
+                self.path.mkdir()
+            _make_threaded(self.path)
+            # Possible only now: kvmnumad/<pid> holds processes, so it may enable
+            # a controller for its children only once it is a threaded domain.
+            CpusetBackend._enable_cpuset(backend.root)
+            CpusetBackend._enable_cpuset(self.path)
+        self._ensured = True
 
-    @staticmethod
-    def _write_limits(directory: Path, cpus: set[int], mems: set[int]) -> None:
-        _write(directory / "cpuset.mems", cpulist(mems))
-        _write(directory / "cpuset.cpus", cpulist(cpus))
+    def _write_limits(self, directory: Path, cpus: set[int], mems: set[int]) -> None:
+        self._write(directory / "cpuset.mems", cpulist(mems))
+        self._write(directory / "cpuset.cpus", cpulist(cpus))
 
     def _children(self) -> list[Path]:
         return [self.path / f"vcpu{i}" for i in sorted(self._vcpus)]
@@ -263,30 +285,33 @@ class VmCpuset:
         """Memory nodes of the VM's regions: written to every vCPU cgroup at
         once, because a vCPU thread faults guest pages in and a cpuset that
         excludes a region's node would override its mbind policy."""
-        self._mems = set(mems)
-        if not self._mems:
+        mems = set(mems)
+        if not mems or mems == self._mems:
             return
+        self._mems = mems
+        self._placed.clear()  # every vCPU's placement includes the mems
         self._ensure()
         text = cpulist(self._mems)
         if self.backend.version == 1:  # parent wide, children, then parent narrow
-            _write(self.path / "cpuset.mems", cpulist(self._mems | self.backend.all_mems()))
+            self._write(self.path / "cpuset.mems", cpulist(self._mems | self.backend.all_mems()))
         for child in self._children():
-            _write(child / "cpuset.mems", text)
-        _write(self.path / "cpuset.mems", text)
+            self._write(child / "cpuset.mems", text)
+        self._write(self.path / "cpuset.mems", text)
 
-    def read(self, index: int | None = None) -> tuple[set[int], set[int]]:
-        """(cpus, mems) as the kernel holds them, for reports."""
-        d = self.path if index is None else self.path / f"vcpu{index}"
-        return set(parse_cpulist(_read(d / "cpuset.cpus"))), set(parse_cpulist(_read(d / "cpuset.mems")))
-
-    def place_vcpu(self, index: int, tid: int, cpus: Iterable[int]) -> None:
+    def place_vcpu(self, index: int, tid: int, cpus: Iterable[int], *, force: bool = False) -> None:
         """Put thread ``tid`` into ``vcpu<index>`` limited to ``cpus``; call
-        before sched_setaffinity (see the module docstring).  Called again
-        by a hotplug re-pin, so every call rewrites the whole chain."""
+        before sched_setaffinity (see the module docstring).  The same
+        placement again is free; ``force`` (a hotplug re-pin) rewrites the
+        whole chain, ancestors included."""
         cpus = set(cpus)
-        self._ensure()
         backend = self.backend
         mems = self._mems or backend.all_mems()
+        placement = (tid, frozenset(cpus), frozenset(mems))
+        if not force and self._placed.get(index) == placement:
+            return
+        if force:
+            self.forget()
+        self._ensure()
         child = self.path / f"vcpu{index}"
         child.mkdir(exist_ok=True)
         self._vcpus[index] = cpus
@@ -296,12 +321,13 @@ class VmCpuset:
             self._write_limits(self.path, union | backend.all_cpus(), mems | backend.all_mems())
             self._write_limits(child, cpus, mems)
             self._write_limits(self.path, union, mems)
-            _write(child / "tasks", str(tid))
+            self._write(child / "tasks", str(tid))
         else:
             _make_threaded(child)
             self._write_limits(self.path, union, mems)
             self._write_limits(child, cpus, mems)
-            _write(child / "cgroup.threads", str(tid))
+            self._write(child / "cgroup.threads", str(tid))
+        self._placed[index] = placement
 
     def holds(self, index: int, tid: int, cpus: Iterable[int]) -> bool:
         """Whether ``vcpu<index>`` still holds ``tid`` limited to ``cpus``.  A
@@ -316,17 +342,10 @@ class VmCpuset:
         except OSError:
             return False
 
-    def release_vcpu(self, index: int) -> None:
-        """After the vCPU's thread has ended: its cgroup goes, the VM's CPUs shrink."""
-        if self._vcpus.pop(index, None) is None:
-            return
-        self.backend._rmtree(self.path / f"vcpu{index}")
-        if self._vcpus:
-            _write(self.path / "cpuset.cpus", cpulist(set[int]().union(*self._vcpus.values())))
-
     def remove(self) -> None:
         """After the vCPU threads have ended: the directories are empty."""
         self._vcpus.clear()
+        self.forget()
         self.backend._rmtree(self.path)
 
 

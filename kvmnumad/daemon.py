@@ -25,15 +25,16 @@ from pathlib import Path
 
 from dbus_fast.aio import MessageBus
 
-from kvmnumad import __version__, sdnotify
+from kvmnumad import __version__, persist, sdnotify
 from kvmnumad.bus.auth import Authorizer, make_authorizer
 from kvmnumad.bus.service import connect, start_service
-from kvmnumad.hotplug import HotplugMonitor
+from kvmnumad.hotplug import HotplugMonitor, RepinQueue
 from kvmnumad.journal import setup_logging
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.privatebus import PrivateBus
+from kvmnumad.state import StateStore
 
 log = logging.getLogger("kvmnumad")
 
@@ -76,27 +77,28 @@ async def serve(args: argparse.Namespace) -> int:
     service = None
     bus: MessageBus | None = None
     hotplug = None
+    manager_ref: list[Manager] = []
+    repins = RepinQueue(lambda reason: manager_ref[0].on_topology_changed(reason) if manager_ref else None)
     try:
         sdnotify.notify("STATUS=starting")
-        manager_ref: list[Manager] = []
-
-        def on_hotplug(reason: str) -> None:
-            if manager_ref:
-                loop.run_in_executor(None, manager_ref[0].on_topology_changed, reason)
-
         try:
-            hotplug = HotplugMonitor(on_hotplug)
+            hotplug = HotplugMonitor(repins.request)
             hotplug.start(loop)
         except Exception as e:  # no netlink (e.g. a restricted sandbox): run without, say so
             log.warning("CPU hotplug monitoring unavailable: %s", e)
             hotplug = None
-        manager = Manager(args.kvm, state_dir=state_dir)
+        manager = Manager(args.kvm)
         manager_ref.append(manager)
-        # Saved VMs come back before the name is requested: a client that
-        # finds org.kvmnuma1 finds every VM it had.
-        restored = await asyncio.to_thread(manager.restore)
-        if restored:
-            log.info("restored VMs: %s", ", ".join(restored))
+        if state_dir is not None:
+            # Saved VMs come back before the name is requested: a client that
+            # finds org.kvmnuma1 finds every VM it had.  Persistence is wired
+            # only after restore, so a failed restore rewrites nothing.
+            store = StateStore(state_dir)
+            known = await asyncio.to_thread(persist.restore, manager, store)
+            manager.subscribe(persist.Persister(manager, store, known))
+            restored = [vm.name for vm in manager.list_vms()]
+            if restored:
+                log.info("restored VMs: %s", ", ".join(restored))
         bus = await connect(bus_spec)
         service = await start_service(manager, bus, await _authorizer(bus, args.bus))
         if args.demo and DEMO_VM not in {vm.name for vm in manager.list_vms()}:
@@ -121,6 +123,7 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         if hotplug is not None:
             hotplug.stop()
+        await repins.drain()
         if service is not None:
             await service.stop()
         if bus is not None:

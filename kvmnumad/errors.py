@@ -11,7 +11,15 @@ from __future__ import annotations
 
 
 class KvmnumaError(Exception):
-    """Base of every error the core raises on purpose."""
+    """Base of every error the core raises on purpose.
+
+    ``values`` holds the offending values by name (``vcpus=300, maximum=256``)
+    so that a front end or a test can use them without parsing the text.
+    """
+
+    def __init__(self, message: str = "", **values: object) -> None:
+        super().__init__(message)
+        self.values = values
 
 
 class InvalidArgument(KvmnumaError):
@@ -54,6 +62,11 @@ class Busy(KvmnumaError):
     """The object is in a state that forbids the operation (running, has memory, ...)."""
 
 
+class ResourceExhausted(KvmnumaError):
+    """The host ran out of a kernel resource other than memory: file
+    descriptors, threads, KVM VMs or vCPUs."""
+
+
 class KvmUnavailable(KvmnumaError):
     """/dev/kvm cannot be opened or lacks a capability kvmnumad needs."""
 
@@ -77,6 +90,7 @@ ERROR_TYPES: tuple[type[KvmnumaError], ...] = (
     InsufficientMemory,
     AlreadyExists,
     Busy,
+    ResourceExhausted,
     KvmUnavailable,
     AccessDenied,
     Internal,

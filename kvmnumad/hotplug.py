@@ -44,7 +44,6 @@ class HotplugMonitor:
             self._monitor.filter_by(subsystem)
         self._on_change = on_change
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.events_seen = 0
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
@@ -58,7 +57,6 @@ class HotplugMonitor:
             device = self._monitor.poll(timeout=0)
             if device is None:
                 break
-            self.events_seen += 1
             action = device.action or "change"
             if action in _INTERESTING:
                 reasons.append(f"{device.subsystem}:{device.sys_name}:{action}")
@@ -83,3 +81,39 @@ def _summarize(reasons: list[str]) -> str:
         if action in ("online", "offline") or name not in last:
             last[name] = action
     return ", ".join(f"{name} {action}" for name, action in last.items())
+
+
+class RepinQueue:
+    """Runs ``handler(reason)`` off the loop, one call at a time.
+
+    A re-pin reads the topology and moves threads; two running at once could
+    act on different topology reads and leave the older one's moves last.
+    So bursts that arrive while one runs are coalesced into exactly one more
+    run, which reads the newest topology.  A failure is logged, never lost
+    with a dropped future.
+    """
+
+    def __init__(self, handler: Callable[[str], object]) -> None:
+        self._handler = handler
+        self._pending: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self, reason: str) -> None:
+        """Called on the loop (the monitor's reader)."""
+        self._pending.append(reason)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._pending:
+            reason = ", ".join(dict.fromkeys(self._pending))
+            self._pending.clear()
+            try:
+                await asyncio.to_thread(self._handler, reason)
+            except Exception:
+                log.exception("re-pinning after %s failed", reason)
+
+    async def drain(self) -> None:
+        """Wait for the runs requested so far (shutdown, tests)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)

@@ -7,10 +7,7 @@ translate them field by field without reaching into live objects.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
-
-NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # use fullmatch: "$" would accept a trailing newline
 
 
 class VmState(enum.StrEnum):

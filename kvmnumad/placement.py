@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kvmnumad.errors import InsufficientMemory, InvalidArgument, NodeOutOfRange
+from kvmnumad.libc import PAGE_SIZE
 from kvmnumad.model import Policy
-from kvmnumad.numa.memory import PAGE_SIZE, MemPolicy
+from kvmnumad.numa.memory import MemPolicy
 from kvmnumad.numa.topology import HostTopology, format_cpulist
 
 
@@ -101,6 +102,7 @@ def wrap_node_map(guest_nodes: int, host_nodes: tuple[int, ...] | list[int]) -> 
 
 
 def guest_node_of_vcpu(vcpu: int, vcpus: int, guest_nodes: int) -> int:
+    """Contiguous blocks of vCPUs per guest node, as QEMU assigns them by default."""
     return vcpu * max(1, guest_nodes) // vcpus
 
 
@@ -234,12 +236,7 @@ class _Planner:
     def _allowed_cpus(self) -> frozenset[int]:
         """Online CPUs of the allowed nodes; if those are memory-only, of the nearest node with CPUs."""
         cpus = frozenset(c for n in self.allowed for c in self.topo.cpus_of_node(n))
-        if cpus:
-            return cpus
-        for n in self.topo.nearest_nodes(self.allowed[0]):
-            if self.topo.cpus_of_node(n):
-                return self.topo.cpus_of_node(n)
-        raise InvalidArgument("the host has no online CPU")
+        return cpus or self.topo.nearest_online_cpus(self.allowed[0])
 
     def _nearest_allowed(self, node: int) -> list[int]:
         return [n for n in self.topo.nearest_nodes(node) if n in self.free]

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvmnumad.errors import InvalidArgument
 from kvmnumad.journal import EventKind, log_event
-from kvmnumad.model import NAME_RE
+from kvmnumad.request import check_vm_name
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,10 @@ class StateStore:
 
     def path(self, name: str) -> Path:
         # The name becomes a file name: the VM name rule keeps '/' and '..' out.
-        if not NAME_RE.fullmatch(name) or name.startswith("."):
-            raise ValueError(f"invalid VM name for a state file: {name!r}")
+        try:
+            check_vm_name(name)
+        except InvalidArgument as e:
+            raise ValueError(f"invalid VM name for a state file: {name!r}") from e
         return self.directory / (name + SUFFIX)
 
     def save(self, name: str, definition: dict[str, Any]) -> None:
@@ -84,11 +87,16 @@ class StateStore:
                     raise ValueError(f"top level is {type(definition).__name__}, not an object")
                 if definition.get("name", name) != name:
                     raise ValueError(f"names VM {definition.get('name')!r}, file is {entry.name}")
-            except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            # JSONDecodeError and UnicodeDecodeError are ValueErrors; deep nesting is a RecursionError
+            except (OSError, ValueError, RecursionError) as e:
                 self._move_aside(entry, name, e)
                 continue
             definitions.append(definition)
         return definitions
+
+    def move_aside(self, name: str, error: Exception) -> None:
+        """A definition that parsed as JSON but is not a valid VM: out of the way, reported."""
+        self._move_aside(self.path(name), name, error)
 
     def _move_aside(self, entry: Path, name: str, error: Exception) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

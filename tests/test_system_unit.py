@@ -143,7 +143,10 @@ HARDENED_CHILD = textwrap.dedent("""
         wx = e.strerror
     from kvmnumad.manager import Manager
     from kvmnumad.model import CreateOptions
-    m = Manager(state_dir=Path(sys.argv[1]))
+    from kvmnumad.persist import Persister
+    from kvmnumad.state import StateStore
+    m = Manager()
+    m.subscribe(Persister(m, StateStore(Path(sys.argv[1])), {}))  # as daemon.py wires it
     try:
         vm = m.create_vm("hardened", 2, 64 << 20, CreateOptions(numa_nodes=1, passes=1, start=True))
         deadline = time.monotonic() + 30

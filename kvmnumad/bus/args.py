@@ -17,7 +17,8 @@ from typing import Any
 from dbus_fast import Variant
 
 from kvmnumad.errors import InvalidArgument
-from kvmnumad.model import NAME_RE, CreateOptions, Policy
+from kvmnumad.model import CreateOptions, Policy
+from kvmnumad.request import check_vm_name
 
 
 def check_signature(member: str, expected: str, got: str) -> None:
@@ -25,10 +26,7 @@ def check_signature(member: str, expected: str, got: str) -> None:
         raise InvalidArgument(f"{member} takes arguments ({expected}), got ({got})")
 
 
-def check_name(name: str) -> str:
-    if not NAME_RE.fullmatch(name):  # (match: "$" would let a trailing newline through)
-        raise InvalidArgument(f"VM name {name!r} must be 1-64 characters of [A-Za-z0-9_.-]")
-    return name
+check_name = check_vm_name  # the core's one VM name rule, checked before authorization
 
 
 def parse_policy(value: str) -> Policy:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import enum
 
+from kvmnumad import libc
 from kvmnumad.kvm.errors import KvmError
 
 # asm-generic/ioctl.h: dir(2) | size(14) | type(8) | nr(8), from the top bit down.
@@ -302,13 +303,7 @@ class ExitReason(enum.IntEnum):
 
 # --- the call ---------------------------------------------------------------------------------
 
-# A private CDLL instance, so that the argtypes set here cannot clash with anyone
-# else's use of libc.ioctl.  ioctl is variadic; on x86-64 passing (int, unsigned
-# long, pointer-sized integer) to it as fixed arguments is ABI-compatible.
-_libc = ctypes.CDLL(None, use_errno=True)
-_ioctl = _libc.ioctl
-_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
-_ioctl.restype = ctypes.c_int
+_ioctl = libc.libc.ioctl
 
 
 def ioctl(fd: int, request: Ioctl, arg: int = 0) -> int:

@@ -22,10 +22,11 @@ from __future__ import annotations
 import os
 import struct
 
+from kvmnumad.libc import PAGE_SIZE
+
 PROGRESS_PORT = 0x510
 DONE_PORT = 0x511
 SERIAL_PORT = 0x3F8
-PAGE_SIZE = 4096
 MAX_FLAT_BINARY = 16 * 1024 * 1024
 
 

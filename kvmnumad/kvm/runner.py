@@ -14,7 +14,6 @@ main thread, hence :func:`install_kick_signal`.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -25,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from types import FrameType
 
+from kvmnumad import libc
 from kvmnumad.kvm.errors import KvmError
 from kvmnumad.kvm.ioctls import ExitReason
 from kvmnumad.kvm.payload import DONE_PORT, PROGRESS_PORT, SERIAL_PORT
@@ -47,16 +47,6 @@ FATAL_EXITS = frozenset(
 )
 
 CREATED, RUNNING, IDLE, HALTED, STOPPED = "created", "running", "idle", "halted", "stopped"
-
-
-_PR_SET_NAME = 15
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _set_os_thread_name(name: str) -> None:
-    """Name the calling thread in /proc (comm, 15 bytes max) so ps -T, top and
-    observers see "vcpu3", not "python"; best effort."""
-    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def _on_kick(signum: int, frame: FrameType | None) -> None:
@@ -260,7 +250,7 @@ class VcpuRunner:
         # The creator may block signals for its own reasons (signalfd, asyncio): the
         # kick must get through here whatever mask this thread inherited.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {KICK_SIGNAL})
-        _set_os_thread_name(f"vcpu{self.index}")
+        libc.set_thread_name(f"vcpu{self.index}")
         with self._cond:
             self._tid = threading.get_native_id()
         try:

@@ -17,8 +17,8 @@ from kvmnumad.kvm.ioctls import (
     ioctl_ptr,
 )
 from kvmnumad.kvm.vcpu import VcpuFd
+from kvmnumad.libc import PAGE_SIZE
 
-PAGE_SIZE = 4096
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 

@@ -71,8 +71,6 @@ SIGNATURES: dict[str, tuple[list[Any], Any, ErrCheck | None]] = {
         c_long,
         _check_minus_one,
     ),
-    # long migrate_pages(int pid, unsigned long maxnode, const unsigned long *old, const unsigned long *new)
-    "migrate_pages": ([c_int, c_ulong, POINTER(c_ulong), POINTER(c_ulong)], c_long, _check_minus_one),
 }
 
 
@@ -145,7 +143,3 @@ def sys_move_pages(pages: PtrArray, nodes: IntArray | None, status: IntArray, fl
     """move_pages(2) on this process; ``nodes=None`` only queries. Returns the
     number of pages the kernel could not move (>= 0); per-page results are in ``status``."""
     return int(lib().move_pages(0, len(pages), pages, nodes, status, flags))
-
-
-def sys_migrate_pages(pid: int, maxnode: int, old: ULongArray, new: ULongArray) -> int:
-    return int(lib().migrate_pages(pid, maxnode, old, new))

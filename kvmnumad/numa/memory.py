@@ -22,14 +22,14 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
-import functools
 import os
 from collections.abc import Iterable
-from ctypes import c_int, c_size_t, c_void_p
+from ctypes import c_int, c_void_p
 
+from kvmnumad import libc
+from kvmnumad.libc import MADV_POPULATE_WRITE, PAGE_SIZE
 from kvmnumad.numa import libnuma
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CHUNK_PAGES = 65536  # pages per move_pages call: bounds the ctypes arrays to ~1 MiB
 
 
@@ -52,7 +52,6 @@ MPOL_MF_MOVE_ALL = 1 << 2  # migrate shared pages too (CAP_SYS_NICE)
 MPOL_F_ADDR = 1 << 1  # get_mempolicy: the policy governing an address, not the thread's
 _MODE_FLAGS = (1 << 15) | (1 << 14) | (1 << 13)  # MPOL_F_STATIC/RELATIVE_NODES, NUMA_BALANCING
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14
 NODEMASK_BITS = 1024  # MAX_NUMNODES of distribution kernels (CONFIG_NODES_SHIFT=10)
 
 
@@ -160,14 +159,6 @@ def migrate_range(addr: int, length: int, node: int, page_size: int = PAGE_SIZE)
     return moved
 
 
-@functools.cache
-def _madvise() -> ctypes._NamedFuncPointer:
-    func = ctypes.CDLL(None, use_errno=True).madvise
-    func.argtypes = [c_void_p, c_size_t, c_int]
-    func.restype = c_int
-    return func
-
-
 def prefault(addr: int, length: int) -> None:
     """Allocate every page of the range now, under its policy, so that a VM's
     memory is on its node before the guest runs (and fails here, not in KVM_RUN).
@@ -177,11 +168,12 @@ def prefault(addr: int, length: int) -> None:
     """
     if addr % PAGE_SIZE:
         raise OSError(errno.EINVAL, f"prefault: address {addr:#x} is not page-aligned")
-    if _madvise()(addr, length, MADV_POPULATE_WRITE) == 0:
+    try:
+        libc.madvise(addr, length, MADV_POPULATE_WRITE)
         return
-    err = ctypes.get_errno()
-    if err != errno.EINVAL:
-        raise OSError(err, f"madvise(MADV_POPULATE_WRITE, {addr:#x}, {length}): {os.strerror(err)}")
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise OSError(e.errno, f"madvise(MADV_POPULATE_WRITE, {addr:#x}, {length}): {e.strerror}") from e
     # The buffer is a view of memory the caller keeps mapped; it copies nothing.
     view = (ctypes.c_char * length).from_address(addr)
     for off in range(0, length, PAGE_SIZE):

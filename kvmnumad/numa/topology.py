@@ -14,8 +14,10 @@ single node its memory figures are psutil's system-wide ones (see read_topology)
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +25,7 @@ from typing import NamedTuple
 import psutil
 
 from kvmnumad import cpulist
-from kvmnumad.errors import CpuOffline, NodeOutOfRange
+from kvmnumad.errors import CpuOffline, InvalidArgument, NodeOutOfRange
 
 UNKNOWN = -1  # core/package of an offline CPU: the kernel hides its topology/ directory
 
@@ -68,14 +70,45 @@ class HostTopology:
     def node_ids(self) -> list[int]:
         return sorted(self.nodes)
 
-    def online_cpus(self) -> frozenset[int]:
+    @functools.cached_property
+    def _online(self) -> frozenset[int]:
         return frozenset(c.id for c in self.cpus.values() if c.online)
+
+    def online_cpus(self) -> frozenset[int]:
+        """Cached: a topology is immutable, and every pin checks against it."""
+        return self._online
+
+    def require_online(self, cpus: Iterable[int]) -> frozenset[int]:
+        """``cpus`` as a set, or CpuOffline naming the first CPU that does not
+        exist or is offline (a caller's CPU set must be usable now)."""
+        wanted = frozenset(cpus)
+        if not wanted:
+            raise InvalidArgument("CPU set is empty")
+        if wanted <= self._online:
+            return wanted
+        for cpu in sorted(wanted - self._online):
+            if cpu not in self.cpus:
+                raise CpuOffline(f"CPU {cpu} does not exist (host CPUs: {cpulist.describe(self.cpus)})",
+                                 cpu=cpu)
+            raise CpuOffline(f"CPU {cpu} is offline (online: {cpulist.describe(self._online)})", cpu=cpu)
+        return wanted  # pragma: no cover - the loop always raises
+
+    def nearest_online_cpus(self, node: int) -> frozenset[int]:
+        """Online CPUs of ``node`` or, when it has none (memory-only, or all of
+        them offline), of the nearest node by distance that has some: where a
+        vCPU of that node runs best."""
+        for candidate in self.nearest_nodes(node):
+            cpus = self.nodes[candidate].online_cpus
+            if cpus:
+                return cpus
+        raise CpuOffline(f"no online CPU near host node {node}", node=node)
 
     def node(self, node: int) -> Node:
         try:
             return self.nodes[node]
         except KeyError:
-            raise NodeOutOfRange(f"host node {node} does not exist (nodes: {self.node_ids()})") from None
+            raise NodeOutOfRange(f"host node {node} does not exist (nodes: {self.node_ids()})",
+                                 node=node) from None
 
     def node_of_cpu(self, cpu: int) -> int:
         try:

@@ -1,0 +1,79 @@
+"""Persistence as a subscriber of the core's events.
+
+The core does not know it is persisted: ``daemon.py`` wires a Persister to
+the Manager's events.  It writes a VM's definition only when a persisted
+field really changed (a pin that leaves the declared placement as it was
+writes nothing, and no fsync), and it is wired only after restore, so a
+restore that fails half-way never rewrites the good definition it read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from kvmnumad import errors
+from kvmnumad.events import Event, VmAdded, VmChanged, VmRemoved
+from kvmnumad.manager import Manager
+from kvmnumad.state import StateStore
+from kvmnumad.vm.definition import VmDefinition
+
+log = logging.getLogger(__name__)
+
+
+class Persister:
+    def __init__(self, manager: Manager, store: StateStore, known: dict[str, VmDefinition]) -> None:
+        """``known``: the definitions on disk now (what restore read)."""
+        self._manager = manager
+        self._store = store
+        self._written = dict(known)
+        self._lock = threading.Lock()  # events of different VMs come from different threads
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, (VmAdded, VmChanged)):
+            self._save(event.vm)
+        elif isinstance(event, VmRemoved):
+            with self._lock:
+                self._written.pop(event.vm, None)
+                self._store.remove(event.vm)
+
+    def _save(self, name: str) -> None:
+        try:
+            definition = self._manager.get_vm(name).definition()
+        except errors.NoSuchVM:
+            return  # destroyed meanwhile: its VmRemoved follows
+        with self._lock:
+            if self._written.get(name) == definition:
+                return
+            try:
+                self._store.save(name, definition.to_dict())
+            except OSError:
+                log.exception("could not save the definition of VM %s", name)
+                return
+            self._written[name] = definition
+
+
+def restore(manager: Manager, store: StateStore) -> dict[str, VmDefinition]:
+    """Recreate every saved VM; returns every definition read (restored or
+    not), which is what is on disk.  A definition that cannot be parsed is
+    moved aside by the store; one that cannot be restored now (a host node
+    short of memory, a CPU gone) is logged and its file left as it was."""
+    known: dict[str, VmDefinition] = {}
+    for raw in store.load_all():
+        try:
+            d = VmDefinition.from_dict(raw)
+        except ValueError as e:
+            try:
+                store.move_aside(str(raw.get("name")), e)
+            except (OSError, ValueError) as aside:
+                log.error("state file of %r is invalid (%s) and could not be moved aside: %s",
+                          raw.get("name"), e, aside)
+            continue
+        known[d.name] = d
+        try:
+            manager.restore_vm(d)
+        except Exception as e:
+            level = logging.WARNING if isinstance(e, errors.KvmnumaError) else logging.ERROR
+            log.log(level, "could not restore VM %s (its definition is kept): %s", d.name, e,
+                    exc_info=not isinstance(e, errors.KvmnumaError))
+    return known

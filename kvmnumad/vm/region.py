@@ -1,0 +1,62 @@
+"""One block of guest memory: a memfd and its shared mapping in this process.
+
+memfd rather than anonymous memory because shmem keeps the NUMA policy on the
+file (so pages KVM faults in later follow mbind), and because a memfd can
+outlive the mapping (handed to another process or kept across a restart).
+The mapping is libc's mmap, not Python's module: the module refuses to unmap
+while a ctypes view exists, and KVM only needs the address.  Every region
+owns exactly one fd and one mapping and releases both exactly once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+from kvmnumad import libc
+from kvmnumad.numa.memory import MemPolicy, mbind, prefault
+
+
+class GuestRegion:
+    """Raises OSError (ENOMEM, ENOSPC, EMFILE...) if the kernel refuses it."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.hva: int = libc.mmap_shared(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._closed = False
+
+    def bind(self, policy: MemPolicy, nodes: frozenset[int] | set[int] | tuple[int, ...], *,
+             move: bool = False) -> None:
+        """Apply a NUMA policy to the whole region; ``move`` migrates the pages
+        already resident (live migration between host nodes)."""
+        mbind(self.hva, self.size, policy, frozenset(nodes), move=move, strict=move)
+
+    def prefault(self) -> None:
+        prefault(self.hva, self.size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            raise ValueError(f"write of {len(data)} bytes at {offset:#x} outside region of {self.size:#x}")
+        ctypes.memmove(self.hva + offset, data, len(data))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        libc.munmap(self.hva, self.size)
+        os.close(self.fd)
+
+    def __enter__(self) -> GuestRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,352 @@
+"""One KVM virtual machine: a facade over its parts, and the coordinator of
+what needs more than one of them.
+
+The parts each own one job: ``GuestMemory`` (slots, regions, dirty log),
+``Vcpus`` (threads and their placement), ``GuestNuma`` (the guest node
+layout), ``SerialBuffer``.  The Vm owns the VM fd and the lifecycle, holds the
+one lock that serializes every change, and does what spans parts: mapping a
+guest node moves its memory *and* the vCPUs bound to it.  Every placement it
+reports is read back from the kernel; it keeps only the declared intent.
+
+All methods are synchronous and thread-safe; the blocking ones (ioctls,
+mbind, thread joins) must be called off an event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+from kvmnumad import cpulist, errors
+from kvmnumad.cgroups import VmCpuset
+from kvmnumad.events import Aspect, Event, VmChanged
+from kvmnumad.journal import log_event
+from kvmnumad.kvm import payload as kvm_payload
+from kvmnumad.kvm.system import Kvm
+from kvmnumad.kvm.vm import VmFd
+from kvmnumad.model import MemoryRegionInfo, Policy, VmState, VmStats
+from kvmnumad.numa.memory import MemPolicy
+from kvmnumad.numa.topology import HostTopology
+from kvmnumad.vm.console import SerialBuffer
+from kvmnumad.vm.definition import VmDefinition
+from kvmnumad.vm.layout import ENTRY
+from kvmnumad.vm.memory import GuestMemory, resource_error
+from kvmnumad.vm.numa import GuestNuma
+from kvmnumad.vm.vcpus import Repin, Vcpu, Vcpus
+
+
+class Vm:
+    """A VM owned by the Manager."""
+
+    def __init__(
+        self,
+        name: str,
+        kvm: Kvm,
+        vcpus: int,
+        topology: Callable[[], HostTopology],
+        emit: Callable[[Event], None],
+        *,
+        owner: int = 0,
+        policy: Policy = Policy.MANUAL,
+        payload: bytes | None = None,
+        passes: int = 0,
+        max_slots: int = 32,
+        cpuset: VmCpuset | None = None,
+    ) -> None:
+        self.name = name
+        self.owner = owner
+        self.policy = policy
+        self._topology = topology
+        self._emit = emit
+        self._passes = passes
+        self.cpuset = cpuset
+        self._lock = threading.RLock()
+        self._state = VmState.CREATED
+        self._destroyed = False
+        self.numa = GuestNuma(name)
+        self.serial = SerialBuffer()
+        try:
+            self._vm: VmFd = kvm.create_vm()
+        except OSError as e:
+            raise resource_error(e, f"KVM_CREATE_VM for VM {name!r}") or e from e
+        try:
+            self.memory = GuestMemory(name, self._vm, payload or kvm_payload.TOUCH_PAYLOAD, max_slots)
+        except BaseException:
+            self._vm.close()
+            raise
+        try:
+            self.vcpus = Vcpus(name, self._vm, vcpus, cpuset, self.serial.append)
+        except BaseException:
+            self.memory.close()
+            self._vm.close()
+            raise
+
+    def publish(self, emit: Callable[[Event], None]) -> None:
+        """From now on changes are public (a VM under construction is not)."""
+        self._emit = emit
+
+    def _changed(self, *aspects: Aspect) -> None:
+        self._emit(VmChanged(self.name, frozenset(aspects)))
+
+    # ------------------------------------------------------------------ views
+    @property
+    def state(self) -> VmState:
+        return self._state
+
+    @property
+    def vcpu_count(self) -> int:
+        return len(self.vcpus)
+
+    @property
+    def memory_bytes(self) -> int:
+        with self._lock:
+            return self.memory.total_bytes
+
+    @property
+    def numa_enabled(self) -> bool:
+        return self.numa.enabled
+
+    @property
+    def numa_nodes(self) -> int:
+        return self.numa.nodes
+
+    @property
+    def node_map(self) -> list[int]:
+        with self._lock:
+            return list(self.numa.node_map)
+
+    def guest_node_of_vcpu(self, vcpu: int) -> int:
+        return self.numa.node_of_vcpu(vcpu, len(self.vcpus))
+
+    def _alive(self) -> None:
+        if self._destroyed:
+            raise errors.NoSuchVM(f"VM {self.name!r} has been destroyed", vm=self.name)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        with self._lock:
+            self._alive()
+            if self._state == VmState.RUNNING:
+                return
+            self.vcpus.start(self._init_vcpu)
+            self._state = VmState.RUNNING
+        log_event("vm-started", f"VM {self.name} started", vm=self.name)
+        self._changed(Aspect.STATE)
+
+    def _init_vcpu(self, v: Vcpu) -> None:
+        node = self.guest_node_of_vcpu(v.index) if self.numa.enabled else None
+        base, size = self.memory.payload_range(node)
+        v.fd.setup_flat32(ENTRY, **kvm_payload.touch_payload_regs(base, size, v.index, self._passes))
+
+    def stop(self) -> None:
+        with self._lock:
+            self._alive()
+            if self._state != VmState.RUNNING:
+                return
+            self.vcpus.stop()
+            self._state = VmState.STOPPED
+        log_event("vm-stopped", f"VM {self.name} stopped", vm=self.name)
+        self._changed(Aspect.STATE)
+
+    def destroy(self) -> None:
+        """Stop every vCPU thread and release every kernel object, once; the
+        first failure is raised after everything else was released."""
+        with self._lock:
+            if self._destroyed:
+                return
+            self._destroyed = True
+            try:
+                self.vcpus.close()
+            finally:
+                if self.cpuset is not None:
+                    self.cpuset.remove()
+                self._vm.close()
+                self.memory.close()
+
+    # ------------------------------------------------------------------ guest NUMA and memory
+    def enable_numa(self, nodes: int, node_map: Sequence[int] | None = None) -> None:
+        topo = self._topology()
+        with self._lock:
+            self._alive()
+            GuestNuma.check(nodes, node_map, topo)
+            if self.memory.regions:
+                raise errors.Busy(f"VM {self.name!r} has {len(self.memory.regions)} memory region(s): "
+                                  "NUMA layout is fixed", regions=len(self.memory.regions))
+            self.numa.enable(nodes, node_map, topo)
+        self._changed(Aspect.NUMA_LAYOUT, Aspect.VCPU_PLACEMENT)
+
+    def disable_numa(self) -> None:
+        with self._lock:
+            self._alive()
+            self.numa.require_enabled()
+            if self.memory.regions:
+                raise errors.Busy(
+                    f"VM {self.name!r} still has {len(self.memory.regions)} NUMA memory region(s) "
+                    f"({self.memory.total_bytes} bytes): guest NUMA cannot be disabled under them",
+                    regions=len(self.memory.regions))
+            self.vcpus.unbind_all()
+            self.numa.disable()
+        self._changed(Aspect.NUMA_LAYOUT, Aspect.VCPU_PLACEMENT)
+
+    def setup_numa_memory(self, node: int, size: int, gpa: int, *, policy: MemPolicy = MemPolicy.BIND,
+                          host_nodes: frozenset[int] | None = None, prealloc: bool = False) -> int:
+        """One memory slot for guest node ``node``; returns its slot.  Refused
+        without guest NUMA (add_memory is the way in for a VM without it)."""
+        with self._lock:
+            self._alive()
+            self.numa.require(node)
+            return self.add_memory(node, size, gpa, policy=policy, host_nodes=host_nodes, prealloc=prealloc)
+
+    def add_memory(self, node: int, size: int, gpa: int, *, policy: MemPolicy = MemPolicy.BIND,
+                   host_nodes: frozenset[int] | None = None, prealloc: bool = False) -> int:
+        """A region placed on real host nodes, with or without guest NUMA."""
+        topo = self._topology()
+        with self._lock:
+            self._alive()
+            if host_nodes is None:
+                host_nodes = frozenset({self.numa.host_of(node) if self.numa.enabled else min(topo.nodes)})
+            region = self.memory.add(node, size, gpa, policy=policy, host_nodes=host_nodes, topo=topo,
+                                     prealloc=prealloc)
+            self._sync_cpuset_mems()
+        self._changed(Aspect.MEMORY)
+        return region.slot
+
+    def _sync_cpuset_mems(self) -> None:
+        if self.cpuset is not None and self.memory.regions:
+            self.cpuset.set_mems(self.memory.host_nodes())
+
+    def map_numa_node(self, node: int, host_node: int) -> list[tuple[int, int]]:
+        """Remap guest node ``node`` to ``host_node`` live: its memory moves and
+        its bound vCPUs follow.  Returns (slot, pages in the slot) per region."""
+        topo = self._topology()
+        with self._lock:
+            self._alive()
+            self.numa.require(node)
+            topo.node(host_node)
+            old = self.numa.host_of(node)
+            if old == host_node:
+                return []
+            moved = self.memory.move(self.memory.of_guest_node(node), host_node)
+            self.numa.node_map[node] = host_node
+            self._sync_cpuset_mems()
+            for slot, pages in moved:
+                log_event("migrate", f"VM {self.name} guest node {node} slot {slot} ({pages} pages) moved "
+                          f"from host node {old} to {host_node}", vm=self.name, node=host_node,
+                          from_node=old, to_node=host_node, reason="map-numa-node")
+            self.vcpus.follow_node(node, self.numa.host_cpus(node, topo))
+        self._changed(Aspect.NUMA_LAYOUT, Aspect.MEMORY, Aspect.VCPU_PLACEMENT)
+        return moved
+
+    # ------------------------------------------------------------------ vCPU placement
+    def set_vcpu_affinity(self, vcpu: int, cpus: Sequence[int]) -> None:
+        topo = self._topology()
+        with self._lock:
+            self._alive()
+            v = self.vcpus.get(vcpu)
+            wanted = topo.require_online(cpus)
+            self.vcpus.declare(v, wanted, None)
+        log_event("pin", f"vCPU {vcpu} of VM {self.name} pinned to CPUs {cpulist.describe(wanted)}",
+                  vm=self.name, vcpu=vcpu, cpus=wanted, reason="api")
+        self._changed(Aspect.VCPU_PLACEMENT)
+
+    def get_vcpu_affinity(self, vcpu: int) -> list[int]:
+        with self._lock:
+            self._alive()
+            return sorted(self.vcpus.get(vcpu).effective())
+
+    def bind_vcpu_to_numa_node(self, vcpu: int, node: int) -> frozenset[int]:
+        topo = self._topology()
+        with self._lock:
+            self._alive()
+            v = self.vcpus.get(vcpu)
+            self.numa.require(node)
+            cpus = self.numa.host_cpus(node, topo)
+            self.vcpus.declare(v, cpus, node)
+            host = self.numa.host_of(node)
+        log_event("bind", f"vCPU {vcpu} of VM {self.name} bound to guest node {node} "
+                  f"(host node {host}, CPUs {cpulist.describe(cpus)})",
+                  vm=self.name, vcpu=vcpu, cpus=cpus, node=host, reason="api")
+        self._changed(Aspect.VCPU_PLACEMENT)
+        return cpus
+
+    def get_vcpu_numa_node(self, vcpu: int) -> tuple[bool, int]:
+        """(bound, guest node), judged from the thread's real affinity: a vCPU
+        counts as bound only while the kernel keeps it inside its node."""
+        topo = self._topology()
+        with self._lock:
+            self._alive()
+            v = self.vcpus.get(vcpu)
+            if v.bound_node is None or not self.numa.enabled:
+                return False, self.guest_node_of_vcpu(vcpu)
+            effective = v.effective()
+            host_cpus = topo.cpus_of_node(self.numa.host_of(v.bound_node), online_only=False)
+            inside = bool(host_cpus) and effective <= host_cpus
+            return inside or effective <= self.numa.host_cpus(v.bound_node, topo), v.bound_node
+
+    def apply_declared(self, vcpu: int, cpus: frozenset[int] | None, bound_node: int | None) -> None:
+        """Record and apply a placement decided by a policy (the planner
+        already checked it against the topology)."""
+        with self._lock:
+            self.vcpus.declare(self.vcpus.get(vcpu), cpus, bound_node)
+        self._changed(Aspect.VCPU_PLACEMENT)
+
+    def repin(self, topo: HostTopology) -> list[Repin]:
+        """Effective affinities back in line with declared intent on ``topo``."""
+        with self._lock:
+            if self._destroyed:
+                return []
+            moves = self.vcpus.repin(topo)
+        if moves:
+            self._changed(Aspect.VCPU_PLACEMENT)
+        return moves
+
+    # ------------------------------------------------------------------ snapshots
+    def vcpu_threads(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return self.vcpus.threads()
+
+    def vcpu_affinity(self) -> list[tuple[int, list[int]]]:
+        with self._lock:
+            return self.vcpus.affinity()
+
+    def declared_vcpu_affinity(self) -> list[tuple[int, list[int]]]:
+        with self._lock:
+            return self.vcpus.declared_affinity()
+
+    def vcpu_nodes(self) -> list[tuple[int, bool, int]]:
+        with self._lock:
+            return [(v.index, *self.get_vcpu_numa_node(v.index)) for v in self.vcpus]
+
+    def memory_regions(self) -> list[MemoryRegionInfo]:
+        with self._lock:
+            return self.memory.info()
+
+    def serial_output(self) -> bytes:
+        return self.serial.read()
+
+    def dirty_pages(self, slot: int) -> int:
+        with self._lock:
+            return self.memory.dirty_pages(slot)
+
+    def runner_states(self) -> list[str]:
+        with self._lock:
+            return [v.runner.state for v in self.vcpus]
+
+    def progress(self) -> list[int]:
+        with self._lock:
+            return [v.runner.progress for v in self.vcpus]
+
+    def stats(self) -> VmStats:
+        with self._lock:
+            self._alive()
+            exits, per_vcpu = self.vcpus.stats()
+            return VmStats(exits, per_vcpu, self.memory.resident_pages(), self.memory.dirty_pages())
+
+    def definition(self) -> VmDefinition:
+        """What persistence needs to recreate this VM and its declared placement."""
+        with self._lock:
+            return VmDefinition(
+                name=self.name, owner=self.owner, vcpus=len(self.vcpus), policy=self.policy,
+                passes=self._passes, numa_nodes=self.numa.nodes, node_map=tuple(self.numa.node_map),
+                regions=self.memory.definitions(), vcpu_placement=self.vcpus.definitions(),
+                running=self._state == VmState.RUNNING)
