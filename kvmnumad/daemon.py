@@ -28,17 +28,15 @@ from dbus_fast.aio import MessageBus
 from kvmnumad import __version__, persist, sdnotify
 from kvmnumad.bus.auth import Authorizer, make_authorizer
 from kvmnumad.bus.service import connect, start_service
+from kvmnumad.demo import create_demo
 from kvmnumad.hotplug import HotplugMonitor, RepinQueue
 from kvmnumad.journal import setup_logging
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
-from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.privatebus import PrivateBus
 from kvmnumad.state import StateStore
 
 log = logging.getLogger("kvmnumad")
-
-DEMO_VM = "demo"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,12 +99,8 @@ async def serve(args: argparse.Namespace) -> int:
                 log.info("restored VMs: %s", ", ".join(restored))
         bus = await connect(bus_spec)
         service = await start_service(manager, bus, await _authorizer(bus, args.bus))
-        if args.demo and DEMO_VM not in {vm.name for vm in manager.list_vms()}:
-            await asyncio.to_thread(
-                manager.create_vm, DEMO_VM, 4, 128 << 20,
-                CreateOptions(numa_nodes=2, policy=Policy.LOCAL_FIRST if len(manager.host_nodes()) > 1
-                              else Policy.MANUAL, start=True, allow_split=True),
-            )
+        if args.demo:
+            await asyncio.to_thread(create_demo, manager)
         if args.address_file:
             args.address_file.write_text(bus_spec + "\n")
         log.info("kvmnumad %s serving org.kvmnuma1 on %s", __version__, bus_spec)
