@@ -304,14 +304,14 @@ class VmCpuset:
         placement again is free; ``force`` (a hotplug re-pin) rewrites the
         whole chain, ancestors included."""
         cpus = set(cpus)
-        backend = self.backend
-        mems = self._mems or backend.all_mems()
-        placement = (tid, frozenset(cpus), frozenset(mems))
+        placement = (tid, frozenset(cpus), frozenset(self._mems))  # no mems yet: "all", read when written
         if not force and self._placed.get(index) == placement:
             return
         if force:
             self.forget()
         self._ensure()
+        backend = self.backend
+        mems = self._mems or backend.all_mems()
         child = self.path / f"vcpu{index}"
         child.mkdir(exist_ok=True)
         self._vcpus[index] = cpus

@@ -104,10 +104,12 @@ class Vcpus:
                 cpus=sorted(cpus)) from e
 
     def declare(self, v: Vcpu, cpus: frozenset[int] | None, bound_node: int | None) -> bool:
-        """Apply and record a placement; True if the declared intent changed."""
-        if cpus is not None:
-            self.apply(v, cpus)
+        """Apply and record a placement; True if anything changed: the declared
+        intent, or the thread's real affinity (someone else's taskset)."""
         changed = (v.declared, v.bound_node) != (cpus, bound_node)
+        if cpus is not None:
+            changed = changed or v.effective() != cpus
+            self.apply(v, cpus)
         v.declared, v.bound_node = cpus, bound_node
         return changed
 

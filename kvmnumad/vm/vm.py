@@ -244,7 +244,8 @@ class Vm:
             self._alive()
             v = self.vcpus.get(vcpu)
             wanted = topo.require_online(cpus)
-            self.vcpus.declare(v, wanted, None)
+            if not self.vcpus.declare(v, wanted, None):
+                return  # the same pin again: nothing to log, publish or persist
         log_event("pin", f"vCPU {vcpu} of VM {self.name} pinned to CPUs {cpulist.describe(wanted)}",
                   vm=self.name, vcpu=vcpu, cpus=wanted, reason="api")
         self._changed(Aspect.VCPU_PLACEMENT)
