@@ -24,18 +24,18 @@ from kvmnumad.journal import log_event
 from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.system import Kvm
 from kvmnumad.kvm.vm import VmFd
-from kvmnumad.model import MemoryRegionInfo, Policy, VmState, VmStats
+from kvmnumad.model import Policy, VmState
 from kvmnumad.numa.memory import MemPolicy
 from kvmnumad.numa.topology import HostTopology
 from kvmnumad.vm.console import SerialBuffer
-from kvmnumad.vm.definition import VmDefinition
 from kvmnumad.vm.layout import ENTRY
 from kvmnumad.vm.memory import GuestMemory, resource_error
 from kvmnumad.vm.numa import GuestNuma
 from kvmnumad.vm.vcpus import Repin, Vcpu, Vcpus
+from kvmnumad.vm.views import VmViews
 
 
-class Vm:
+class Vm(VmViews):
     """A VM owned by the Manager."""
 
     def __init__(
@@ -87,40 +87,6 @@ class Vm:
 
     def _changed(self, *aspects: Aspect) -> None:
         self._emit(VmChanged(self.name, frozenset(aspects)))
-
-    # ------------------------------------------------------------------ views
-    @property
-    def state(self) -> VmState:
-        return self._state
-
-    @property
-    def vcpu_count(self) -> int:
-        return len(self.vcpus)
-
-    @property
-    def memory_bytes(self) -> int:
-        with self._lock:
-            return self.memory.total_bytes
-
-    @property
-    def numa_enabled(self) -> bool:
-        return self.numa.enabled
-
-    @property
-    def numa_nodes(self) -> int:
-        return self.numa.nodes
-
-    @property
-    def node_map(self) -> list[int]:
-        with self._lock:
-            return list(self.numa.node_map)
-
-    def guest_node_of_vcpu(self, vcpu: int) -> int:
-        return self.numa.node_of_vcpu(vcpu, len(self.vcpus))
-
-    def _alive(self) -> None:
-        if self._destroyed:
-            raise errors.NoSuchVM(f"VM {self.name!r} has been destroyed", vm=self.name)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -270,20 +236,6 @@ class Vm:
         self._changed(Aspect.VCPU_PLACEMENT)
         return cpus
 
-    def get_vcpu_numa_node(self, vcpu: int) -> tuple[bool, int]:
-        """(bound, guest node), judged from the thread's real affinity: a vCPU
-        counts as bound only while the kernel keeps it inside its node."""
-        topo = self._topology()
-        with self._lock:
-            self._alive()
-            v = self.vcpus.get(vcpu)
-            if v.bound_node is None or not self.numa.enabled:
-                return False, self.guest_node_of_vcpu(vcpu)
-            effective = v.effective()
-            host_cpus = topo.cpus_of_node(self.numa.host_of(v.bound_node), online_only=False)
-            inside = bool(host_cpus) and effective <= host_cpus
-            return inside or effective <= self.numa.host_cpus(v.bound_node, topo), v.bound_node
-
     def apply_declared(self, vcpu: int, cpus: frozenset[int] | None, bound_node: int | None) -> None:
         """Record and apply a placement decided by a policy (the planner
         already checked it against the topology)."""
@@ -300,54 +252,3 @@ class Vm:
         if moves:
             self._changed(Aspect.VCPU_PLACEMENT)
         return moves
-
-    # ------------------------------------------------------------------ snapshots
-    def vcpu_threads(self) -> list[tuple[int, int]]:
-        with self._lock:
-            return self.vcpus.threads()
-
-    def vcpu_affinity(self) -> list[tuple[int, list[int]]]:
-        with self._lock:
-            return self.vcpus.affinity()
-
-    def declared_vcpu_affinity(self) -> list[tuple[int, list[int]]]:
-        with self._lock:
-            return self.vcpus.declared_affinity()
-
-    def vcpu_nodes(self) -> list[tuple[int, bool, int]]:
-        with self._lock:
-            return [(v.index, *self.get_vcpu_numa_node(v.index)) for v in self.vcpus]
-
-    def memory_regions(self) -> list[MemoryRegionInfo]:
-        with self._lock:
-            return self.memory.info()
-
-    def serial_output(self) -> bytes:
-        return self.serial.read()
-
-    def dirty_pages(self, slot: int) -> int:
-        with self._lock:
-            return self.memory.dirty_pages(slot)
-
-    def runner_states(self) -> list[str]:
-        with self._lock:
-            return [v.runner.state for v in self.vcpus]
-
-    def progress(self) -> list[int]:
-        with self._lock:
-            return [v.runner.progress for v in self.vcpus]
-
-    def stats(self) -> VmStats:
-        with self._lock:
-            self._alive()
-            exits, per_vcpu = self.vcpus.stats()
-            return VmStats(exits, per_vcpu, self.memory.resident_pages(), self.memory.dirty_pages())
-
-    def definition(self) -> VmDefinition:
-        """What persistence needs to recreate this VM and its declared placement."""
-        with self._lock:
-            return VmDefinition(
-                name=self.name, owner=self.owner, vcpus=len(self.vcpus), policy=self.policy,
-                passes=self._passes, numa_nodes=self.numa.nodes, node_map=tuple(self.numa.node_map),
-                regions=self.memory.definitions(), vcpu_placement=self.vcpus.definitions(),
-                running=self._state == VmState.RUNNING)
