@@ -18,8 +18,8 @@ import pytest
 from dbus_fast import Message, Variant
 
 import kvmnumad
+from kvmnumad.bus.paths import vm_path
 from kvmnumad.bus.service import BUS_NAME, NameUnavailable
-from kvmnumad.bus.vm_object import vm_path
 from tests.busfixtures import (
     MANAGER_IFACE,
     MANAGER_PATH,

@@ -15,7 +15,7 @@ from kvmnumad import errors
 from kvmnumad.bus.args import check_cpus, check_name, check_signature, parse_options, parse_policy
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE, owner_may
 from kvmnumad.bus.errors import DBUS_NAMES, to_dbus_error
-from kvmnumad.bus.vm_object import escape_label, unescape_label, vm_path
+from kvmnumad.bus.paths import escape_label, unescape_label, vm_path
 from kvmnumad.model import CreateOptions, Policy
 
 

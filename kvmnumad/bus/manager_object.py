@@ -20,15 +20,11 @@ from dbus_fast.service import dbus_property, method, signal
 from kvmnumad.bus.args import check_name, parse_options, parse_policy
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_PLACE
 from kvmnumad.bus.dispatch import BusObject, current_call
-from kvmnumad.bus.vm_object import vm_path
+from kvmnumad.bus.paths import MANAGER_INTERFACE, vm_path
 from kvmnumad.manager import Manager
 
 if TYPE_CHECKING:
     from kvmnumad.bus.service import BusService
-
-MANAGER_INTERFACE = "org.kvmnuma1.Manager"
-MANAGER_PATH = "/org/kvmnuma1"
-
 
 def snapshot(manager: Manager) -> dict[str, Any]:
     """Blocking (max_vcpus opens /dev/kvm): call off the loop."""

@@ -19,9 +19,17 @@ from dbus_fast.aio import MessageBus
 
 from kvmnumad.bus.auth import Authorizer
 from kvmnumad.bus.dispatch import Dispatcher
-from kvmnumad.bus.manager_object import MANAGER_PATH, ManagerObject
+from kvmnumad.bus.manager_object import ManagerObject
 from kvmnumad.bus.manager_object import snapshot as manager_snapshot
-from kvmnumad.bus.vm_object import VM_INTERFACE, VM_PATH_PREFIX, VmObject, snapshot, unescape_label
+from kvmnumad.bus.paths import (
+    BUS_NAME,
+    MANAGER_PATH,
+    OBJECT_MANAGER,
+    VM_INTERFACE,
+    VM_PATH_PREFIX,
+    unescape_label,
+)
+from kvmnumad.bus.vm_object import VmObject, snapshot
 from kvmnumad.errors import NoSuchVM
 from kvmnumad.events import (
     DefaultPolicyChanged,
@@ -37,8 +45,7 @@ from kvmnumad.vm import Vm
 
 log = logging.getLogger(__name__)
 
-BUS_NAME = "org.kvmnuma1"
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+__all__ = ["BUS_NAME", "BusService", "NameUnavailable", "connect", "start_service"]
 
 
 class NameUnavailable(RuntimeError):

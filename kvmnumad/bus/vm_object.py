@@ -21,6 +21,7 @@ from dbus_fast.service import dbus_property, method
 from kvmnumad.bus.args import check_cpus
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE
 from kvmnumad.bus.dispatch import BusObject, current_call
+from kvmnumad.bus.paths import VM_INTERFACE, vm_path
 from kvmnumad.model import VmStats
 from kvmnumad.vm import Vm
 
@@ -28,48 +29,6 @@ if TYPE_CHECKING:
     from kvmnumad.bus.service import BusService
 
 log = logging.getLogger(__name__)
-
-VM_INTERFACE = "org.kvmnuma1.VM"
-VM_PATH_PREFIX = "/org/kvmnuma1/vm"
-
-
-def escape_label(label: str) -> str:
-    """One object path element from any string, as sd-bus does
-    (sd_bus_path_encode): every byte outside [A-Za-z0-9], and a leading digit,
-    becomes ``_xx`` (lowercase hex); the empty string becomes ``_``."""
-    if not label:
-        return "_"
-    out = []
-    for i, byte in enumerate(label.encode()):
-        c = chr(byte)
-        if c.isascii() and (c.isalpha() or (i > 0 and c.isdigit())):
-            out.append(c)
-        else:
-            out.append(f"_{byte:02x}")
-    return "".join(out)
-
-
-def unescape_label(element: str) -> str:
-    """Inverse of escape_label (sd-bus keeps a ``_`` not followed by two hex
-    digits as it is, and so do we)."""
-    if element == "_":
-        return ""
-    data = bytearray()
-    i = 0
-    while i < len(element):
-        hexpair = element[i + 1 : i + 3]
-        if element[i] == "_" and len(hexpair) == 2 and all(h in "0123456789abcdefABCDEF" for h in hexpair):
-            data.append(int(hexpair, 16))
-            i += 3
-        else:
-            data.extend(element[i].encode())
-            i += 1
-    return data.decode(errors="surrogateescape")
-
-
-def vm_path(name: str) -> str:
-    return f"{VM_PATH_PREFIX}/{escape_label(name)}"
-
 
 def snapshot(vm: Vm) -> dict[str, Any]:
     """Every property value in its D-Bus shape (structs as lists: dbus-fast
