@@ -19,9 +19,18 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from dbus_fast.aio import MessageBus
 
-from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_PLACE, BusAuthorizer, PolkitChecker
+from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE, BusAuthorizer, PolkitChecker
 from kvmnumad.bus.service import BUS_NAME
-from tests.busfixtures import MANAGER_IFACE, MANAGER_PATH, VM_IFACE, BusClient, MiB, RunningService, busctl
+from tests.busfixtures import (
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    VM_IFACE,
+    BusClient,
+    MiB,
+    RunningService,
+    busctl,
+    options,
+)
 
 if TYPE_CHECKING:
     from tests.sysfixtures import User
@@ -132,6 +141,32 @@ def test_owner_may_place_and_start_stop_but_not_destroy(
     assert checker.asked[-1] == (u.uid, ACTION_MANAGE, {"vm": "mine", "verb": "destroy"}, True)
     assert [vm.name for vm in service.manager.list_vms()] == ["mine"]
     client.vm(path, "Destroy")  # root may
+
+
+def test_map_numa_node_asks_migrate_memory_whatever_the_node_holds(
+    service: RunningService, client: BusClient, checker: TableChecker, unpriv_user: User
+) -> None:
+    """The action is declared on the method, not chosen from state read
+    before authorizing: a guest node without memory asks the same action as
+    one with memory, and the owner rule covers it for the owner."""
+    a, u = service.address, unpriv_user
+    (empty,) = client.manager("CreateVM", "suta{sv}", "empty", 1, 0, options(numa_nodes=1))
+    (full,) = client.manager("CreateVM", "suta{sv}", "full", 1, 2 * MiB, options(numa_nodes=1))
+    for path in (empty, full):
+        out = gdbus(u, a, path, f"{VM_IFACE}.MapNumaNode", "0", "0")
+        assert denied(out), out.stderr
+    assert [(action, d["vm"], d["verb"]) for _, action, d, _ in checker.asked] == [
+        (ACTION_MIGRATE, "empty", "map-numa-node"),
+        (ACTION_MIGRATE, "full", "map-numa-node"),
+    ]
+
+    out = gdbus(u, a, MANAGER_PATH, f"{MANAGER_IFACE}.CreateVM", "mine", "1", str(2 * MiB),
+                "{'numa_nodes': <uint32 1>}")
+    assert out.returncode == 0, out.stderr
+    asked = len(checker.asked)
+    out = gdbus(u, a, "/org/kvmnuma1/vm/mine", f"{VM_IFACE}.MapNumaNode", "0", "0")
+    assert out.returncode == 0, out.stderr
+    assert len(checker.asked) == asked  # the owner rule answered, not polkit
 
 
 def test_interactive_flag_reaches_the_checker(

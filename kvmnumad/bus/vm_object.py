@@ -175,11 +175,10 @@ class VmObject(BusObject):
 
     @method()
     async def MapNumaNode(self, node: "u", host_node: "u") -> None:
-        # Moving resident guest memory is its own polkit action; a node
-        # without memory only changes where future memory and vCPUs go.
-        regions = await asyncio.to_thread(self.vm.memory_regions)
-        action = ACTION_MIGRATE if any(r.guest_node == node for r in regions) else ACTION_PLACE
-        await self._act(action, "map-numa-node", self.vm.map_numa_node, node, host_node)
+        # One action whatever the node holds: which memory moves is read
+        # under the VM's lock, after authorization, so the action cannot
+        # depend on it (it once did: a check of state read before asking).
+        await self._act(ACTION_MIGRATE, "map-numa-node", self.vm.map_numa_node, node, host_node)
 
     @method()
     async def GetStats(self) -> "a{sv}":
