@@ -4,9 +4,10 @@ Load them as a plugin from a test module: ``pytest_plugins = ["tests.busfixtures
 (PYTEST_DONT_REWRITE: test modules import helpers from here before the plugin loads.)
 
 ``bus_daemon`` (module): ``dbus-daemon --fork --print-address=1 --print-pid=2``
-    with a session-type config of its own: any uid may connect (so tests can
-    call as an unprivileged user), plus the project's dbus/org.kvmnuma1.conf
-    when it exists.  Killed by pid at teardown.
+    with the config ``make run``'s private bus has (kvmnumad.privatebus.bus_config):
+    any uid may connect (so tests can call as an unprivileged user), the
+    system bus's deny-by-default, and the project's dbus/org.kvmnuma1.conf.
+    Killed by pid at teardown.
 ``service`` (function): a real Manager and start_service() on a connection
     of its own, run by an asyncio loop on a thread of its own (the service is
     async; the tests are not).  Authorizer: BusAuthorizer without polkit,
@@ -41,6 +42,7 @@ from dbus_fast.aio import MessageBus
 from kvmnumad.bus.auth import BusAuthorizer, PolkitChecker, make_authorizer
 from kvmnumad.bus.service import BUS_NAME, BusService, connect, start_service
 from kvmnumad.manager import Manager
+from kvmnumad.privatebus import bus_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_POLICY = ROOT / "dbus" / "org.kvmnuma1.conf"
@@ -52,23 +54,6 @@ OM_IFACE = "org.freedesktop.DBus.ObjectManager"
 MiB = 1 << 20
 
 T = TypeVar("T")
-
-CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-  </policy>
-  <includedir>{include}</includedir>
-</busconfig>
-"""
-
 
 # ----------------------------------------------------------------- loop thread
 class LoopThread:
@@ -102,12 +87,12 @@ class BusDaemon:
 def start_bus_daemon(include_policy: bool = True) -> Iterator[BusDaemon]:
     directory = Path(tempfile.mkdtemp(prefix="kvmnuma-testbus-"))
     directory.chmod(0o755)  # unprivileged callers reach the socket
-    include = directory / "policy.d"
-    include.mkdir()
-    if include_policy and PROJECT_POLICY.exists():
-        shutil.copy(PROJECT_POLICY, include / PROJECT_POLICY.name)
     config = directory / "bus.conf"
-    config.write_text(CONFIG.format(socket=directory / "sock", include=include))
+    # make run's config, nothing added: the tests run as root (the policy's owner of
+    # org.kvmnuma1), own no other name, and busctl monitor uses root's BecomeMonitor
+    # rule of the template; no test needs eavesdropping or anyone else owning names.
+    # The checkout's policy, never an installed one: the tests are of this tree.
+    config.write_text(bus_config(directory / "sock", PROJECT_POLICY if include_policy else None))
     out = subprocess.run(
         ["dbus-daemon", f"--config-file={config}", "--fork", "--print-address=1", "--print-pid=2"],
         check=True, capture_output=True, text=True, timeout=30,
