@@ -65,6 +65,16 @@ POLKIT_RULES_DIR = Path("/etc/polkit-1/rules.d")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
+def _terminate(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL after 5 s; always reaped."""
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _kill(pid: int, timeout: float = 5.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -293,12 +303,7 @@ def polkitd(system_bus: SystemBus) -> Iterator[Polkitd]:
                 raise RuntimeError(f"polkitd exited with {proc.returncode}")
             yield Polkitd(system_bus, proc.pid)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _terminate(proc)
 
 
 # --- journald --------------------------------------------------------------------------------------
@@ -354,12 +359,7 @@ def journald() -> Iterator[Journal]:
             raise RuntimeError(f"systemd-journald exited with {proc.returncode}")
         yield Journal(started_here=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _terminate(proc)
 
 
 @pytest.fixture
