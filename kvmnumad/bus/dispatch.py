@@ -68,9 +68,26 @@ def current_call() -> Call:
 class BusObject(ServiceInterface):
     """A ServiceInterface whose writable properties are set through
     ``set_property`` (authorized, validated, off the loop), never through
-    dbus-fast's synchronous setter."""
+    dbus-fast's synchronous setter.  Property values are mirrored from the
+    core in ``_props`` (served by dbus-fast's getters, updated by ``publish``)."""
 
     writable: dict[str, str] = {}  # property name -> signature
+
+    def __init__(self, name: str, props: dict[str, Any]) -> None:
+        super().__init__(name)
+        self._props = props
+
+    def variants(self) -> dict[str, Variant]:
+        """Every property as a Variant (InterfacesAdded)."""
+        sigs = {p.name: p.signature for p in self.introspect().properties}
+        return {name: Variant(sigs[name], value) for name, value in self._props.items()}
+
+    def publish(self, values: dict[str, Any]) -> None:
+        """Take the new ``values``; one PropertiesChanged with those that differ, none if none do."""
+        changed = {k: v for k, v in values.items() if self._props.get(k) != v}
+        self._props.update(values)
+        if changed:
+            self.emit_properties_changed(changed)
 
     async def set_property(self, name: str, value: Any) -> None:
         raise InvalidArgument(f"property {name!r} is read-only")

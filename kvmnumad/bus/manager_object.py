@@ -5,8 +5,8 @@
 """``/org/kvmnuma1``: interface org.kvmnuma1.Manager.
 
 VM-level verbs (DestroyVM) forward to the VM object's implementation, as
-systemd-machined does; properties come from a snapshot refreshed off the
-loop, like the VM objects'.  org.freedesktop.DBus.ObjectManager on this path
+systemd-machined does; properties are the service's mirror, like the VM
+objects'.  org.freedesktop.DBus.ObjectManager on this path
 is dbus-fast's GetManagedObjects plus the InterfacesAdded/Removed signals
 that BusService emits from here.
 """
@@ -20,22 +20,11 @@ from dbus_fast.service import dbus_property, method, signal
 from kvmnumad.bus.args import check_name, parse_options, parse_policy
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_PLACE
 from kvmnumad.bus.dispatch import BusObject, current_call
-from kvmnumad.bus.paths import MANAGER_INTERFACE, vm_path
+from kvmnumad.bus.paths import MANAGER_INTERFACE, MANAGER_PATH, vm_path
 from kvmnumad.manager import Manager
 
 if TYPE_CHECKING:
     from kvmnumad.bus.service import BusService
-
-def snapshot(manager: Manager) -> dict[str, Any]:
-    """Blocking (max_vcpus opens /dev/kvm): call off the loop."""
-    return {
-        "Version": manager.version,
-        "HostNodes": list(manager.host_nodes()),
-        "OnlineCPUs": list(manager.online_cpus()),
-        "DefaultPolicy": str(manager.default_policy),
-        "MaxVcpus": manager.max_vcpus(),
-    }
-
 
 def topology_rows(manager: Manager) -> list[list[Any]]:
     """GetTopology's a(uauttau): id, CPUs (online), total, free, distance to
@@ -52,18 +41,8 @@ class ManagerObject(BusObject):
     writable = {"DefaultPolicy": "s"}
 
     def __init__(self, service: "BusService", props: dict[str, Any]) -> None:
-        super().__init__(MANAGER_INTERFACE)
+        super().__init__(MANAGER_INTERFACE, props)
         self._service = service
-        self._props = props
-        self._refresh_lock = asyncio.Lock()
-
-    async def refresh(self) -> None:
-        async with self._refresh_lock:
-            new = await asyncio.to_thread(snapshot, self._service.manager)
-            changed = {k: v for k, v in new.items() if self._props.get(k) != v}
-            self._props = new
-            if changed:
-                self.emit_properties_changed(changed)
 
     async def set_property(self, name: str, value: Any) -> None:
         # Only DefaultPolicy is writable (see ``writable``).
@@ -72,10 +51,8 @@ class ManagerObject(BusObject):
         await self._service.authorizer.authorize(
             call.sender, ACTION_PLACE, {"verb": "set-default-policy", "policy": str(policy)}, call.interactive
         )
-        try:
+        async with self._service.settled(MANAGER_PATH):
             await asyncio.to_thread(self._service.manager.set_default_policy, policy)
-        finally:
-            await self.refresh()
 
     # ------------------------------------------------------------- methods
     @method()
@@ -87,10 +64,8 @@ class ManagerObject(BusObject):
         await auth.authorize(call.sender, ACTION_MANAGE, {"vm": name, "verb": "create"}, call.interactive)
         owner = await auth.caller_uid(call.sender)
         manager = self._service.manager
-        try:
+        async with self._service.settled(vm_path(name)):
             await asyncio.to_thread(manager.create_vm, name, vcpus, memory_bytes, opts, owner)
-        finally:
-            await self._service.reconcile(name)
         return vm_path(name)
 
     @method()

@@ -1,17 +1,18 @@
 """The org.kvmnuma1 service: exports, name ownership and core events.
 
-The bus objects mirror the core: ``reconcile(name)`` makes the exported VM
-object match what the Manager has *now* (export, re-export after a
-destroy-and-recreate, unexport), so method replies and core events, which
-arrive in any order and from any thread, converge on the same state.  Core
-events are marshalled onto the loop and handled one at a time, in order.
+The bus objects mirror the core.  Every core event becomes, in the order the
+core emitted it, at most one PropertiesChanged (or signal, or
+InterfacesAdded/Removed) carrying only what changed (bus/pump.py,
+bus/properties.py).  ``reconcile(name)`` makes the exported VM object match
+what the Manager has *now* (export, re-export after a destroy-and-recreate,
+unexport); events and GetVM, arriving in any order, converge on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from dbus_fast import BusType, Message, NameFlag, RequestNameReply
@@ -20,7 +21,6 @@ from dbus_fast.aio import MessageBus
 from kvmnumad.bus.auth import Authorizer
 from kvmnumad.bus.dispatch import Dispatcher
 from kvmnumad.bus.manager_object import ManagerObject
-from kvmnumad.bus.manager_object import snapshot as manager_snapshot
 from kvmnumad.bus.paths import (
     BUS_NAME,
     MANAGER_PATH,
@@ -28,8 +28,17 @@ from kvmnumad.bus.paths import (
     VM_INTERFACE,
     VM_PATH_PREFIX,
     unescape_label,
+    vm_path,
 )
-from kvmnumad.bus.vm_object import VmObject, snapshot
+from kvmnumad.bus.properties import (
+    TOPOLOGY_PROPERTIES,
+    TOPOLOGY_VM_PROPERTIES,
+    manager_snapshot,
+    touched,
+    vm_snapshot,
+)
+from kvmnumad.bus.pump import EventPump
+from kvmnumad.bus.vm_object import VmObject
 from kvmnumad.errors import NoSuchVM
 from kvmnumad.events import (
     DefaultPolicyChanged,
@@ -52,6 +61,12 @@ class NameUnavailable(RuntimeError):
     """org.kvmnuma1 is owned by another connection, or the bus policy forbids us."""
 
 
+def _path_of(event: Event) -> str:
+    if isinstance(event, (VmAdded, VmRemoved, VmChanged, VcpuRepinned)):
+        return vm_path(event.vm)
+    return MANAGER_PATH
+
+
 class BusService:
     """What start_service() returns; ``await stop()`` undoes it."""
 
@@ -63,9 +78,7 @@ class BusService:
         self.manager_object: ManagerObject | None = None
         self._vms: dict[str, VmObject] = {}
         self._reconcile_lock = asyncio.Lock()
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        self._pump: asyncio.Task[None] | None = None
+        self._pump = EventPump(self._handle, _path_of)
         self._stopped = False
         self.owns_name = False
 
@@ -77,8 +90,8 @@ class BusService:
         self.dispatcher.add_fallback(VM_PATH_PREFIX, VmObject.template(), _no_such_vm)
         self.dispatcher.install()
         # Subscribe before listing, so no VM falls between the two.
-        self.manager.subscribe(self._on_core_event)
-        self._pump = self._loop.create_task(self._pump_events())
+        self.manager.subscribe(self._pump.submit)
+        self._pump.start()
         for vm in await asyncio.to_thread(self.manager.list_vms):
             await self.reconcile(vm.name)
         try:
@@ -94,8 +107,8 @@ class BusService:
         if self._stopped:
             return
         self._stopped = True
-        if self._pump is not None:
-            self._pump.cancel()
+        self.manager.unsubscribe(self._pump.submit)
+        self._pump.close()
         if self.owns_name and self.bus.connected:
             try:
                 await self.bus.release_name(BUS_NAME)
@@ -105,43 +118,53 @@ class BusService:
         self.dispatcher.close()
         self._vms.clear()
 
-    # ---------------------------------------------------------- VM objects
+    # ------------------------------------------------- what objects ask for
     async def vm_object(self, name: str) -> VmObject:
         obj = await self.reconcile(name)
         if obj is None:
             raise NoSuchVM(f"no VM named {name!r}")
         return obj
 
-    async def reconcile(self, name: str, refresh: bool = False) -> VmObject | None:
-        """Make the exported object of ``name`` match the core's VM."""
+    def settled(self, path: str) -> AbstractAsyncContextManager[None]:
+        return self._pump.settled(path)
+
+    # ---------------------------------------------------------- VM objects
+    async def reconcile(self, name: str, touched_props: frozenset[str] = frozenset()) -> VmObject | None:
+        """Make the exported object of ``name`` match the core's VM; of an
+        object that stays, publish ``touched_props`` (re-read, diffed).
+        NoSuchVM from a VM destroyed meanwhile means None; other failures
+        raise, for the caller (or the event pump) to report."""
         async with self._reconcile_lock:
-            vm = await asyncio.to_thread(self._lookup, name)
             obj = self._vms.get(name)
+            if obj is not None and touched_props:
+                try:
+                    obj.publish(await asyncio.to_thread(vm_snapshot, self.manager, obj.vm, touched_props))
+                    return obj
+                except NoSuchVM:
+                    pass  # destroyed or made anew: exported afresh, or not at all, below
+            current = obj.vm if obj is not None else None
+            try:
+                vm, props = await asyncio.to_thread(self._lookup, name, current)
+            except NoSuchVM:
+                vm, props = None, {}
             if obj is not None and obj.vm is not vm:
                 self._drop(obj)
                 obj = None
             if vm is None or self._stopped:
                 return None
             if obj is None:
-                try:
-                    props = await asyncio.to_thread(snapshot, vm)
-                except Exception as e:  # destroyed between lookup and snapshot
-                    log.debug("VM %s vanished while being exported: %s", name, e)
-                    return None
                 obj = VmObject(self, vm, props)
                 self.dispatcher.export(obj.path, obj)
                 self._vms[name] = obj
                 added = [obj.path, {VM_INTERFACE: obj.variants()}]
                 self._object_manager_signal("InterfacesAdded", "oa{sa{sv}}", added)
-            elif refresh:
-                await obj.refresh()
             return obj
 
-    def _lookup(self, name: str) -> Vm | None:
-        try:
-            return self.manager.get_vm(name)
-        except NoSuchVM:
-            return None
+    def _lookup(self, name: str, exported: Vm | None) -> tuple[Vm, dict[str, Any]]:
+        """The Manager's VM of that name and, unless it is ``exported``
+        already, all its properties.  Blocking."""
+        vm = self.manager.get_vm(name)
+        return vm, ({} if vm is exported else vm_snapshot(self.manager, vm))
 
     def _drop(self, obj: VmObject) -> None:
         self._vms.pop(obj.vm_name, None)
@@ -155,36 +178,24 @@ class BusService:
         self.bus.send(Message.new_signal(MANAGER_PATH, OBJECT_MANAGER, member, signature, body))
 
     # --------------------------------------------------------------- events
-    def _on_core_event(self, event: Event) -> None:
-        """Called by the core on any thread: hand over to the loop, nothing more."""
-        if self._stopped:
-            return
-        with contextlib.suppress(RuntimeError):  # a closed loop: the service is gone
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    async def _pump_events(self) -> None:
-        while True:
-            event = await self._events.get()
-            try:
-                await self._handle(event)
-            except Exception:
-                log.exception("publishing core event %s failed", event)
-
     async def _handle(self, event: Event) -> None:
+        """What one core event means on the bus (bus/properties.py says which properties)."""
         mo = self.manager_object
         assert mo is not None
         if isinstance(event, (VmAdded, VmRemoved)):
             await self.reconcile(event.vm)
         elif isinstance(event, VmChanged):
-            await self.reconcile(event.vm, refresh=True)
+            await self.reconcile(event.vm, touched(event.aspects))
         elif isinstance(event, VcpuRepinned):
+            # Its properties came with the VmChanged the re-pin emitted first.
             mo.VcpuRepinned(event.vm, event.vcpu, sorted(event.new), event.reason)
-            await self.reconcile(event.vm, refresh=True)
         elif isinstance(event, TopologyChanged):
             mo.TopologyChanged(sorted(event.online_cpus))
-            await mo.refresh()
+            mo.publish(await asyncio.to_thread(manager_snapshot, self.manager, TOPOLOGY_PROPERTIES))
+            for name in list(self._vms):
+                await self.reconcile(name, TOPOLOGY_VM_PROPERTIES)
         elif isinstance(event, DefaultPolicyChanged):
-            await mo.refresh()
+            mo.publish({"DefaultPolicy": str(event.policy)})
 
 
 def _no_such_vm(element: str) -> Exception:

@@ -4,14 +4,12 @@
 # ruff: noqa: F821, F722
 """``/org/kvmnuma1/vm/<escaped name>``: interface org.kvmnuma1.VM.
 
-Property values are served from a snapshot taken off the event loop (a Vm
-getter takes the VM's lock, which a long mbind may hold): the snapshot is
-refreshed after each mutating call, before its reply, and whenever the core
-reports a change; PropertiesChanged carries exactly the values that differ.
+Property values are the service's mirror of the VM (bus/properties.py),
+updated from the core's events only; a mutating method replies once the
+events of its change are published.
 """
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,31 +25,6 @@ from kvmnumad.vm import Vm
 
 if TYPE_CHECKING:
     from kvmnumad.bus.service import BusService
-
-log = logging.getLogger(__name__)
-
-def snapshot(vm: Vm) -> dict[str, Any]:
-    """Every property value in its D-Bus shape (structs as lists: dbus-fast
-    1.84 refuses tuples).  Blocking: call off the loop."""
-    return {
-        "Name": vm.name,
-        "State": str(vm.state),
-        "Vcpus": vm.vcpu_count,
-        "MemoryBytes": vm.memory_bytes,
-        "NumaEnabled": vm.numa_enabled,
-        "NumaNodes": vm.numa_nodes,
-        "NodeMap": list(vm.node_map),
-        "Policy": str(vm.policy),
-        "VcpuThreads": [[v, tid] for v, tid in vm.vcpu_threads()],
-        "VcpuAffinity": [[v, list(cpus)] for v, cpus in vm.vcpu_affinity()],
-        "DeclaredVcpuAffinity": [[v, list(cpus)] for v, cpus in vm.declared_vcpu_affinity()],
-        "VcpuNodes": [[v, bound, node] for v, bound, node in vm.vcpu_nodes()],
-        "MemoryRegions": [
-            [r.slot, r.gpa, r.size, r.guest_node, r.host_node, r.hva] for r in vm.memory_regions()
-        ],
-        "Owner": vm.owner,
-    }
-
 
 def stats_dict(s: VmStats) -> dict[str, Variant]:
     """GetStats as flat maps keyed by vCPU or node, so busctl and jq read it
@@ -70,40 +43,20 @@ def stats_dict(s: VmStats) -> dict[str, Variant]:
 
 class VmObject(BusObject):
     def __init__(self, service: "BusService", vm: Vm, props: dict[str, Any]) -> None:
-        super().__init__(VM_INTERFACE)
+        super().__init__(VM_INTERFACE, props)
         self.vm = vm
         self.vm_name = vm.name  # (self.name is the interface name, ServiceInterface's)
         self.path = vm_path(vm.name)
         self._service = service
-        self._props = props
-        self._refresh_lock = asyncio.Lock()
 
     @classmethod
     def template(cls) -> "VmObject":
         """An instance for its members only (never exported, never called)."""
         obj = cls.__new__(cls)
-        BusObject.__init__(obj, VM_INTERFACE)
+        BusObject.__init__(obj, VM_INTERFACE, {})
         return obj
 
     # ------------------------------------------------------------ plumbing
-    def variants(self) -> dict[str, Variant]:
-        """Every property as a Variant (InterfacesAdded, GetManagedObjects)."""
-        sigs = {p.name: p.signature for p in self.introspect().properties}
-        return {name: Variant(sigs[name], value) for name, value in self._props.items()}
-
-    async def refresh(self) -> None:
-        """Re-read the VM and emit PropertiesChanged for what differs."""
-        async with self._refresh_lock:
-            try:
-                new = await asyncio.to_thread(snapshot, self.vm)
-            except Exception as e:  # destroyed meanwhile: the removal follows
-                log.debug("no snapshot of VM %s: %s", self.vm_name, e)
-                return
-            changed = {k: v for k, v in new.items() if self._props.get(k) != v}
-            self._props = new
-            if changed:
-                self.emit_properties_changed(changed)
-
     async def _authorize(self, action: str, verb: str, **details: str) -> None:
         call = current_call()
         details = {"vm": self.vm_name, "verb": verb, **details}
@@ -112,20 +65,15 @@ class VmObject(BusObject):
         )
 
     async def _act(self, action: str, verb: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Authorize, run the core call off the loop, publish what changed."""
+        """Authorize, run the core call off the loop; return once the core's
+        events about it are published (so the reply follows them)."""
         await self._authorize(action, verb)
-        try:
+        async with self._service.settled(self.path):
             return await asyncio.to_thread(fn, *args)
-        finally:
-            await self.refresh()
 
     async def destroy(self) -> None:
         """The one implementation behind VM.Destroy and Manager.DestroyVM."""
-        await self._authorize(ACTION_MANAGE, "destroy")
-        try:
-            await asyncio.to_thread(self._service.manager.destroy_vm, self.vm_name)
-        finally:
-            await self._service.reconcile(self.vm_name)
+        await self._act(ACTION_MANAGE, "destroy", self._service.manager.destroy_vm, self.vm_name)
 
     # ------------------------------------------------------------- methods
     @method()

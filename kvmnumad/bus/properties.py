@@ -1,0 +1,92 @@
+"""Which D-Bus properties a core change touches, and how each is read.
+
+The core says *what* changed (events.Aspect); this is the one place that
+says what that means on the bus.  A VmChanged re-reads only the properties
+of its aspects, and PropertiesChanged carries only the values that differ.
+Values are in their D-Bus shape (structs as lists: dbus-fast 1.84 refuses
+tuples).  Every reader blocks (a Vm getter takes the VM's lock, which a long
+mbind may hold; max_vcpus opens /dev/kvm): call them off the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kvmnumad.errors import NoSuchVM
+from kvmnumad.events import Aspect
+from kvmnumad.manager import Manager
+from kvmnumad.vm import Vm
+
+VM_PROPERTIES: dict[str, Callable[[Vm], Any]] = {
+    "Name": lambda vm: vm.name,
+    "State": lambda vm: str(vm.state),
+    "Vcpus": lambda vm: vm.vcpu_count,
+    "MemoryBytes": lambda vm: vm.memory_bytes,
+    "NumaEnabled": lambda vm: vm.numa_enabled,
+    "NumaNodes": lambda vm: vm.numa_nodes,
+    "NodeMap": lambda vm: list(vm.node_map),
+    "Policy": lambda vm: str(vm.policy),
+    "VcpuThreads": lambda vm: [[v, tid] for v, tid in vm.vcpu_threads()],
+    "VcpuAffinity": lambda vm: [[v, list(cpus)] for v, cpus in vm.vcpu_affinity()],
+    "DeclaredVcpuAffinity": lambda vm: [[v, list(cpus)] for v, cpus in vm.declared_vcpu_affinity()],
+    "VcpuNodes": lambda vm: [[v, bound, node] for v, bound, node in vm.vcpu_nodes()],
+    "MemoryRegions": lambda vm: [
+        [r.slot, r.gpa, r.size, r.guest_node, r.host_node, r.hva] for r in vm.memory_regions()
+    ],
+    "Owner": lambda vm: vm.owner,
+}
+
+# Fixed when the VM is made (vCPU threads exist from then on).
+VM_CONSTANT = frozenset({"Name", "Vcpus", "Policy", "VcpuThreads", "Owner"})
+
+ASPECT_PROPERTIES: dict[Aspect, frozenset[str]] = {
+    Aspect.STATE: frozenset({"State"}),
+    # VcpuNodes names each vCPU's guest node, which the node count decides
+    Aspect.NUMA_LAYOUT: frozenset({"NumaEnabled", "NumaNodes", "NodeMap", "VcpuNodes"}),
+    Aspect.MEMORY: frozenset({"MemoryBytes", "MemoryRegions"}),
+    Aspect.VCPU_PLACEMENT: frozenset({"VcpuAffinity", "DeclaredVcpuAffinity", "VcpuNodes"}),
+}
+
+# A host CPU going or coming changes effective affinities the kernel
+# reports, re-pinned or not (an unpinned vCPU loses the offline CPU too).
+TOPOLOGY_VM_PROPERTIES = frozenset({"VcpuAffinity", "VcpuNodes"})
+
+MANAGER_PROPERTIES: dict[str, Callable[[Manager], Any]] = {
+    "Version": lambda m: m.version,
+    "HostNodes": lambda m: list(m.host_nodes()),
+    "OnlineCPUs": lambda m: list(m.online_cpus()),
+    "DefaultPolicy": lambda m: str(m.default_policy),
+    "MaxVcpus": lambda m: m.max_vcpus(),
+}
+TOPOLOGY_PROPERTIES = frozenset({"HostNodes", "OnlineCPUs"})
+
+
+def touched(aspects: Iterable[Aspect]) -> frozenset[str]:
+    return frozenset().union(*(ASPECT_PROPERTIES[a] for a in aspects))
+
+
+def vm_snapshot(manager: Manager, vm: Vm, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """The values of ``names`` (default: all), read while ``vm`` is the
+    Manager's VM of that name; NoSuchVM if it is no longer (destroyed or
+    replaced meanwhile: its removal is a core event of its own)."""
+    wanted = VM_PROPERTIES if names is None else {n: VM_PROPERTIES[n] for n in sorted(names)}
+    try:
+        values = {name: read(vm) for name, read in wanted.items()}
+    except Exception:
+        _require_registered(manager, vm)  # a VM torn down under the reads: NoSuchVM
+        raise
+    # Registered after the reads means registered during them: the Manager
+    # unregisters a VM before destroying it.
+    _require_registered(manager, vm)
+    return values
+
+
+def manager_snapshot(manager: Manager, names: Iterable[str] | None = None) -> dict[str, Any]:
+    wanted = MANAGER_PROPERTIES if names is None else {n: MANAGER_PROPERTIES[n] for n in sorted(names)}
+    return {name: read(manager) for name, read in wanted.items()}
+
+
+def _require_registered(manager: Manager, vm: Vm) -> None:
+    if manager.get_vm(vm.name) is not vm:  # get_vm raises NoSuchVM when there is none
+        raise NoSuchVM(f"VM {vm.name!r} was destroyed and made anew")
