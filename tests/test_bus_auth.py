@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -167,6 +168,60 @@ def test_map_numa_node_asks_migrate_memory_whatever_the_node_holds(
     out = gdbus(u, a, "/org/kvmnuma1/vm/mine", f"{VM_IFACE}.MapNumaNode", "0", "0")
     assert out.returncode == 0, out.stderr
     assert len(checker.asked) == asked  # the owner rule answered, not polkit
+
+
+# The contract, member by member: the action and verb a caller who is neither
+# root nor the owner is asked about; None: a read, nobody is asked.
+CONTRACT: dict[str, tuple[str, str] | None] = {
+    "CreateVM": (ACTION_MANAGE, "create"),
+    "DestroyVM": (ACTION_MANAGE, "destroy"),
+    "GetVM": None, "ListVMs": None, "GetTopology": None, "GetReport": None, "GetSuggestions": None,
+    "PlanVM": None,
+    "Start": (ACTION_MANAGE, "start"),
+    "Stop": (ACTION_MANAGE, "stop"),
+    "Destroy": (ACTION_MANAGE, "destroy"),
+    "EnableNuma": (ACTION_PLACE, "enable-numa"),
+    "DisableNuma": (ACTION_PLACE, "disable-numa"),
+    "SetupNumaMemory": (ACTION_PLACE, "setup-numa-memory"),
+    "SetVcpuAffinity": (ACTION_PLACE, "set-vcpu-affinity"),
+    "BindVcpuToNumaNode": (ACTION_PLACE, "bind-vcpu"),
+    "MapNumaNode": (ACTION_MIGRATE, "map-numa-node"),
+    "GetVcpuAffinity": None, "GetVcpuNumaNode": None, "GetStats": None,
+}
+BUSCTL_ARGS = {"s": ["target"], "u": ["0"], "t": ["0"], "au": ["1", "0"], "a{sv}": ["0"]}
+
+
+def test_every_live_member_asks_what_the_contract_says(
+    service: RunningService, client: BusClient, checker: TableChecker, unpriv_user: User
+) -> None:
+    """Each method the service introspects, called by a user who is neither
+    root nor the VM's owner: a mutation asks its action once and is denied
+    before it runs, a read asks nobody."""
+    a, u = service.address, unpriv_user
+    checker.allow.clear()
+    (path,) = client.manager("CreateVM", "suta{sv}", "target", 1, 2 * MiB, options(numa_nodes=1))
+    seen = []
+    for obj, iface in ((MANAGER_PATH, MANAGER_IFACE), (path, VM_IFACE)):
+        (xml,) = client.ok(BUS_NAME, obj, "org.freedesktop.DBus.Introspectable", "Introspect")
+        (node,) = [i for i in ET.fromstring(xml).findall("interface") if i.get("name") == iface]
+        for m in node.findall("method"):
+            member = m.get("name", "")
+            types = [arg.get("type", "") for arg in m.findall("arg") if arg.get("direction", "in") == "in"]
+            args = [word for t in types for word in BUSCTL_ARGS[t]]
+            asked = len(checker.asked)
+            out = busctl(a, "call", BUS_NAME, obj, iface, member, *(["".join(types), *args] if types else []),
+                         user=u.name, check=False)
+            expected = CONTRACT[member]
+            got = [(action, d["verb"], d.get("vm")) for _, action, d, _ in checker.asked[asked:]]
+            if expected is None:
+                assert got == [], member
+            else:
+                assert got == [(*expected, "target")], member
+                assert out.returncode != 0 and "Access denied" in out.stderr, (member, out.stderr)
+            seen.append(member)
+    assert sorted(seen) == sorted(CONTRACT)
+    assert client.manager("ListVMs") == [[["target", "created", path]]]  # nothing ran
+    assert client.get(path, VM_IFACE, "DeclaredVcpuAffinity") == [[0, []]]
 
 
 def test_interactive_flag_reaches_the_checker(

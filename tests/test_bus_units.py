@@ -1,4 +1,5 @@
-"""The bus layer's pure parts: path escaping, argument parsing, the error table.
+"""The bus layer's pure parts: path escaping, argument parsing, the error table, which
+properties a change touches.
 
 Escaping is checked against sd-bus's rules as busctl applies them: busctl
 itself is the observer in test_bus_api (it reaches the escaped path).
@@ -15,7 +16,19 @@ from kvmnumad import errors
 from kvmnumad.bus.args import check_cpus, check_name, check_signature, parse_options, parse_policy
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE, owner_may
 from kvmnumad.bus.errors import DBUS_NAMES, to_dbus_error
+from kvmnumad.bus.manager_object import ManagerObject
 from kvmnumad.bus.paths import escape_label, unescape_label, vm_path
+from kvmnumad.bus.properties import (
+    ASPECT_PROPERTIES,
+    MANAGER_PROPERTIES,
+    TOPOLOGY_PROPERTIES,
+    TOPOLOGY_VM_PROPERTIES,
+    VM_CONSTANT,
+    VM_PROPERTIES,
+    touched,
+)
+from kvmnumad.bus.vm_object import VmObject
+from kvmnumad.events import Aspect
 from kvmnumad.model import CreateOptions, Policy
 
 
@@ -161,3 +174,20 @@ def test_owner_may_place_migrate_and_start_stop_only() -> None:
     assert owner_may(ACTION_MANAGE, "start") and owner_may(ACTION_MANAGE, "stop")
     assert not owner_may(ACTION_MANAGE, "destroy")
     assert not owner_may(ACTION_MANAGE, "create")
+
+
+# ------------------------------------------------------- what changes touch
+def test_every_vm_property_is_constant_or_touched_by_an_aspect() -> None:
+    served = {p.name for p in VmObject.template().introspect().properties}
+    assert set(VM_PROPERTIES) == served
+    touched_by_some = frozenset().union(*ASPECT_PROPERTIES.values())
+    assert set(ASPECT_PROPERTIES) == set(Aspect)
+    assert touched_by_some | VM_CONSTANT == served and not touched_by_some & VM_CONSTANT
+    assert touched([Aspect.STATE]) == {"State"}
+    assert touched([Aspect.MEMORY, Aspect.STATE]) == {"State", "MemoryBytes", "MemoryRegions"}
+    assert touched_by_some >= TOPOLOGY_VM_PROPERTIES
+
+
+def test_every_manager_property_has_a_reader() -> None:
+    served = {p.name for p in ManagerObject(None, {}).introspect().properties}  # type: ignore[arg-type]
+    assert set(MANAGER_PROPERTIES) == served and served >= TOPOLOGY_PROPERTIES

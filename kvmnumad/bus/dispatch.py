@@ -1,4 +1,4 @@
-"""Our own dispatch of method calls, ahead of dbus-fast's.
+"""Our own dispatch of method calls, ahead of dbus-fast's: identity, checks, authorization.
 
 dbus-fast's ``@method`` handlers are not told who called (dbus-next issues 93
 and 129), and its dispatch answers ``UnknownMethod`` when the signature is
@@ -7,15 +7,19 @@ that sends ``u`` where ``t`` is due deserves an InvalidArgument that says so.
 
 So a message handler (``bus.add_message_handler``, which runs before any
 export lookup in both dbus-fast 1.84 and 5.x) takes every call addressed to
-one of our interfaces, checks its signature, and runs the ``@method``
-implementation in a task of its own whose context holds the ``Call``
-(sender, interactive flag).  A handler reads it with ``current_call()``;
-since each task has its own context copy, concurrent callers never see each
-other's identity.  Errors are translated in one place (``bus/errors.py``).
+one of our interfaces and serves it in a task of its own whose context holds
+the ``Call`` (sender, interactive flag); since each task has its own context
+copy, concurrent callers never see each other's identity.  Serving is, in
+this order: the signature; the member's declaration (bus/access.py) --
+none means AccessDenied, logged; the declared argument checks; for a
+mutating member the Authorizer with polkit details (verb, vm, declared
+details) and the VM's owner; the call itself; and, for a mutating member,
+the event barrier, so that the reply follows the PropertiesChanged the
+change caused.  Errors are translated in one place (``bus/errors.py``).
 
 Everything else (Introspect, Properties.Get/GetAll, ObjectManager, Peer)
-stays with dbus-fast; Properties.Set of a property we declare writable is
-ours too, because setting one is a mutation that must be authorized.
+stays with dbus-fast; Properties.Set of a writable property is ours too,
+because setting one is a mutation like any other.
 
 dbus-fast internals used: ``ServiceInterface._get_methods`` and the
 ``_Method`` fields ``name``, ``in_signature``, ``out_signature``, ``fn``,
@@ -30,16 +34,19 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
-from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast import Message, MessageFlag, MessageType, PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 from dbus_fast.signature import get_signature_tree
 
+from kvmnumad.bus.access import Access, access_of, declarations, parameters, setters
 from kvmnumad.bus.args import check_signature
+from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.errors import to_dbus_error
-from kvmnumad.errors import Internal, InvalidArgument
+from kvmnumad.bus.paths import vm_path
+from kvmnumad.errors import AccessDenied, Internal, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,17 @@ class Call:
     member: str
 
 
+@dataclass(frozen=True)
+class Subject:
+    """What a mutating call is about: polkit's ``vm`` detail (None: the
+    host), the owner the owner rule compares with, and the object path whose
+    publishing the reply waits for."""
+
+    vm: str | None
+    owner: int | None
+    path: str
+
+
 _CURRENT: contextvars.ContextVar[Call] = contextvars.ContextVar("kvmnumad_bus_call")
 
 
@@ -66,16 +84,17 @@ def current_call() -> Call:
 
 
 class BusObject(ServiceInterface):
-    """A ServiceInterface whose writable properties are set through
-    ``set_property`` (authorized, validated, off the loop), never through
-    dbus-fast's synchronous setter.  Property values are mirrored from the
-    core in ``_props`` (served by dbus-fast's getters, updated by ``publish``)."""
-
-    writable: dict[str, str] = {}  # property name -> signature
+    """A ServiceInterface the Dispatcher serves: members declared with
+    bus/access.py, property values mirrored from the core in ``_props``
+    (served by dbus-fast's getters, updated by ``publish``)."""
 
     def __init__(self, name: str, props: dict[str, Any]) -> None:
         super().__init__(name)
         self._props = props
+
+    def subject(self) -> Subject:
+        """What a call on this object is about, unless its declaration names a VM argument."""
+        raise NotImplementedError
 
     def variants(self) -> dict[str, Variant]:
         """Every property as a Variant (InterfacesAdded)."""
@@ -89,31 +108,66 @@ class BusObject(ServiceInterface):
         if changed:
             self.emit_properties_changed(changed)
 
-    async def set_property(self, name: str, value: Any) -> None:
-        raise InvalidArgument(f"property {name!r} is read-only")
-
 
 @dataclass(frozen=True)
 class _Member:
+    name: str
     in_signature: str
     out_signature: str
     fn: Callable[..., Awaitable[Any]]
+    params: tuple[str, ...]
+    access: Access | None
+
+
+@dataclass(frozen=True)
+class _Table:
+    """What the Dispatcher knows of one BusObject class, built when its first object is exported."""
+
+    members: dict[str, _Member]
+    setters: dict[str, _Member]  # writable property -> its setter (in_signature: the property's)
+    writable: frozenset[str]  # what introspection calls writable, declared or not
+
+
+_TABLES: dict[type, _Table] = {}
 
 
 def _members(iface: ServiceInterface) -> dict[str, _Member]:
     return {
-        m.name: _Member(m.in_signature, m.out_signature, m.fn)
+        m.name: _Member(m.name, m.in_signature, m.out_signature, m.fn, parameters(m.fn), access_of(m.fn))
         for m in ServiceInterface._get_methods(iface)
         if not m.disabled
     }
 
 
+def _table(iface: BusObject) -> _Table:
+    cls = type(iface)
+    if cls in _TABLES:
+        return _TABLES[cls]
+    props = iface.introspect().properties
+    sigs = {p.name: p.signature for p in props}
+    found = {
+        prop: _Member(prop, sigs[prop], "", fn, parameters(fn), access_of(fn))
+        for prop, fn in setters(cls).items()
+        if prop in sigs
+    }
+    writes = (PropertyAccess.READWRITE, PropertyAccess.WRITE)
+    writable = frozenset(p.name for p in props if p.access in writes)
+    undeclared = [name for name, access in declarations(cls).items() if access is None]
+    undeclared += [p for p in writable if p not in found or found[p].access is None]
+    if undeclared:
+        log.error("%s declares no access for %s: every call of them will be refused",
+                  cls.__qualname__, ", ".join(sorted(undeclared)))
+    table = _TABLES[cls] = _Table(_members(iface), found, writable)
+    return table
+
+
 class Dispatcher:
     """Exports our objects and serves their method calls (see module doc)."""
 
-    def __init__(self, bus: MessageBus) -> None:
+    def __init__(self, bus: MessageBus, context: BusContext) -> None:
         self._bus = bus
-        self._objects: dict[str, dict[str, tuple[ServiceInterface, dict[str, _Member]]]] = {}
+        self._context = context
+        self._objects: dict[str, dict[str, tuple[BusObject, _Table]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._installed = False
         # path prefix -> (interface, its members, error for a path nobody exports)
@@ -134,16 +188,13 @@ class Dispatcher:
         for task in list(self._tasks):
             task.cancel()
 
-    def export(self, path: str, iface: ServiceInterface) -> None:
+    def export(self, path: str, iface: BusObject) -> None:
         self._bus.export(path, iface)
-        self._objects.setdefault(path, {})[iface.name] = (iface, _members(iface))
+        self._objects.setdefault(path, {})[iface.name] = (iface, _table(iface))
 
     def unexport(self, path: str) -> None:
         if self._objects.pop(path, None) is not None:
             self._bus.unexport(path)
-
-    def is_exported(self, path: str) -> bool:
-        return path in self._objects
 
     def add_fallback(
         self, prefix: str, template: ServiceInterface, error: Callable[[str], Exception]
@@ -153,7 +204,7 @@ class Dispatcher:
         (NoSuchVM naming it) instead of dbus-fast's UnknownMethod."""
         self._fallbacks[prefix] = (template.name, _members(template), error)
 
-    # -------------------------------------------------------------- dispatch
+    # -------------------------------------------------------------- routing
     def _on_message(self, msg: Message) -> bool:
         """Runs on the loop for every message: must not raise or block."""
         if msg.message_type != MessageType.METHOD_CALL:
@@ -163,10 +214,11 @@ class Dispatcher:
         ifaces = self._objects[msg.path]
         if msg.interface == PROPERTIES:
             return self._on_set_property(msg, ifaces)
-        for name, (iface, members) in ifaces.items():
-            if msg.interface in (None, name) and msg.member in members:
-                m = members[msg.member]
-                self._spawn(msg, m.in_signature, m.out_signature, functools.partial(m.fn, iface))
+        for name, (obj, table) in ifaces.items():
+            if msg.interface in (None, name) and msg.member in table.members:
+                m = table.members[msg.member]
+                run = functools.partial(self._invoke, obj, m, msg.signature, msg.body)
+                self._spawn(msg, m.out_signature, run)
                 return True
         return False  # not ours: dbus-fast answers (UnknownMethod/UnknownInterface)
 
@@ -179,38 +231,80 @@ class Dispatcher:
             return False
         m = members[msg.member]
 
-        async def missing(*args: Any) -> None:
+        async def missing() -> None:
+            check_signature(m.name, m.in_signature, msg.signature)
             raise error(element)
 
-        self._spawn(msg, m.in_signature, m.out_signature, missing)
+        self._spawn(msg, m.out_signature, missing)
         return True
 
-    def _on_set_property(self, msg: Message, ifaces: dict[str, tuple[ServiceInterface, Any]]) -> bool:
-        if msg.member != "Set" or msg.signature != "ssv":
+    def _on_set_property(self, msg: Message, ifaces: dict[str, tuple[BusObject, _Table]]) -> bool:
+        if msg.member != "Set" or msg.signature != "ssv" or msg.body[0] not in ifaces:
             return False
-        entry = ifaces.get(msg.body[0])
-        if entry is None or not isinstance(entry[0], BusObject) or msg.body[1] not in entry[0].writable:
-            return False  # dbus-fast answers UnknownProperty / PropertyReadOnly
-        obj: BusObject = entry[0]
+        obj, table = ifaces[msg.body[0]]
         prop: str = msg.body[1]
+        if prop not in table.writable:
+            return False  # dbus-fast answers UnknownProperty / PropertyReadOnly
+        setter = table.setters.get(prop)
+        value: Variant = msg.body[2]
 
-        async def set_(iface_name: str, name: str, value: Variant) -> None:
-            expected = obj.writable[prop]
-            if value.signature != expected:
-                raise InvalidArgument(f"property {prop} is of type {expected!r}, got {value.signature!r}")
-            await obj.set_property(prop, value.value)
+        async def set_() -> None:
+            if setter is None:
+                self._refuse(f"{obj.name}.{prop}", "has no @setter")
+            if value.signature != setter.in_signature:
+                raise InvalidArgument(
+                    f"property {prop} is of type {setter.in_signature!r}, got {value.signature!r}"
+                )
+            await self._invoke(obj, setter, value.signature, [value.value])
 
-        self._spawn(msg, "ssv", "", set_)
+        self._spawn(msg, "", set_)
         return True
 
-    def _spawn(self, msg: Message, in_sig: str, out_sig: str, fn: Callable[..., Awaitable[Any]]) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(msg, in_sig, out_sig, fn))
+    # -------------------------------------------------------------- serving
+    async def _invoke(self, obj: BusObject, m: _Member, signature: str, body: list[Any]) -> Any:
+        """Signature, declaration, checks, authorization, call, barrier (module doc)."""
+        check_signature(m.name, m.in_signature, signature)
+        access = m.access
+        if access is None:
+            self._refuse(f"{obj.name}.{m.name}", "declares neither an action nor @read_only")
+        args = dict(zip(m.params, body, strict=True))
+        for name in m.params:
+            if name in access.checks:
+                args[name] = access.checks[name](args[name])
+        if access.action is None:
+            return await m.fn(obj, *args.values())
+        subject = await self._subject(obj, access, args)
+        details = {"verb": access.verb, **{d: str(args[d]) for d in access.details}}
+        if subject.vm is not None:
+            details["vm"] = subject.vm
+        call = current_call()
+        await self._context.authorizer.authorize(
+            call.sender, access.action, details, call.interactive, owner=subject.owner
+        )
+        async with self._context.settled(subject.path):
+            return await m.fn(obj, *args.values())
+
+    async def _subject(self, obj: BusObject, access: Access, args: dict[str, Any]) -> Subject:
+        if access.vm is not None:
+            name: str = args[access.vm]
+            vm = await asyncio.to_thread(self._context.manager.get_vm, name)  # NoSuchVM before polkit
+            return Subject(name, vm.owner, vm_path(name))
+        if access.new_vm is not None:
+            name = args[access.new_vm]
+            return Subject(name, None, vm_path(name))
+        return obj.subject()
+
+    def _refuse(self, what: str, why: str) -> NoReturn:
+        call = current_call()
+        log.error("refused %s from %s: it %s (default deny)", what, call.sender, why)
+        raise AccessDenied(f"{what} {why}: refused")
+
+    def _spawn(self, msg: Message, out_sig: str, run: Callable[[], Awaitable[Any]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(msg, out_sig, run))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(
-        self, msg: Message, in_sig: str, out_sig: str, fn: Callable[..., Awaitable[Any]]
-    ) -> None:
+    async def _serve(self, msg: Message, out_sig: str, run: Callable[[], Awaitable[Any]]) -> None:
         flags = MessageFlag(msg.flags)
         call = Call(
             sender=msg.sender or "",
@@ -219,10 +313,8 @@ class Dispatcher:
         )
         _CURRENT.set(call)  # this task's own context: no reset needed
         try:
-            check_signature(msg.member or "", in_sig, msg.signature)
-            result = await fn(*msg.body)
-            body = _reply_body(out_sig, result)
-            reply = Message.new_method_return(msg, out_sig, body)
+            result = await run()
+            reply = Message.new_method_return(msg, out_sig, _reply_body(out_sig, result))
         except asyncio.CancelledError:
             raise
         except Exception as e:

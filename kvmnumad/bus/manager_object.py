@@ -4,27 +4,29 @@
 # ruff: noqa: F821, F722
 """``/org/kvmnuma1``: interface org.kvmnuma1.Manager.
 
-VM-level verbs (DestroyVM) forward to the VM object's implementation, as
-systemd-machined does; properties are the service's mirror, like the VM
-objects'.  org.freedesktop.DBus.ObjectManager on this path
-is dbus-fast's GetManagedObjects plus the InterfacesAdded/Removed signals
-that BusService emits from here.
+VM-level verbs (DestroyVM) name their VM by an argument, declared as such,
+so the owner rule and polkit see the same VM as VM.Destroy does; both are
+one core call.  Properties are the service's mirror, like the VM objects'.
+org.freedesktop.DBus.ObjectManager on this path is dbus-fast's
+GetManagedObjects plus the InterfacesAdded/Removed signals that BusService
+emits from here.
 """
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dbus_fast import PropertyAccess
 from dbus_fast.service import dbus_property, method, signal
 
+from kvmnumad.bus.access import read_only, requires, setter
 from kvmnumad.bus.args import check_name, parse_options, parse_policy
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_PLACE
-from kvmnumad.bus.dispatch import BusObject, current_call
+from kvmnumad.bus.context import BusContext
+from kvmnumad.bus.dispatch import BusObject, Subject, current_call
 from kvmnumad.bus.paths import MANAGER_INTERFACE, MANAGER_PATH, vm_path
 from kvmnumad.manager import Manager
+from kvmnumad.model import CreateOptions, Policy
 
-if TYPE_CHECKING:
-    from kvmnumad.bus.service import BusService
 
 def topology_rows(manager: Manager) -> list[list[Any]]:
     """GetTopology's a(uauttau): id, CPUs (online), total, free, distance to
@@ -38,68 +40,67 @@ def topology_rows(manager: Manager) -> list[list[Any]]:
 
 
 class ManagerObject(BusObject):
-    writable = {"DefaultPolicy": "s"}
-
-    def __init__(self, service: "BusService", props: dict[str, Any]) -> None:
+    def __init__(self, context: BusContext, props: dict[str, Any]) -> None:
         super().__init__(MANAGER_INTERFACE, props)
-        self._service = service
+        self._context = context
 
-    async def set_property(self, name: str, value: Any) -> None:
-        # Only DefaultPolicy is writable (see ``writable``).
-        policy = parse_policy(value)
-        call = current_call()
-        await self._service.authorizer.authorize(
-            call.sender, ACTION_PLACE, {"verb": "set-default-policy", "policy": str(policy)}, call.interactive
-        )
-        async with self._service.settled(MANAGER_PATH):
-            await asyncio.to_thread(self._service.manager.set_default_policy, policy)
+    def subject(self) -> Subject:
+        return Subject(None, None, MANAGER_PATH)
+
+    @setter("DefaultPolicy")
+    @requires(ACTION_PLACE, verb="set-default-policy", checks={"policy": parse_policy}, details=("policy",))
+    async def set_default_policy(self, policy: Policy) -> None:
+        await asyncio.to_thread(self._context.manager.set_default_policy, policy)
 
     # ------------------------------------------------------------- methods
     @method()
+    @requires(ACTION_MANAGE, verb="create", new_vm="name",
+              checks={"name": check_name, "options": parse_options})
     async def CreateVM(self, name: "s", vcpus: "u", memory_bytes: "t", options: "a{sv}") -> "o":
-        check_name(name)
-        opts = parse_options(options)
-        call = current_call()
-        auth = self._service.authorizer
-        await auth.authorize(call.sender, ACTION_MANAGE, {"vm": name, "verb": "create"}, call.interactive)
-        owner = await auth.caller_uid(call.sender)
-        manager = self._service.manager
-        async with self._service.settled(vm_path(name)):
-            await asyncio.to_thread(manager.create_vm, name, vcpus, memory_bytes, opts, owner)
+        opts: CreateOptions = options  # (parse_options made it, as declared)
+        owner = await self._context.authorizer.caller_uid(current_call().sender)
+        await asyncio.to_thread(self._context.manager.create_vm, name, vcpus, memory_bytes, opts, owner)
         return vm_path(name)
 
     @method()
+    @requires(ACTION_MANAGE, verb="destroy", vm="name", checks={"name": check_name})
     async def DestroyVM(self, name: "s") -> None:
-        await (await self._service.vm_object(check_name(name))).destroy()
+        await asyncio.to_thread(self._context.manager.destroy_vm, name)
 
     @method()
+    @read_only
     async def GetVM(self, name: "s") -> "o":
-        return (await self._service.vm_object(check_name(name))).path
+        return await self._context.exported_path(check_name(name))
 
     @method()
+    @read_only
     async def ListVMs(self) -> "a(sso)":
         def rows() -> list[list[str]]:
-            return [[vm.name, str(vm.state), vm_path(vm.name)] for vm in self._service.manager.list_vms()]
+            return [[vm.name, str(vm.state), vm_path(vm.name)] for vm in self._context.manager.list_vms()]
 
         return await asyncio.to_thread(rows)
 
     @method()
+    @read_only
     async def GetTopology(self) -> "a(uauttau)":
-        return await asyncio.to_thread(topology_rows, self._service.manager)
+        return await asyncio.to_thread(topology_rows, self._context.manager)
 
     @method()
+    @read_only
     async def GetReport(self) -> "s":
-        return await asyncio.to_thread(self._service.manager.report)
+        return await asyncio.to_thread(self._context.manager.report)
 
     @method()
+    @read_only
     async def GetSuggestions(self) -> "a(sss)":
-        items = await asyncio.to_thread(self._service.manager.suggestions)
+        items = await asyncio.to_thread(self._context.manager.suggestions)
         return [list(i) for i in items]
 
     @method()
+    @read_only
     async def PlanVM(self, vcpus: "u", memory_bytes: "t", options: "a{sv}") -> "s":
         opts = parse_options(options)
-        return await asyncio.to_thread(self._service.manager.plan_vm, vcpus, memory_bytes, opts)
+        return await asyncio.to_thread(self._context.manager.plan_vm, vcpus, memory_bytes, opts)
 
     # ---------------------------------------------------------- properties
     @dbus_property(access=PropertyAccess.READ)
@@ -120,9 +121,10 @@ class ManagerObject(BusObject):
 
     @DefaultPolicy.setter  # type: ignore[no-redef]
     def DefaultPolicy(self, value: "s") -> None:
-        # Never reached from the bus: the Dispatcher routes Set to
-        # set_property (authorized, off the loop).  dbus-fast wants a setter.
-        raise RuntimeError("DefaultPolicy is set through BusObject.set_property")  # pragma: no cover
+        # Never reached from the bus: the Dispatcher routes Set to the
+        # @setter above (checked, authorized, off the loop).  dbus-fast
+        # wants a setter to call the property writable.
+        raise RuntimeError("DefaultPolicy is set through set_default_policy")  # pragma: no cover
 
     @dbus_property(access=PropertyAccess.READ)
     def MaxVcpus(self) -> "u":

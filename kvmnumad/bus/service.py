@@ -6,6 +6,7 @@ InterfacesAdded/Removed) carrying only what changed (bus/pump.py,
 bus/properties.py).  ``reconcile(name)`` makes the exported VM object match
 what the Manager has *now* (export, re-export after a destroy-and-recreate,
 unexport); events and GetVM, arriving in any order, converge on it.
+BusService is the BusContext of the objects and the Dispatcher.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class BusService:
         self.manager = manager
         self.bus = bus
         self.authorizer = authorizer
-        self.dispatcher = Dispatcher(bus)
+        self.dispatcher = Dispatcher(bus, self)
         self.manager_object: ManagerObject | None = None
         self._vms: dict[str, VmObject] = {}
         self._reconcile_lock = asyncio.Lock()
@@ -118,12 +119,11 @@ class BusService:
         self.dispatcher.close()
         self._vms.clear()
 
-    # ------------------------------------------------- what objects ask for
-    async def vm_object(self, name: str) -> VmObject:
-        obj = await self.reconcile(name)
-        if obj is None:
+    # ------------------------------------------------- BusContext of objects
+    async def exported_path(self, name: str) -> str:
+        if await self.reconcile(name) is None:
             raise NoSuchVM(f"no VM named {name!r}")
-        return obj
+        return vm_path(name)
 
     def settled(self, path: str) -> AbstractAsyncContextManager[None]:
         return self._pump.settled(path)

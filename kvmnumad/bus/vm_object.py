@@ -4,27 +4,28 @@
 # ruff: noqa: F821, F722
 """``/org/kvmnuma1/vm/<escaped name>``: interface org.kvmnuma1.VM.
 
-Property values are the service's mirror of the VM (bus/properties.py),
-updated from the core's events only; a mutating method replies once the
-events of its change are published.
+Each method declares what it may do (bus/access.py) and is one core call off
+the loop: the Dispatcher has validated and authorized it before, and waits
+for the core's events to be published after, so no method here reads state
+back.  Property values are the service's mirror of the VM (bus/properties.py).
 """
 
 import asyncio
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dbus_fast import PropertyAccess, Variant
 from dbus_fast.service import dbus_property, method
 
+from kvmnumad.bus.access import read_only, requires
 from kvmnumad.bus.args import check_cpus
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE
-from kvmnumad.bus.dispatch import BusObject, current_call
+from kvmnumad.bus.context import BusContext
+from kvmnumad.bus.dispatch import BusObject, Subject
 from kvmnumad.bus.paths import VM_INTERFACE, vm_path
+from kvmnumad.errors import NoSuchVM
 from kvmnumad.model import VmStats
 from kvmnumad.vm import Vm
 
-if TYPE_CHECKING:
-    from kvmnumad.bus.service import BusService
 
 def stats_dict(s: VmStats) -> dict[str, Variant]:
     """GetStats as flat maps keyed by vCPU or node, so busctl and jq read it
@@ -42,12 +43,12 @@ def stats_dict(s: VmStats) -> dict[str, Variant]:
 
 
 class VmObject(BusObject):
-    def __init__(self, service: "BusService", vm: Vm, props: dict[str, Any]) -> None:
+    def __init__(self, context: BusContext, vm: Vm, props: dict[str, Any]) -> None:
         super().__init__(VM_INTERFACE, props)
         self.vm = vm
         self.vm_name = vm.name  # (self.name is the interface name, ServiceInterface's)
         self.path = vm_path(vm.name)
-        self._service = service
+        self._context = context
 
     @classmethod
     def template(cls) -> "VmObject":
@@ -56,79 +57,80 @@ class VmObject(BusObject):
         BusObject.__init__(obj, VM_INTERFACE, {})
         return obj
 
-    # ------------------------------------------------------------ plumbing
-    async def _authorize(self, action: str, verb: str, **details: str) -> None:
-        call = current_call()
-        details = {"vm": self.vm_name, "verb": verb, **details}
-        await self._service.authorizer.authorize(
-            call.sender, action, details, call.interactive, owner=self.vm.owner
-        )
+    def subject(self) -> Subject:
+        return Subject(self.vm_name, self.vm.owner, self.path)
 
-    async def _act(self, action: str, verb: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Authorize, run the core call off the loop; return once the core's
-        events about it are published (so the reply follows them)."""
-        await self._authorize(action, verb)
-        async with self._service.settled(self.path):
-            return await asyncio.to_thread(fn, *args)
-
-    async def destroy(self) -> None:
-        """The one implementation behind VM.Destroy and Manager.DestroyVM."""
-        await self._act(ACTION_MANAGE, "destroy", self._service.manager.destroy_vm, self.vm_name)
+    def _destroy(self) -> None:
+        # This object's VM, not one made anew under the same name meanwhile.
+        manager = self._context.manager
+        if manager.get_vm(self.vm_name) is not self.vm:
+            raise NoSuchVM(f"VM {self.vm_name!r} has been destroyed")
+        manager.destroy_vm(self.vm_name)
 
     # ------------------------------------------------------------- methods
     @method()
+    @requires(ACTION_MANAGE, verb="start")
     async def Start(self) -> None:
-        await self._act(ACTION_MANAGE, "start", self.vm.start)
+        await asyncio.to_thread(self.vm.start)
 
     @method()
+    @requires(ACTION_MANAGE, verb="stop")
     async def Stop(self) -> None:
-        await self._act(ACTION_MANAGE, "stop", self.vm.stop)
+        await asyncio.to_thread(self.vm.stop)
 
     @method()
+    @requires(ACTION_MANAGE, verb="destroy")
     async def Destroy(self) -> None:
-        await self.destroy()
+        await asyncio.to_thread(self._destroy)
 
     @method()
+    @requires(ACTION_PLACE, verb="enable-numa")
     async def EnableNuma(self, nodes: "u") -> None:
-        await self._act(ACTION_PLACE, "enable-numa", self.vm.enable_numa, nodes)
+        await asyncio.to_thread(self.vm.enable_numa, nodes)
 
     @method()
+    @requires(ACTION_PLACE, verb="disable-numa")
     async def DisableNuma(self) -> None:
-        await self._act(ACTION_PLACE, "disable-numa", self.vm.disable_numa)
+        await asyncio.to_thread(self.vm.disable_numa)
 
     @method()
+    @requires(ACTION_PLACE, verb="setup-numa-memory")
     async def SetupNumaMemory(self, node: "u", size: "t", gpa: "t") -> "u":
-        setup = self.vm.setup_numa_memory
-        slot: int = await self._act(ACTION_PLACE, "setup-numa-memory", setup, node, size, gpa)
+        slot: int = await asyncio.to_thread(self.vm.setup_numa_memory, node, size, gpa)
         return slot
 
     @method()
+    @requires(ACTION_PLACE, verb="set-vcpu-affinity", checks={"cpus": check_cpus})
     async def SetVcpuAffinity(self, vcpu: "u", cpus: "au") -> None:
-        cpus = check_cpus(cpus)
-        await self._act(ACTION_PLACE, "set-vcpu-affinity", self.vm.set_vcpu_affinity, vcpu, cpus)
+        await asyncio.to_thread(self.vm.set_vcpu_affinity, vcpu, cpus)
 
     @method()
+    @read_only
     async def GetVcpuAffinity(self, vcpu: "u") -> "au":
         cpus = await asyncio.to_thread(self.vm.get_vcpu_affinity, vcpu)
         return list(cpus)
 
     @method()
+    @requires(ACTION_PLACE, verb="bind-vcpu")
     async def BindVcpuToNumaNode(self, vcpu: "u", node: "u") -> None:
-        await self._act(ACTION_PLACE, "bind-vcpu", self.vm.bind_vcpu_to_numa_node, vcpu, node)
+        await asyncio.to_thread(self.vm.bind_vcpu_to_numa_node, vcpu, node)
 
     @method()
+    @read_only
     async def GetVcpuNumaNode(self, vcpu: "u") -> "(bu)":
         bound, node = await asyncio.to_thread(self.vm.get_vcpu_numa_node, vcpu)
         return [bound, node]
 
     @method()
+    @requires(ACTION_MIGRATE, verb="map-numa-node")
     async def MapNumaNode(self, node: "u", host_node: "u") -> None:
-        # One action whatever the node holds: which memory moves is read
+        # One action whatever the node holds: the memory it moves is read
         # under the VM's lock, after authorization, so the action cannot
-        # depend on it (it once did: a check of state read before asking).
-        await self._act(ACTION_MIGRATE, "map-numa-node", self.vm.map_numa_node, node, host_node)
+        # depend on it (it did once: a check of stale state).
+        await asyncio.to_thread(self.vm.map_numa_node, node, host_node)
 
     @method()
+    @read_only
     async def GetStats(self) -> "a{sv}":
         return stats_dict(await asyncio.to_thread(self.vm.stats))
 
