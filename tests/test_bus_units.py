@@ -8,13 +8,16 @@ itself is the observer in test_bus_api (it reaches the escaped path).
 from __future__ import annotations
 
 import logging
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from dbus_fast import DBusError, Variant
 
 from kvmnumad import errors
+from kvmnumad.bus import auth
 from kvmnumad.bus.args import check_cpus, check_name, check_signature, parse_options, parse_policy
-from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE, owner_may
+from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE, OWNER_MAY, owner_may
 from kvmnumad.bus.errors import DBUS_NAMES, to_dbus_error
 from kvmnumad.bus.manager_object import ManagerObject
 from kvmnumad.bus.paths import escape_label, unescape_label, vm_path
@@ -30,6 +33,8 @@ from kvmnumad.bus.properties import (
 from kvmnumad.bus.vm_object import VmObject
 from kvmnumad.events import Aspect
 from kvmnumad.model import CreateOptions, Policy
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ escaping
@@ -191,3 +196,20 @@ def test_every_vm_property_is_constant_or_touched_by_an_aspect() -> None:
 def test_every_manager_property_has_a_reader() -> None:
     served = {p.name for p in ManagerObject(None, {}).introspect().properties}  # type: ignore[arg-type]
     assert set(MANAGER_PROPERTIES) == served and served >= TOPOLOGY_PROPERTIES
+
+
+# ------------------------------------------------ the docs say what the code does
+def test_the_contract_files_and_docstrings_agree_with_the_code() -> None:
+    iface = ET.parse(ROOT / "dbus" / "org.kvmnuma1.VM.xml").getroot().find("interface")
+    assert iface is not None
+    emits = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+    const = {
+        p.get("name") for p in iface.findall("property")
+        if any(a.get("name") == emits and a.get("value") == "const" for a in p.findall("annotation"))
+    }
+    assert const == VM_CONSTANT
+    manager_doc = (ROOT / "dbus" / "org.kvmnuma1.Manager.xml").read_text()
+    named = [c.__name__ for c in errors.ERROR_TYPES if c is not errors.AccessDenied]
+    assert [name for name in named if name not in manager_doc] == []
+    assert auth.__doc__ is not None
+    assert all(f"``{action}``" in auth.__doc__ for action in OWNER_MAY)

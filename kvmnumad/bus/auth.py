@@ -2,13 +2,17 @@
 
 Rules (issue 7 item 3), checked in this order:
 1. uid 0 may do everything, without asking polkit;
-2. a VM's owner (the uid that created it) may place it (``org.kvmnuma1.place``)
-   and start or stop it (``org.kvmnuma1.manage`` with verb ``start``/``stop``),
-   but destroying it or migrating its memory goes through polkit like any
-   other request;
-3. everyone else is asked about through polkit with the caller's unique name
-   as subject; without a polkit checker (or when polkit fails) non-root
-   callers are denied: fail closed.
+2. a VM's owner (the uid that created it) may, without polkit, do to that VM
+   what ``OWNER_MAY`` lists: place it (``org.kvmnuma1.place``), move its
+   memory between host nodes (``org.kvmnuma1.migrate-memory``: MapNumaNode),
+   and start or stop it (``org.kvmnuma1.manage`` with verb ``start`` or
+   ``stop``); destroying it goes through polkit like any other request;
+3. everyone else, and the owner for anything else, is asked about through
+   polkit with the caller's unique name as subject; without a polkit checker
+   (or when polkit fails) non-root callers are denied: fail closed.
+
+Which action a member needs is declared on the member (bus/access.py), and
+the Dispatcher asks here before it runs it.
 
 Nothing is cached: unique names are not reused on a bus, but a denied call
 must never pass because an earlier one did.
@@ -27,8 +31,8 @@ from kvmnumad.errors import AccessDenied, Internal
 log = logging.getLogger(__name__)
 
 ACTION_MANAGE = "org.kvmnuma1.manage"  # create, destroy, start, stop
-ACTION_PLACE = "org.kvmnuma1.place"  # affinity, binding, MapNumaNode, NUMA memory, DefaultPolicy
-ACTION_MIGRATE = "org.kvmnuma1.migrate-memory"
+ACTION_PLACE = "org.kvmnuma1.place"  # affinity, binding, guest NUMA, NUMA memory, DefaultPolicy
+ACTION_MIGRATE = "org.kvmnuma1.migrate-memory"  # MapNumaNode (it moves the node's memory, if any)
 
 # What the owner of a VM may do to it without polkit: action -> verbs (None: all)
 OWNER_MAY: dict[str, frozenset[str] | None] = {
