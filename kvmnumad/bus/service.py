@@ -94,7 +94,10 @@ class BusService:
         self.manager.subscribe(self._pump.submit)
         self._pump.start()
         for vm in await asyncio.to_thread(self.manager.list_vms):
-            await self.reconcile(vm.name)
+            try:
+                await self.reconcile(vm.name)
+            except Exception as e:  # one VM that cannot be read must not keep the others off the bus
+                log.error("exporting VM %s failed (GetVM tries again)", vm.name, exc_info=e)
         try:
             reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         except Exception as e:  # AccessDenied from the bus policy
