@@ -153,9 +153,10 @@ class Manager:
             except (OSError, ValueError) as e:
                 raise errors.InvalidArgument(f"payload {options.payload!r}: {e}") from e
         policy = options.policy or self._default_policy
+        plan = self._plan(vcpus, memory_bytes, options)  # refused here, before any kernel object exists
 
         def build(vm: Vm) -> None:
-            self._apply_plan(vm, self._plan(vcpus, memory_bytes, options), memory_bytes, options)
+            self._apply_plan(vm, plan, memory_bytes, options)
             if options.start:
                 vm.start()
 
