@@ -3,8 +3,9 @@
 Each event says *what* changed (a VM's state, its memory, its vCPU
 placement...), never how a front end shows it: the D-Bus layer decides which
 properties and signals an aspect means, persistence decides whether a
-definition must be written.  Events are delivered on the thread that made
-the change (a worker thread, or the loop for hotplug), in order.
+definition must be written.  Events are delivered synchronously, in order,
+on the thread that made the change, before the call that made it returns:
+the bus layer relies on that to publish a change before its method reply.
 """
 
 from __future__ import annotations
