@@ -90,7 +90,9 @@ def test_default_policy_is_read_write(service: RunningService, client: BusClient
     busctl(a, "set-property", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "DefaultPolicy", "s", "interleave")
     got = busctl(a, "get-property", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "DefaultPolicy")
     assert got["data"] == "interleave"
-    assert service.manager.default_policy == "interleave"
+    # a second reader, GetAll, agrees with Get
+    got_all = busctl(a, "call", BUS_NAME, MANAGER_PATH, PROPS_IFACE, "GetAll", "s", MANAGER_IFACE)
+    assert got_all["data"][0]["DefaultPolicy"]["data"] == "interleave"
     client.wait_signal(
         lambda m: m.path == MANAGER_PATH and m.member == "PropertiesChanged"
         and m.body[1].get("DefaultPolicy", Variant("s", "")).value == "interleave"
@@ -171,7 +173,8 @@ def test_create_list_get_destroy_with_object_manager(service: RunningService, cl
     busctl(a, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "suta{sv}", "c1", "1", str(2 * MiB),
            "0")
     busctl(a, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "DestroyVM", "s", "c1")
-    assert service.manager.list_vms() == []
+    assert busctl(a, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListVMs")["data"] == [[]]
+    assert busctl(a, "call", BUS_NAME, MANAGER_PATH, OM_IFACE, "GetManagedObjects")["data"] == [{}]
 
 
 def test_start_stop_with_properties_changed(service: RunningService, client: BusClient) -> None:
@@ -179,7 +182,9 @@ def test_start_stop_with_properties_changed(service: RunningService, client: Bus
     client.vm(path, "Start")
     client.wait_signal(changed(path, "State", "running"))
     assert client.get(path, VM_IFACE, "State") == "running"
-    assert str(service.manager.get_vm("run").state) == "running"
+    assert busctl(service.address, "get-property", BUS_NAME, path, VM_IFACE, "State")["data"] == "running"
+    listed = busctl(service.address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListVMs")["data"]
+    assert listed == [[["run", "running", path]]]
     busctl(service.address, "call", BUS_NAME, path, VM_IFACE, "Stop")
     client.wait_signal(changed(path, "State", "stopped"))
     assert busctl(service.address, "get-property", BUS_NAME, path, VM_IFACE, "State")["data"] == "stopped"

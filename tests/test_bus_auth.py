@@ -32,6 +32,7 @@ from tests.busfixtures import (
     busctl,
     options,
 )
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:
     from tests.sysfixtures import User
@@ -112,12 +113,13 @@ def test_unprivileged_reads_work_and_writes_are_denied(
     ]
     assert all(d["vm"] == "rootvm" for _, _, d, _ in checker.asked)
     assert client.get(path, VM_IFACE, "State") == "created"
-    assert [vm.name for vm in service.manager.list_vms()] == ["rootvm"]
+    assert list_vms(a) == [["rootvm", "created", path]]
     out = busctl(a, "set-property", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "DefaultPolicy", "s", "interleave",
                  user=u.name, check=False)
     assert out.returncode != 0 and "Access denied" in out.stderr  # busctl's text for AccessDenied
     assert checker.asked[-1][1:3] == (ACTION_PLACE, {"verb": "set-default-policy", "policy": "interleave"})
-    assert str(service.manager.default_policy) != "interleave"
+    policy = busctl(a, "get-property", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "DefaultPolicy")["data"]
+    assert policy != "interleave"
 
 
 def test_owner_may_place_and_start_stop_but_not_destroy(
@@ -140,7 +142,7 @@ def test_owner_may_place_and_start_stop_but_not_destroy(
     out = gdbus(u, a, path, f"{VM_IFACE}.Destroy", interactive=True)
     assert denied(out), out.stderr
     assert checker.asked[-1] == (u.uid, ACTION_MANAGE, {"vm": "mine", "verb": "destroy"}, True)
-    assert [vm.name for vm in service.manager.list_vms()] == ["mine"]
+    assert list_vms(a) == [["mine", "stopped", path]]
     client.vm(path, "Destroy")  # root may
 
 
@@ -245,7 +247,7 @@ def test_concurrent_callers_keep_their_identity(
            BUS_NAME, "--object-path", path, "--method", f"{VM_IFACE}.Start"]
     slow = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait(lambda: len(checker.asked) == 1)
+        wait_until(lambda: len(checker.asked) == 1, "the user's Start to reach the checker", timeout=10)
         client.vm(path, "Start")
         client.vm(path, "Stop")
         assert slow.poll() is None  # the user's call is still with "polkit"
@@ -258,13 +260,9 @@ def test_concurrent_callers_keep_their_identity(
     assert client.get(path, VM_IFACE, "State") == "stopped"
 
 
-def _wait(predicate: Any, timeout: float = 10) -> None:
-    import time  # noqa: PLC0415
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+def list_vms(address: str) -> list[list[str]]:
+    """ListVMs as busctl, an outside caller, reads it: [[name, state, path], ...]."""
+    return list(busctl(address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListVMs")["data"][0])
 
 
 @pytest.fixture
@@ -281,5 +279,5 @@ def test_without_a_checker_only_root_may_act(
     a = no_polkit_service.address
     out = gdbus(unpriv_user, a, MANAGER_PATH, f"{MANAGER_IFACE}.CreateVM", "x", "1", str(2 * MiB), "{}")
     assert denied(out) and "no polkit checker" in out.stderr
-    assert no_polkit_service.manager.list_vms() == []
+    assert list_vms(a) == []
     client.manager("CreateVM", "suta{sv}", "x", 1, 2 * MiB, {})
