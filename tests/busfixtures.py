@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,6 +44,7 @@ from kvmnumad.bus.auth import BusAuthorizer, PolkitChecker, make_authorizer
 from kvmnumad.bus.service import BUS_NAME, BusService, connect, start_service
 from kvmnumad.manager import Manager
 from kvmnumad.privatebus import bus_config
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_POLICY = ROOT / "dbus" / "org.kvmnuma1.conf"
@@ -113,6 +115,40 @@ def bus_daemon() -> Iterator[BusDaemon]:
 
 
 # ---------------------------------------------------------------- the service
+@dataclass
+class DaemonProcess:
+    address: str
+    pid: int
+    log: Path
+
+
+@contextlib.contextmanager
+def daemon_process(module: str, tmp: Path, *args: str, stop: int = signal.SIGTERM) -> Iterator[DaemonProcess]:
+    """``python -m MODULE`` as a real process on its own private bus, known
+    ready by the address file it writes once the name is owned; stopped by
+    ``stop`` (SIGINT is make run's Ctrl-C) and required to exit 0."""
+    address_file, log = tmp / "address", tmp / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--address-file", str(address_file), "--log-target", "stderr",
+             *args],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: proc.poll() is not None or address_file.is_file(), f"{module}'s bus address",
+                   timeout=60)
+        assert proc.poll() is None, log.read_text()
+        yield DaemonProcess(address_file.read_text().strip(), proc.pid, log)
+    finally:
+        proc.send_signal(stop)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()
+
+
 @dataclass
 class RunningService:
     address: str

@@ -11,18 +11,15 @@ from __future__ import annotations
 import mmap
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kvmnumad.demo import DEMO_PASSES, DEMO_VCPUS, DEMO_VM
-from tests.busfixtures import VM_IFACE, BusClient, busctl
+from tests.busfixtures import VM_IFACE, BusClient, DaemonProcess, busctl, daemon_process
 from tests.observe import node_cpus, numa_maps_at, thread_affinity
 from tests.waiting import wait_until
 
@@ -34,36 +31,14 @@ WINDOW = 3.0  # seconds of CPU time measured: 5 % of it is 15 ticks at CLK_TCK 1
 MAX_SHARE = 0.05  # of one CPU
 
 
-@dataclass
-class Demo:
-    address: str
-    pid: int
-    log: Path
+Demo = DaemonProcess
 
 
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[Demo]:
-    address_file, log = tmp_path / "address", tmp_path / "daemon.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvmnumad.demo", "--address-file", str(address_file),
-             "--log-target", "stderr"],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        # written once the demo VM exists and the name is owned
-        wait_until(lambda: proc.poll() is not None or address_file.is_file(), "the demo daemon's bus address",
-                   timeout=60)
-        assert proc.poll() is None, log.read_text()
-        yield Demo(address_file.read_text().strip(), proc.pid, log)
-    finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C, as the howto says
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, log.read_text()
+    """``python -m kvmnumad.demo`` as make run starts it; Ctrl-C stops it."""
+    with daemon_process("kvmnumad.demo", tmp_path, stop=signal.SIGINT) as demo:
+        yield demo
 
 
 def cpu_seconds(pid: int) -> float:

@@ -13,17 +13,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from dbus_fast import Message, MessageType
 
 from kvmnumad.privatebus import PrivateBus, bus_config
-from tests.busfixtures import PROJECT_POLICY, BusClient, start_bus_daemon
+from tests.busfixtures import PROJECT_POLICY, BusClient, DaemonProcess, daemon_process, start_bus_daemon
 from tests.sysfixtures import User
 from tests.waiting import wait_until
 
@@ -34,38 +32,14 @@ NAME = "org.kvmnuma1"
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
 
 
-@dataclass
-class Daemon:
-    address: str
-    pid: int
-    log: Path
+Daemon = DaemonProcess
 
 
 @pytest.fixture(scope="module")
 def private_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """``kvmnumad --bus private`` without the demo VM (the bus is what is tested here)."""
-    tmp = tmp_path_factory.mktemp("privatebus")
-    address_file, log = tmp / "address", tmp / "daemon.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvmnumad", "--bus", "private", "--address-file", str(address_file),
-             "--log-target", "stderr"],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        # written once the name is owned
-        wait_until(lambda: proc.poll() is not None or address_file.is_file(), "the daemon's bus address",
-                   timeout=60)
-        assert proc.poll() is None, log.read_text()
-        yield Daemon(address_file.read_text().strip(), proc.pid, log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, log.read_text()
+    with daemon_process("kvmnumad", tmp_path_factory.mktemp("privatebus"), "--bus", "private") as daemon:
+        yield daemon
 
 
 def busctl(address: str, *args: str, user: User | None = None) -> subprocess.CompletedProcess[str]:
