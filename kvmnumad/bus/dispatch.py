@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from dbus_fast import Message, MessageFlag, MessageType, PropertyAccess, Variant
+from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 from dbus_fast.signature import get_signature_tree
@@ -45,6 +46,7 @@ from kvmnumad.bus.access import Access, access_of, declarations, parameters, set
 from kvmnumad.bus.args import check_signature
 from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.errors import to_dbus_error
+from kvmnumad.bus.introspection import served
 from kvmnumad.bus.paths import vm_path
 from kvmnumad.errors import AccessDenied, Internal, InvalidArgument
 
@@ -83,6 +85,9 @@ def current_call() -> Call:
         raise Internal("no D-Bus call is being served in this context") from None
 
 
+_INTROSPECTION: dict[type, intr.Interface] = {}
+
+
 class BusObject(ServiceInterface):
     """A ServiceInterface the Dispatcher serves: members declared with
     bus/access.py, property values mirrored from the core in ``_props``
@@ -95,6 +100,15 @@ class BusObject(ServiceInterface):
     def subject(self) -> Subject:
         """What a call on this object is about, unless its declaration names a VM argument."""
         raise NotImplementedError
+
+    def introspect(self) -> intr.Interface:
+        """dbus-fast's introspection of the code, rendered with the shipped
+        XML's names, docs and annotations (bus/introspection.py); built once
+        per class, since every object of a class has the same members."""
+        cls = type(self)
+        if cls not in _INTROSPECTION:
+            _INTROSPECTION[cls] = served(super().introspect())
+        return _INTROSPECTION[cls]
 
     def variants(self) -> dict[str, Variant]:
         """Every property as a Variant (InterfacesAdded)."""
