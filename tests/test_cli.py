@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -21,10 +22,29 @@ from typing import Any
 
 import pytest
 
-from tests.observe import host_nodes, node_cpus, numa_maps_at, taskset_affinity, thread_ids
+from tests.observe import host_nodes, node_cpus, numa_maps, online_cpus, taskset_affinity, thread_ids
 
 CLI = [sys.executable, "-m", "kvmnumad.cli"]
 ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = (
+    "topology",
+    "create",
+    "plan",
+    "list",
+    "show",
+    "start",
+    "stop",
+    "destroy",
+    "pin",
+    "bind",
+    "numa",
+    "map",
+    "memory",
+    "stats",
+    "report",
+    "suggestions",
+    "monitor",
+)
 
 
 def start_bus() -> tuple[str, int]:
@@ -100,6 +120,30 @@ def ok(address: str, *args: str) -> str:
     return r.stdout
 
 
+def ok_json(address: str, *args: str) -> dict[str, Any]:
+    """A --json run that succeeded: exactly one line on stdout, one JSON object, nothing on stderr."""
+    r = ctl(address, *args, "--json")
+    assert r.returncode == 0, f"kvmnumactl {' '.join(args)} --json: rc {r.returncode}: {r.stderr}"
+    assert r.stderr == ""
+    assert r.stdout.endswith("\n") and r.stdout.count("\n") == 1, r.stdout
+    value = json.loads(r.stdout)
+    assert isinstance(value, dict), r.stdout
+    return value
+
+
+def json_error(r: subprocess.CompletedProcess[str], code: int, name: str) -> str:
+    """A --json run that failed with exit ``code``: nothing on stdout and one
+    JSON object on stderr naming the error; returns its message."""
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    error = json.loads(lines[0])
+    assert set(error) == {"error", "message"} and error["error"] == name, error
+    assert isinstance(error["message"], str) and error["message"]
+    return str(error["message"])
+
+
 def one_error_line(r: subprocess.CompletedProcess[str], name: str) -> str:
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
@@ -125,25 +169,39 @@ def vm_prop(address: str, name: str, prop: str) -> Any:
     return busctl(address, "get-property", "org.kvmnuma1", path, "org.kvmnuma1.VM", prop)["data"]
 
 
+def region_pages(pid: int, vm: str, slot: int) -> dict[int, int]:
+    """Resident pages per host node of a VM's memory slot, from the daemon's
+    numa_maps: found by its memfd's name (kvmnumad-VM-nodeG-slotS), since the
+    bus no longer says where the daemon maps guest memory."""
+    name = re.compile(rf"memfd:kvmnumad-{re.escape(vm)}-node\d+-slot{slot}(?!\d)")
+    pages: dict[int, int] = {}
+    entries = [e for e in numa_maps(pid) if e.file and name.search(e.file)]
+    assert entries, f"no mapping of {vm} slot {slot} in /proc/{pid}/numa_maps"
+    for entry in entries:
+        for node, n in entry.pages_per_node.items():
+            pages[node] = pages.get(node, 0) + n
+    return pages
+
+
 # ---------------------------------------------------------------- no service needed
 
 
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        ([], "required: COMMAND"),
-        (["frobnicate"], "invalid choice"),
-        (["create", "x", "--vcpus", "2", "--memory", "12Q"], "invalid size '12Q'"),
-        (["create", "x", "--vcpus", "-1", "--memory", "64M"], "--vcpus"),
-        (["pin", "x", "0", "3-1"], "invalid range '3-1'"),
-        (["pin", "x", "0", "a,b"], "invalid list"),
-        (["memory", "x", "0", "1G", "zz"], "invalid size 'zz'"),
-        (["create", "x", "--vcpus", "1", "--memory", "1M", "--policy", "fastest"], "invalid choice"),
-        (["numa", "x", "enable"], "needs a node count"),
-        (["numa", "x", "disable", "2"], "takes no node count"),
-        (["--bus", "nonsense", "list"], "invalid bus 'nonsense'"),
-    ],
-)
+USAGE_ERRORS = [
+    ([], "required: COMMAND"),
+    (["frobnicate"], "invalid choice"),
+    (["create", "x", "--vcpus", "2", "--memory", "12Q"], "invalid size '12Q'"),
+    (["create", "x", "--vcpus", "-1", "--memory", "64M"], "--vcpus"),
+    (["pin", "x", "0", "3-1"], "invalid range '3-1'"),
+    (["pin", "x", "0", "a,b"], "invalid list"),
+    (["memory", "x", "0", "1G", "zz"], "invalid size 'zz'"),
+    (["create", "x", "--vcpus", "1", "--memory", "1M", "--policy", "fastest"], "invalid choice"),
+    (["numa", "x", "enable"], "needs a node count"),
+    (["numa", "x", "disable", "2"], "takes no node count"),
+    (["--bus", "nonsense", "list"], "invalid bus 'nonsense'"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), USAGE_ERRORS)
 def test_usage_errors_exit_2_with_one_line(args: list[str], needle: str) -> None:
     r = ctl(None, *args, env={"KVMNUMAD_BUS": "unix:path=/nonexistent"})
     assert r.returncode == 2
@@ -151,35 +209,45 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], needle: str) -> None
     assert r.stdout == ""
 
 
+@pytest.mark.parametrize(("args", "needle"), USAGE_ERRORS)
+def test_usage_errors_with_json_are_one_object(args: list[str], needle: str) -> None:
+    """--json anywhere, even where the command line breaks before argparse has read it."""
+    for where in ("first", "last", "prefix"):
+        argv = {"first": ["--json", *args], "last": [*args, "--json"], "prefix": ["--js", *args]}[where]
+        r = ctl(None, *argv, env={"KVMNUMAD_BUS": "unix:path=/nonexistent"})
+        assert needle in json_error(r, 2, "usage"), where
+
+
 def test_help_and_version() -> None:
     r = ctl(None, "--help")
     assert r.returncode == 0
-    for command in (
-        "topology",
-        "create",
-        "plan",
-        "list",
-        "show",
-        "pin",
-        "bind",
-        "numa",
-        "map",
-        "memory",
-        "stats",
-        "report",
-        "suggestions",
-        "monitor",
-    ):
+    for command in COMMANDS:
         assert command in r.stdout
     assert ctl(None, "--version").stdout.startswith("kvmnumactl ")
 
 
 def test_service_not_on_bus(empty_bus: str) -> None:
-    for args in (["list"], ["show", "web"], ["pin", "web", "0", "0"], ["topology", "--json"]):
+    for args in (["list"], ["show", "web"], ["pin", "web", "0", "0"], ["topology"]):
         r = ctl(empty_bus, *args)
         assert r.returncode == 1
         line = one_error_line(r, "ServiceUnknown")
         assert "org.kvmnuma1" in line and "kvmnumad running" in line
+
+
+def test_bus_errors_with_json_are_one_object(empty_bus: str) -> None:
+    """The full D-Bus error name, so a script matches it exactly; exit 1 as without --json."""
+    for args in (
+        ["list"],
+        ["show", "web"],
+        ["pin", "web", "0", "0"],
+        ["destroy", "web"],
+        ["plan", "--vcpus", "1", "--memory", "0"],
+    ):
+        message = json_error(ctl(empty_bus, *args, "--json"), 1, "org.freedesktop.DBus.Error.ServiceUnknown")
+        assert "kvmnumad running" in message
+    nowhere = "unix:path=/nonexistent/kvmnumactl-test"
+    for args in (["list"], ["monitor"]):
+        assert "cannot connect" in json_error(ctl(nowhere, *args, "--json"), 1, "ConnectFailed")
 
 
 def test_bus_choice(empty_bus: str) -> None:
@@ -315,7 +383,7 @@ def read_until(proc: subprocess.Popen[str], predicate: Any, seconds: float = 15)
 
 def test_topology(bus: tuple[str, int]) -> None:
     address, _pid = bus
-    nodes = json.loads(ok(address, "topology", "--json"))
+    nodes = json.loads(ok(address, "topology", "--json"))["nodes"]
     assert {n["node"] for n in nodes} == host_nodes()
     for n in nodes:
         assert set(n["cpus"]) == node_cpus(n["node"])
@@ -338,7 +406,7 @@ def test_create_show_list_start_pin_stop_destroy(bus: tuple[str, int]) -> None:
     assert vm_prop(address, "cli-a", "MemoryBytes") == 16 << 20
     assert vm_prop(address, "cli-a", "State") == "created"
 
-    listed = json.loads(ok(address, "list", "--json"))
+    listed = json.loads(ok(address, "list", "--json"))["vms"]
     assert {"name": "cli-a", "state": "created", "path": path} in listed
     table = ok(address, "list").splitlines()
     assert table[0].split() == ["NAME", "STATE", "PATH"]
@@ -346,9 +414,9 @@ def test_create_show_list_start_pin_stop_destroy(bus: tuple[str, int]) -> None:
     assert row.split() == ["cli-a", "created", path]
     assert table[0].index("STATE") == row.index("created")  # aligned columns
 
-    ok(address, "start", "cli-a")
+    assert ok(address, "start", "cli-a") == ""  # silent without --json, as before
     assert vm_prop(address, "cli-a", "State") == "running"
-    ok(address, "pin", "cli-a", "0", "0")
+    assert ok(address, "pin", "cli-a", "0", "0") == ""
     ok(address, "pin", "cli-a", "1", "0-1")
     threads = dict(vm_prop(address, "cli-a", "VcpuThreads"))
     assert set(threads.values()) <= thread_ids(daemon_pid)
@@ -372,10 +440,10 @@ def test_create_show_list_start_pin_stop_destroy(bus: tuple[str, int]) -> None:
     if "TID" in columns:  # the daemon's thread ids, as busctl reads VcpuThreads
         assert {v: int(r[columns.index("TID")]) for v, r in rows.items()} == threads
 
-    ok(address, "stop", "cli-a")
+    assert ok(address, "stop", "cli-a") == ""
     assert vm_prop(address, "cli-a", "State") == "stopped"
-    ok(address, "destroy", "cli-a")
-    assert "cli-a" not in {v["name"] for v in json.loads(ok(address, "list", "--json"))}
+    assert ok(address, "destroy", "cli-a") == ""
+    assert "cli-a" not in {v["name"] for v in json.loads(ok(address, "list", "--json"))["vms"]}
     r = ctl(address, "show", "cli-a")
     assert r.returncode == 1
     one_error_line(r, "NoSuchVM")
@@ -401,8 +469,7 @@ def test_numa_memory_bind_map(bus: tuple[str, int]) -> None:
         assert regions[slot0][1:5] == [16 << 20, 8 << 20, 0, 0]
         assert regions[slot1][1:5] == [24 << 20, 8 << 20, 1, 0]
         for slot in (slot0, slot1):
-            entry = numa_maps_at(regions[slot][5], daemon_pid)
-            assert set(entry.pages_per_node) <= {0}
+            assert set(region_pages(daemon_pid, "cli-n", slot)) <= {0}
         r = ctl(address, "memory", "cli-n", "0", "8M", "20M")
         assert r.returncode == 1
         one_error_line(r, "Overlap")
@@ -430,7 +497,7 @@ def test_report_suggestions_plan(bus: tuple[str, int]) -> None:
     address, _pid = bus
     assert ctl(address, "report").returncode == 0
     json.loads(ok(address, "report", "--json"))
-    assert isinstance(json.loads(ok(address, "suggestions", "--json")), list)
+    assert isinstance(json.loads(ok(address, "suggestions", "--json"))["suggestions"], list)
     before = ok(address, "list", "--json")
     r = ctl(address, "plan", "--vcpus", "2", "--memory", "64M", "--json")
     assert r.returncode == 0, r.stderr
@@ -489,3 +556,78 @@ def test_pin_to_offline_cpu_is_refused(bus: tuple[str, int]) -> None:
         assert 63 not in vm_prop(address, "cli-e", "VcpuAffinity")[0][1]
     finally:
         ok(address, "destroy", "cli-e")
+
+
+def test_every_command_prints_one_json_object(bus: tuple[str, int]) -> None:
+    """Each command once with --json, and each claim its answer makes read back
+    by busctl or taskset; monitor, a stream, is test_monitor_sees_changes'."""
+    address, daemon_pid = bus
+    used: set[str] = set()
+
+    def run(*args: str) -> dict[str, Any]:
+        used.add(args[0])
+        return ok_json(address, *args)
+
+    name = "cli-j"
+    assert {n["node"] for n in run("topology")["nodes"]} == host_nodes()
+    assert run("plan", "--vcpus", "1", "--memory", "16M")  # an object, whatever the daemon's plan holds
+    created = run("create", name, "--vcpus", "2", "--memory", "0", "--passes", "1")
+    try:
+        assert created == {"vm": name, "path": manager_call(address, "GetVM", "s", name)[0]}
+        assert {"name": name, "state": "created", "path": created["path"]} in run("list")["vms"]
+        shown = run("show", name)
+        assert shown["Name"] == name and shown["Vcpus"] == vm_prop(address, name, "Vcpus") == 2
+
+        assert run("numa", name, "enable", "2") == {"vm": name, "numa_enabled": True, "numa_nodes": 2}
+        assert (vm_prop(address, name, "NumaEnabled"), vm_prop(address, name, "NumaNodes")) == (True, 2)
+        assert run("numa", name, "disable") == {"vm": name, "numa_enabled": False}
+        assert vm_prop(address, name, "NumaEnabled") is False
+        run("numa", name, "enable", "2")
+
+        assert run("map", name, "1", "0") == {"vm": name, "node": 1, "host_node": 0}
+        assert vm_prop(address, name, "NodeMap") == [0, 0]
+        memory = run("memory", name, "1", "8M", "0x1000000")
+        assert memory == {"vm": name, "node": 1, "size": 8 << 20, "gpa": 16 << 20, "slot": memory["slot"]}
+        regions = {r[0]: r for r in vm_prop(address, name, "MemoryRegions")}
+        assert regions[memory["slot"]][1:5] == [16 << 20, 8 << 20, 1, 0]
+        assert run("bind", name, "1", "1") == {"vm": name, "vcpu": 1, "node": 1}
+        (path,) = manager_call(address, "GetVM", "s", name)
+        bound = busctl(address, "call", "org.kvmnuma1", path, "org.kvmnuma1.VM", "GetVcpuNumaNode", "u", "1")
+        assert bound["data"] in ([True, 1], [[True, 1]])
+
+        assert run("start", name) == {"vm": name, "state": "running"}
+        assert vm_prop(address, name, "State") == "running"
+        cpus = sorted(online_cpus())[:2]
+        pinned = run("pin", name, "0", ",".join(map(str, reversed(cpus))))
+        assert pinned == {"vm": name, "vcpu": 0, "cpus": cpus}  # sorted, as the kernel lists them
+        threads = dict(vm_prop(address, name, "VcpuThreads"))
+        assert threads[0] in thread_ids(daemon_pid)
+        assert taskset_affinity(threads[0]) == set(cpus)
+        assert run("stats", name)
+        assert run("stop", name) == {"vm": name, "state": "stopped"}
+        assert vm_prop(address, name, "State") == "stopped"
+
+        r = ctl(address, "pin", name, "0", "63", "--json")
+        assert "63" in json_error(r, 1, "org.kvmnuma1.Error.CpuOffline")
+        assert taskset_affinity(threads[0]) == set(cpus)  # a refusal changes nothing
+        json_error(
+            ctl(address, "create", name, "--vcpus", "1", "--memory", "0", "--json"),
+            1,
+            "org.kvmnuma1.Error.AlreadyExists",
+        )
+        json_error(ctl(address, "bind", name, "9", "0", "--json"), 1, "org.kvmnuma1.Error.NoSuchVcpu")
+    finally:
+        destroyed = ctl(address, "destroy", name, "--json")
+    assert destroyed.returncode == 0, destroyed.stderr
+    used.add("destroy")
+    assert json.loads(destroyed.stdout) == {"vm": name, "state": "destroyed"}
+    assert name not in {vm[0] for vm in manager_call(address, "ListVMs")[0]}
+    for args in (["show", name], ["destroy", name], ["stats", name]):
+        assert name in json_error(ctl(address, *args, "--json"), 1, "org.kvmnuma1.Error.NoSuchVM")
+
+    report = run("report")
+    if set(report) == {"report"}:  # a text report, as the bus gives it
+        assert isinstance(report["report"], str)
+    suggestions = run("suggestions")["suggestions"]
+    assert all(set(s) == {"vm", "action", "reason"} for s in suggestions)
+    assert used == set(COMMANDS) - {"monitor"}

@@ -2,6 +2,13 @@
 
 A command gets the parsed arguments and a Client and nothing else, so that
 it stays a plain translation from the command line to the bus API.
+
+With ``--json`` every command prints exactly one JSON object, so that
+``kvmnumactl ... --json | jq`` always has something to read: lists are
+wrapped under a key (``{"vms": [...]}``), and a command that changes something
+prints the VM's name under ``"vm"`` with what it applied, in the bus API's
+argument names and units (``{"vm": "web", "vcpu": 1, "cpus": [2, 3]}``).
+The man page lists every shape.
 """
 
 from __future__ import annotations
@@ -17,8 +24,16 @@ from dbus_fast import Variant
 from kvmnumad import cpulist
 from kvmnumad.cli.client import VM_IFACE, Client
 from kvmnumad.cli.output import flatten, format_property, human_bytes, plain, print_json, print_table
+from kvmnumad.cli.replies import plan_object, stats_object
 
 Command = Callable[[Client, argparse.Namespace], Awaitable[None]]
+
+
+def done(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """A changing command's answer: printed with --json only, because the
+    table form has always been silent on success and scripts rely on that."""
+    if args.json:
+        print_json(result)
 
 
 def create_options(args: argparse.Namespace, *, plan: bool) -> dict[str, Variant]:
@@ -49,7 +64,7 @@ async def cmd_topology(c: Client, args: argparse.Namespace) -> None:
     (nodes,) = await c.manager("GetTopology")
     if args.json:
         keys = ("node", "cpus", "total_bytes", "free_bytes", "distances")
-        print_json([dict(zip(keys, n, strict=True)) for n in nodes])
+        print_json({"nodes": [dict(zip(keys, n, strict=True)) for n in nodes]})
         return
     rows = [
         [str(n), cpulist.format(cpus) or "-", human_bytes(total), human_bytes(free), " ".join(map(str, dist))]
@@ -63,23 +78,23 @@ async def cmd_create(c: Client, args: argparse.Namespace) -> None:
         "CreateVM", "suta{sv}", args.name, args.vcpus, args.memory, create_options(args, plan=False)
     )
     if args.json:
-        print_json({"name": args.name, "path": path})
+        print_json({"vm": args.name, "path": path})
     else:
         print(path)
 
 
 async def cmd_plan(c: Client, args: argparse.Namespace) -> None:
-    (plan,) = await c.manager("PlanVM", "uta{sv}", args.vcpus, args.memory, create_options(args, plan=True))
-    # the plan is JSON by contract; indented for people, one line for scripts
-    parsed = json.loads(plan)
-    print(json.dumps(parsed) if args.json else json.dumps(parsed, indent=2))
+    reply = await c.manager("PlanVM", "uta{sv}", args.vcpus, args.memory, create_options(args, plan=True))
+    plan = plan_object(reply)
+    # indented for people, one line for scripts
+    print(json.dumps(plan) if args.json else json.dumps(plan, indent=2), flush=True)
 
 
 async def cmd_list(c: Client, args: argparse.Namespace) -> None:
     (vms,) = await c.manager("ListVMs")
     vms = sorted(vms, key=lambda v: v[0])
     if args.json:
-        print_json([{"name": n, "state": s, "path": p} for n, s, p in vms])
+        print_json({"vms": [{"name": n, "state": s, "path": p} for n, s, p in vms]})
         return
     legend = f"{len(vms)} VM{'' if len(vms) == 1 else 's'} listed."
     print_table(["NAME", "STATE", "PATH"], [[n, s, p] for n, s, p in vms], legend)
@@ -94,12 +109,17 @@ async def cmd_show(c: Client, args: argparse.Namespace) -> None:
         print(f"{name}={format_property(name, variant)}")
 
 
-def vm_call(member: str, signature: str = "", *fields: str) -> Command:
+def vm_call(member: str, signature: str = "", *fields: str, **extra: Any) -> Command:
     """A command that is one VM method whose arguments are ``fields`` of the
-    command line, in order, and whose reply is nothing."""
+    command line, in order, and whose reply is nothing.  Its JSON answer is
+    those fields as sent (the service applies them exactly or refuses) and
+    ``extra``, what the call is known to have made true (the State a Start
+    leaves)."""
 
     async def run(c: Client, args: argparse.Namespace) -> None:
-        await c.vm(args.name, member, signature, *(getattr(args, f) for f in fields))
+        values = {f: getattr(args, f) for f in fields}
+        await c.vm(args.name, member, signature, *values.values())
+        done(args, {"vm": args.name, **values, **extra})
 
     return run
 
@@ -107,25 +127,29 @@ def vm_call(member: str, signature: str = "", *fields: str) -> Command:
 async def cmd_destroy(c: Client, args: argparse.Namespace) -> None:
     # the Manager's method, not VM.Destroy: one call instead of GetVM and Destroy
     await c.manager("DestroyVM", "s", args.name)
+    done(args, {"vm": args.name, "state": "destroyed"})
 
 
 async def cmd_numa(c: Client, args: argparse.Namespace) -> None:
+    # the answer names the VM properties the call sets, so that it reads like `show --json`
     if args.action == "disable":
         await c.vm(args.name, "DisableNuma")
+        done(args, {"vm": args.name, "numa_enabled": False})
         return
     await c.vm(args.name, "EnableNuma", "u", args.nodes)
+    done(args, {"vm": args.name, "numa_enabled": True, "numa_nodes": args.nodes})
 
 
 async def cmd_memory(c: Client, args: argparse.Namespace) -> None:
     (slot,) = await c.vm(args.name, "SetupNumaMemory", "utt", args.node, args.size, args.gpa)
     if args.json:
-        print_json({"slot": slot})
+        print_json({"vm": args.name, "node": args.node, "size": args.size, "gpa": args.gpa, "slot": slot})
     else:
         print(slot)
 
 
 async def cmd_stats(c: Client, args: argparse.Namespace) -> None:
-    (stats,) = await c.vm(args.name, "GetStats")
+    stats = stats_object(await c.vm(args.name, "GetStats"))
     if args.json:
         print_json(stats)
         return
@@ -157,17 +181,19 @@ async def cmd_report(c: Client, args: argparse.Namespace) -> None:
     if not args.json:
         print(report.rstrip("\n"))
         return
-    # the contract allows a text report or a JSON one; --json always prints JSON
+    # older daemons may send the report as JSON text; --json always prints one object
     try:
-        print(json.dumps(json.loads(report)))
+        parsed = json.loads(report)
     except ValueError:
-        print_json({"report": report})
+        parsed = None
+    print_json(parsed if isinstance(parsed, dict) else {"report": report})
 
 
 async def cmd_suggestions(c: Client, args: argparse.Namespace) -> None:
     (items,) = await c.manager("GetSuggestions")
     if args.json:
-        print_json([{"vm": vm, "action": action, "reason": reason} for vm, action, reason in items])
+        rows = [{"vm": vm, "action": action, "reason": reason} for vm, action, reason in items]
+        print_json({"suggestions": rows})
         return
     legend = f"{len(items)} suggestion{'' if len(items) == 1 else 's'}."
     print_table(["VM", "ACTION", "REASON"], [list(i) for i in items], legend)

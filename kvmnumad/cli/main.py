@@ -3,17 +3,25 @@
 Exit codes: 0 success, 1 the bus or the service refused (the error's D-Bus name
 is printed without its prefix), 2 the command line itself is wrong.  Scripts
 tell "you asked wrong" from "you were refused" by the code alone.
+
+With --json a failure is one JSON object on stderr instead of the line,
+``{"error": NAME, "message": TEXT}``: NAME is the full D-Bus error name (a
+script matches ``org.kvmnuma1.Error.NoSuchVM`` exactly, not a shortened form
+that could collide), ``usage`` for a wrong command line, ``interrupted`` for
+Ctrl-C, or one of kvmnumactl's own names (ConnectFailed, Timeout,
+Disconnected).  The exit codes are the same either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 
 from kvmnumad.cli.client import BusChoice, BusError, Client, connect, parse_bus
-from kvmnumad.cli.parser import PROG, build_parser
+from kvmnumad.cli.parser import PROG, build_parser, wants_json
 from kvmnumad.cli.values import UsageError
 
 
@@ -27,25 +35,37 @@ async def run(args: argparse.Namespace, choice: BusChoice) -> None:
         bus.disconnect()
 
 
+def fail(as_json: bool, name: str, message: str, line: str) -> None:
+    """One failure on stderr: ``line`` for people, the object for scripts."""
+    if as_json:
+        print(json.dumps({"error": name, "message": message}), file=sys.stderr, flush=True)
+    else:
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(raw)
         choice = parse_bus(args.bus)
         if args.check is not None:
             args.check(args)
-    except SystemExit as e:
+    except SystemExit as e:  # --help and --version: their text, as asked, even with --json
         return e.code if isinstance(e.code, int) else 2
     except UsageError as e:
-        print(f"{PROG}: UsageError: {e}", file=sys.stderr)
+        fail(wants_json(raw), "usage", str(e), f"{PROG}: UsageError: {e}")
         return 2
     # every usage error is found above: from here on, a failure is the bus's or the service's
     try:
         asyncio.run(run(args, choice))
     except BusError as e:
-        print(f"{PROG}: {e.name.rsplit('.', 1)[-1]}: {e.message}".rstrip(": "), file=sys.stderr)
+        short = e.name.rsplit(".", 1)[-1]
+        fail(args.json, e.name, e.message, f"{PROG}: {short}: {e.message}".rstrip(": "))
         return 1
     except KeyboardInterrupt:
+        if args.json:
+            fail(True, "interrupted", "interrupted by SIGINT", "")
         return 130
     except BrokenPipeError:
         # `kvmnumactl list | head`: the reader left; nothing to report

@@ -94,9 +94,11 @@ def format_property(name: str, variant: Variant) -> str:
     the rest follow their signature."""
     value = plain(variant)
     if name == "MemoryRegions":
+        # the host virtual address, a sixth field, leaves the contract (issue 11): printed while it is sent
         return "; ".join(
-            f"slot {slot} gpa={gpa:#x} size={human_bytes(size)} guest-node={gn} host-node={hn} hva={hva:#x}"
-            for slot, gpa, size, gn, hn, hva in value
+            f"slot {slot} gpa={gpa:#x} size={human_bytes(size)} guest-node={gn} host-node={hn}"
+            + "".join(f" hva={a:#x}" for a in hva)
+            for slot, gpa, size, gn, hn, *hva in value
         )
     if name == "VcpuNodes":
         return " ".join(f"{v}:{node}{'(bound)' if bound else ''}" for v, bound, node in value)

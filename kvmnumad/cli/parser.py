@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, NoReturn
 
 from kvmnumad import __version__
@@ -37,12 +36,24 @@ POLICIES = ("manual", "local-first", "load-balanced", "interleave", "preferred")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's errors as our one-line form: every usage error, argparse's or
-    ours, reads the same and exits 2."""
+    """argparse's errors as our UsageError: every usage error, argparse's or
+    ours, then reaches the one place that prints it (as a line, or as JSON with
+    --json) and exits 2."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"{PROG}: UsageError: {message} (see {PROG} --help)", file=sys.stderr)
-        raise SystemExit(2)
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def wants_json(argv: list[str]) -> bool:
+    """Whether --json was asked for, read from the raw arguments: a usage error
+    happens before argparse has said so, and must still come out as JSON.
+    Prefixes count because argparse accepts them (``--js``)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if len(arg) > 2 and "--json".startswith(arg):
+            return True
+    return False
 
 
 def add_common(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -139,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sizing(p)
     add("list", cmd_list, "list VMs")
     _vm_arg(add("show", cmd_show, "all properties of a VM"))
-    _vm_arg(add("start", vm_call("Start"), "start a VM"))
-    _vm_arg(add("stop", vm_call("Stop"), "stop a VM"))
+    _vm_arg(add("start", vm_call("Start", state="running"), "start a VM"))
+    _vm_arg(add("stop", vm_call("Stop", state="stopped"), "stop a VM"))
     _vm_arg(add("destroy", cmd_destroy, "destroy a VM"))
     p = add("pin", vm_call("SetVcpuAffinity", "uau", "vcpu", "cpus"), "pin a vCPU to host CPUs")
     _vm_arg(p)
