@@ -263,11 +263,12 @@ def test_debian_python_and_dbus_fast_serve_the_same(tmp_path: Path) -> None:
     probe = subprocess.run(["/usr/bin/python3", "-c", version], capture_output=True, text=True, check=True,
                            cwd="/")
     address_file = tmp_path / "address"
-    proc = subprocess.Popen(
-        ["/usr/bin/python3", "-m", "kvmnumad", "--bus", "private", "--demo",
-         "--address-file", str(address_file), "--log-target", "stderr"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "log").open("w"))
+    with (tmp_path / "log").open("w") as log_file:
+        proc = subprocess.Popen(
+            ["/usr/bin/python3", "-m", "kvmnumad", "--bus", "private", "--demo",
+             "--address-file", str(address_file), "--log-target", "stderr"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         wait_until(lambda: proc.poll() is not None or address_file.is_file(), "the daemon's address",
                    timeout=60)
