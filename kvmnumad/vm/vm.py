@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
-from kvmnumad import cpulist, errors
+from kvmnumad import cpulist, errors, headroom
 from kvmnumad.cgroups import VmCpuset
 from kvmnumad.events import Aspect, Event, VmChanged
 from kvmnumad.journal import log_event
@@ -65,6 +65,7 @@ class Vm(VmViews):
         self._destroyed = False
         self.numa = GuestNuma(name)
         self.serial = SerialBuffer()
+        headroom.check_tasks(name, vcpus)  # refused before any kernel object exists
         try:
             self._vm: VmFd = kvm.create_vm()
         except OSError as e:
