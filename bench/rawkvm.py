@@ -123,8 +123,10 @@ class RawVm:
     quit: bool = False
 
     @classmethod
-    def create(cls, kvm: int, vcpus: int, region_size: int, nodes: list[int], boot: bytes = b"") -> RawVm:
-        """``boot``: guest code for a 1 MiB slot 0 at ENTRY (none when empty)."""
+    def create(cls, kvm: int, vcpus: int, region_size: int, nodes: list[int], boot: bytes = b"",
+               *, bind: bool = True) -> RawVm:
+        """``boot``: guest code for a 1 MiB slot 0 at ENTRY (none when empty); one region per entry of
+        ``nodes``, mbound to it (``bind=False``: left to the kernel's first touch)."""
         raw = cls(kvm)
         try:
             raw.vm = ioctl(kvm, KVM_CREATE_VM, 0)
@@ -134,7 +136,7 @@ class RawVm:
                 raw._add_region(0, 0, BOOT_SIZE, None, 0)
                 ctypes.memmove(raw.regions[0][1] + ENTRY, boot, len(boot))
             for i, node in enumerate(nodes):
-                raw._add_region(i + 1, gpa, region_size, node, KVM_MEM_LOG_DIRTY_PAGES)
+                raw._add_region(i + 1, gpa, region_size, node if bind else None, KVM_MEM_LOG_DIRTY_PAGES)
                 gpa += region_size
             for i in range(vcpus):
                 fd = ioctl(raw.vm, KVM_CREATE_VCPU, i)

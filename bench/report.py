@@ -19,6 +19,7 @@ class Row:
     unit: str
     notes: str = ""
     higher_is_better: bool = False  # calls/s: the cost ratio is then baseline / kvmnumad
+    bench: str = ""  # the benchmark (python -m bench --only NAME) that made it
 
     @property
     def ratio(self) -> float | None:
