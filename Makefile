@@ -17,7 +17,7 @@ APT_PACKAGES := dbus dbus-daemon dbus-bin polkitd util-linux numactl libnuma1 li
 	python3-dbus-fast python3-pyudev python3-psutil python3-systemd bash-completion strace \
 	qtbase5-dev-tools qtbase5-dev g++ python3-gi gir1.2-glib-2.0
 
-.PHONY: all deps run test lint test-host test-numa test-numa-2 test-numa-4 test-numa-memonly bench deb rpm clean
+.PHONY: all deps run test lint test-host test-numa test-numa-2 test-numa-4 test-numa-memonly bench bench-quick bench-deps deb rpm clean
 
 all: test
 
@@ -44,7 +44,7 @@ lint: deps
 	$(VENV)/bin/mypy kvmnumad
 	$(VENV)/bin/mypy --strict bench
 
-test: deps lint test-host test-numa
+test: deps lint test-host test-numa bench-quick
 
 test-host: deps
 	$(VPY) -m pytest -m "not numa" tests
@@ -62,8 +62,26 @@ test-numa-4: deps
 test-numa-memonly: deps
 	$(VPY) -m tests.numa_guest --topology memonly
 
-bench: deps
+# Debian packages only the full benchmark needs (numad, the peer of the hotplug and placement figures);
+# installed by `make bench`, not by `make test` (bench-quick runs host-only figures without them).
+BENCH_APT_PACKAGES := numad
+
+bench-deps:
+	@missing=""; for p in $(BENCH_APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+# All figures, the 4-node guest ones included (one guest boot); writes bench/results.md.
+bench: deps bench-deps
 	$(VPY) -m bench
+
+# Host-only figures with few runs (~25 s), no thresholds: run by `make test` so the benchmarks cannot rot.
+bench-quick: deps
+	$(VPY) -m bench --quick
 
 deb: deps
 	packaging/build-deb.sh dist
