@@ -62,6 +62,9 @@ async def serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP is systemctl reload's (and a closed terminal's) signal: without a
+    # handler it would kill the daemon and every VM without the orderly stop.
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup)
 
     private = None
     bus_spec = args.bus
@@ -110,9 +113,14 @@ async def serve(args: argparse.Namespace) -> int:
         watchdog.start()
         if private is not None:
             _print_howto(private.address)
-        await stop.wait()
+        lost = await _until_stopped_or_lost(stop, bus)
         watchdog.stop()
-        sdnotify.notify("STOPPING=1", "STATUS=stopping")
+        sdnotify.notify("STOPPING=1", "STATUS=stopping" if lost is None else f"STATUS=bus lost: {lost}")
+        if lost is not None:
+            # Unreachable is not alive: exit non-zero so that systemd's
+            # Restart=on-failure brings the daemon (and its saved VMs) back.
+            log.error("lost the connection to the bus (%s): stopping with exit status 1", lost)
+            return 1
         log.info("stopping")
         return 0
     finally:
@@ -129,6 +137,26 @@ async def serve(args: argparse.Namespace) -> int:
             await asyncio.to_thread(manager.shutdown)
         if private is not None:
             private.close()
+
+
+def _on_sighup() -> None:
+    log.info("SIGHUP: nothing to reload yet (the daemon keeps running)")
+
+
+async def _until_stopped_or_lost(stop: asyncio.Event, bus: MessageBus) -> str | None:
+    """Wait for SIGTERM/SIGINT (None) or for the bus connection to go (why)."""
+    stopping = asyncio.ensure_future(stop.wait())
+    # shielded: cancelling our wait must not cancel the bus's own disconnect future
+    lost = asyncio.shield(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+    try:
+        await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        lost.cancel()
+    if stop.is_set() or not lost.done() or lost.cancelled():
+        return None
+    error = lost.exception()
+    return f"{type(error).__name__}: {error}" if error is not None else "disconnected"
 
 
 async def _authorizer(bus: MessageBus, bus_kind: str) -> Authorizer:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.busfixtures import BusDaemon, busctl
+from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
 from tests.observe import taskset_affinity
 from tests.waiting import wait_until
 
@@ -166,3 +166,33 @@ def test_kill_9_restart_restores_vms_and_declared_placement(bus_daemon: BusDaemo
     finally:
         out = _stop(proc)
     assert proc.returncode == 0, out
+
+
+def test_sighup_keeps_the_daemon_serving(bus_daemon: BusDaemon) -> None:
+    """SIGHUP used to kill the daemon (and its VMs) without the orderly stop."""
+    address = bus_daemon.address
+    proc = _start("--bus", address)
+    try:
+        wait_until(lambda: _name_owned(address), "kvmnumad to own org.kvmnuma1", timeout=20)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)  # what is tested: that it is still there a while after the signal
+        assert proc.poll() is None, "kvmnumad died of SIGHUP"
+        assert _name_owned(address)
+    finally:
+        out = _stop(proc)
+    assert proc.returncode == 0, out
+    assert "SIGHUP" in out, out
+
+
+def test_losing_the_bus_exits_non_zero() -> None:
+    """A daemon whose bus died used to live on unreachable, watchdog passing."""
+    with start_bus_daemon() as bus:
+        proc = _start("--bus", bus.address)
+        try:
+            wait_until(lambda: _name_owned(bus.address), "kvmnumad to own org.kvmnuma1", timeout=20)
+            os.kill(bus.pid, signal.SIGKILL)  # the bus dies under the daemon
+            wait_until(lambda: proc.poll() is not None, "kvmnumad to exit after losing its bus", timeout=20)
+        finally:
+            out = _stop(proc)
+    assert proc.returncode == 1, out
+    assert "lost the connection to the bus" in out, out
