@@ -70,3 +70,18 @@ def test_a_failed_restore_leaves_the_definition_as_it_was(tmp_path: Path) -> Non
     finally:
         manager.shutdown()
     assert (tmp_path / "far.json").read_bytes() == saved
+
+
+def test_a_definition_with_bad_fields_is_moved_aside_and_the_others_restored(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.save("bad", {"name": "bad", "vcpus": "four", "regions": []})
+    store.save("good", {"name": "good", "vcpus": 1, "policy": "manual"})
+    manager = Manager(cpusets=False)
+    try:
+        known = persist.restore(manager, store)
+        assert set(known) == {"good"}
+        assert [vm.name for vm in manager.list_vms()] == ["good"]
+    finally:
+        manager.shutdown()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "bad.json" not in names and any(n.startswith("bad.corrupt-") for n in names), names

@@ -97,16 +97,19 @@ def test_corrupt_files_are_moved_aside_and_logged(tmp_path: Path, journald: Jour
     setup_logging("info")
     tag = secrets.token_hex(3)
     store = StateStore(tmp_path)
-    good, torn, wrong, named = (f"{kind}-{tag}" for kind in ("good", "torn", "list", "named"))
+    good, torn, wrong, named, deep = (f"{kind}-{tag}" for kind in ("good", "torn", "list", "named", "deep"))
     store.save(good, {"name": good, "vcpus": 2})
     (tmp_path / f"{torn}.json").write_text('{"name": "' + torn + '", "vcp')
     (tmp_path / f"{wrong}.json").write_text("[1, 2]")
     (tmp_path / f"{named}.json").write_text(json.dumps({"name": "someone-else"}))
+    # valid JSON nested deeper than the parser's recursion limit: a RecursionError,
+    # which used to end the daemon at every start
+    (tmp_path / f"{deep}.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "notes.txt").write_text("ignored")
 
     assert store.load_all() == [{"name": good, "vcpus": 2}]
     left = sorted(p.name for p in tmp_path.iterdir())
-    for bad in (torn, wrong, named):
+    for bad in (torn, wrong, named, deep):
         assert len([n for n in left if n.startswith(f"{bad}.corrupt-")]) == 1, left
         assert f"{bad}.json" not in left
         entry = journald.entries(f"KVMNUMA_VM={bad}")[0]
