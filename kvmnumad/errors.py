@@ -43,7 +43,7 @@ class NodeOutOfRange(KvmnumaError):
 
 
 class CpuOffline(KvmnumaError):
-    """A host CPU does not exist or is offline."""
+    """A host CPU exists but is offline (one the host does not have is InvalidArgument)."""
 
 
 class Overlap(KvmnumaError):

@@ -106,14 +106,20 @@ class Manager:
         return sorted(self.topology().online_cpus())
 
     def max_vcpus(self) -> int:
+        """The most vCPUs one VM may have here: what KVM allows, capped at
+        VCPU_CAP -- the figure create_vm accepts, so the bus's MaxVcpus
+        cannot promise more than creation grants.  0: /dev/kvm is unusable."""
         try:
             kvm = self._kvm_handle()
         except errors.KvmUnavailable:
             return 0
-        return kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS) or 4
+        kvm_max = kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS) or 4
+        return min(kvm_max, VCPU_CAP)
 
     def limits(self) -> Limits:
-        return Limits(max_vcpus=min(self.max_vcpus() or VCPU_CAP, VCPU_CAP))
+        # Without /dev/kvm the request is still checked (at the cap) before
+        # creation answers KvmUnavailable.
+        return Limits(max_vcpus=self.max_vcpus() or VCPU_CAP)
 
     # ------------------------------------------------------------------ VMs
     def get_vm(self, name: str) -> Vm:
@@ -137,10 +143,11 @@ class Manager:
         busy = psutil.cpu_percent(percpu=True, interval=None)  # since the previous plan; idle at first
         return placement.plan(topo, report.measure_load(topo, self.list_vms(), busy), req)
 
-    def plan_vm(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> str:
+    def plan_vm(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> placement.Plan:
+        """What create_vm would do with the same request, making nothing."""
         validate_request(self.topology(), self.limits(), name=None, vcpus=vcpus, memory_bytes=memory_bytes,
                          options=options)
-        return self._plan(vcpus, memory_bytes, options).to_json()
+        return self._plan(vcpus, memory_bytes, options)
 
     def create_vm(self, name: str, vcpus: int, memory_bytes: int, options: CreateOptions,
                   owner: int = 0) -> Vm:

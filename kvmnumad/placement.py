@@ -13,7 +13,6 @@ placed there) per online CPU: the least pressed node is filled first.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,26 +71,6 @@ class Plan:
     def node_map(self) -> list[int]:
         """Guest node i -> its primary host node (Vm.node_map)."""
         return [n.host_nodes[0] for n in self.nodes]
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "policy": str(self.policy),
-                "nodes": [
-                    {
-                        "guest_node": n.guest_node,
-                        "host_nodes": list(n.host_nodes),
-                        "mempolicy": n.mempolicy.name.lower(),
-                        "bytes": n.bytes,
-                        "per_host_node": {str(h): b for h, b in sorted(n.per_host.items())},
-                    }
-                    for n in self.nodes
-                ],
-                "vcpus": [
-                    {"vcpu": v.vcpu, "guest_node": v.guest_node, "cpus": sorted(v.cpus)} for v in self.vcpus
-                ],
-            }
-        )
 
 
 def wrap_node_map(guest_nodes: int, host_nodes: tuple[int, ...] | list[int]) -> list[int]:

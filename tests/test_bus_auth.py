@@ -176,9 +176,10 @@ def test_map_numa_node_asks_migrate_memory_whatever_the_node_holds(
 # root nor the owner is asked about; None: a read, nobody is asked.
 CONTRACT: dict[str, tuple[str, str] | None] = {
     "CreateVM": (ACTION_MANAGE, "create"),
+    "CreateVMSimple": (ACTION_MANAGE, "create"),
     "DestroyVM": (ACTION_MANAGE, "destroy"),
     "GetVM": None, "ListVMs": None, "GetTopology": None, "GetReport": None, "GetSuggestions": None,
-    "PlanVM": None,
+    "PlanVM": None, "PlanVMSimple": None,
     "Start": (ACTION_MANAGE, "start"),
     "Stop": (ACTION_MANAGE, "stop"),
     "Destroy": (ACTION_MANAGE, "destroy"),
@@ -190,7 +191,9 @@ CONTRACT: dict[str, tuple[str, str] | None] = {
     "MapNumaNode": (ACTION_MIGRATE, "map-numa-node"),
     "GetVcpuAffinity": None, "GetVcpuNumaNode": None, "GetStats": None,
 }
-BUSCTL_ARGS = {"s": ["target"], "u": ["0"], "t": ["0"], "au": ["1", "0"], "a{sv}": ["0"]}
+BUSCTL_ARGS = {"s": ["target"], "u": ["0"], "t": ["0"], "b": ["false"], "au": ["1", "0"], "a{sv}": ["0"]}
+# a policy argument is checked before authorization: empty (DefaultPolicy) gets that far
+MEMBER_ARGS = {"CreateVMSimple": ["target", "1", "0", "0", "", "false"], "PlanVMSimple": ["1", "0", "0", ""]}
 
 
 def test_every_live_member_asks_what_the_contract_says(
@@ -209,7 +212,7 @@ def test_every_live_member_asks_what_the_contract_says(
         for m in node.findall("method"):
             member = m.get("name", "")
             types = [arg.get("type", "") for arg in m.findall("arg") if arg.get("direction", "in") == "in"]
-            args = [word for t in types for word in BUSCTL_ARGS[t]]
+            args = MEMBER_ARGS.get(member) or [word for t in types for word in BUSCTL_ARGS[t]]
             asked = len(checker.asked)
             out = busctl(a, "call", BUS_NAME, obj, iface, member, *(["".join(types), *args] if types else []),
                          user=u.name, check=False)

@@ -8,6 +8,7 @@ itself is the observer in test_bus_api (it reaches the escaped path).
 from __future__ import annotations
 
 import logging
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -16,9 +17,16 @@ from dbus_fast import DBusError, Variant
 
 from kvmnumad import errors
 from kvmnumad.bus import auth
-from kvmnumad.bus.args import check_cpus, check_name, check_signature, parse_options, parse_policy
+from kvmnumad.bus.args import (
+    INTEGER_TYPES,
+    check_cpus,
+    check_name,
+    check_signature,
+    parse_options,
+    parse_policy,
+)
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE, OWNER_MAY, owner_may
-from kvmnumad.bus.errors import DBUS_NAMES, to_dbus_error
+from kvmnumad.bus.errors import DBUS_NAMES, PUBLISHED_NAMES, to_dbus_error
 from kvmnumad.bus.manager_object import ManagerObject
 from kvmnumad.bus.paths import escape_label, unescape_label, vm_path
 from kvmnumad.bus.properties import (
@@ -120,14 +128,27 @@ def test_options_parse_into_create_options() -> None:
     assert parse_options({}) == CreateOptions()
 
 
+@pytest.mark.parametrize("signature", sorted(INTEGER_TYPES))
+def test_integer_options_take_any_integer_type_that_fits(signature: str) -> None:
+    """gdbus and GLib send a plain 2 as int32, Qt as int, busctl what was typed."""
+    nodes = bytes([0, 1]) if signature == "y" else [0, 1]  # dbus-fast gives 'ay' as bytes
+    opts = parse_options({"numa_nodes": Variant(signature, 2), "passes": Variant(signature, 3),
+                          "host_nodes": Variant(f"a{signature}", nodes)})
+    assert (opts.numa_nodes, opts.passes, opts.host_nodes) == (2, 3, (0, 1))
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
         ({"numa_node": Variant("u", 2)}, "unknown option 'numa_node'"),
-        ({"numa_nodes": Variant("i", 2)}, "option 'numa_nodes' must be of type 'u', got 'i'"),
-        ({"numa_nodes": Variant("s", "2")}, "option 'numa_nodes' must be of type 'u', got 's'"),
+        ({"numa_nodes": Variant("i", -1)}, r"option 'numa_nodes': -1 does not fit its type 'u'"),
+        ({"passes": Variant("x", 1 << 32)}, r"option 'passes': 4294967296 does not fit"),
+        ({"passes": Variant("t", (1 << 64) - 1)}, r"option 'passes': 18446744073709551615 does not fit"),
+        ({"numa_nodes": Variant("s", "2")}, r"option 'numa_nodes' must be an integer .* got 's'"),
+        ({"numa_nodes": Variant("d", 2.0)}, r"option 'numa_nodes' must be an integer .* got 'd'"),
         ({"start": Variant("u", 1)}, "option 'start' must be of type 'b'"),
-        ({"host_nodes": Variant("ai", [0])}, "option 'host_nodes' must be of type 'au'"),
+        ({"host_nodes": Variant("as", ["0"])}, r"'host_nodes' must be an array of integers .* got 'as'"),
+        ({"host_nodes": Variant("ai", [0, -2])}, r"option 'host_nodes': -2 does not fit"),
         ({"host_nodes": Variant("au", [0, 0])}, "names a node twice"),
         ({"policy": Variant("s", "fast")}, "unknown policy 'fast'"),
         ({"payload": Variant("s", "guest.bin")}, "must be an absolute path"),
@@ -211,5 +232,12 @@ def test_the_contract_files_and_docstrings_agree_with_the_code() -> None:
     manager_doc = (ROOT / "dbus" / "org.kvmnuma1.Manager.xml").read_text()
     named = [c.__name__ for c in errors.ERROR_TYPES if c is not errors.AccessDenied]
     assert [name for name in named if name not in manager_doc] == []
+    # every name the bus answers is in the contract's error list, written out
+    # (org.kvmnuma1.Error.{A, B} lists ours; the standard ones appear whole)
+    listed = set(re.findall(r"org\.freedesktop\.DBus\.Error\.\w+", manager_doc))
+    braces = re.search(r"org\.kvmnuma1\.Error\.\{([^}]*)\}", manager_doc)
+    assert braces is not None
+    listed |= {"org.kvmnuma1.Error." + re.split(r"[\s(]", n.strip())[0] for n in braces.group(1).split(",")}
+    assert set(PUBLISHED_NAMES) - listed == set()
     assert auth.__doc__ is not None
     assert all(f"``{action}``" in auth.__doc__ for action in OWNER_MAY)

@@ -62,10 +62,11 @@ def test_vm_runs_payload_and_placement_is_real(manager: Manager) -> None:
         assert entry.policy.startswith("bind:") and entry.policy.split(":")[1] == str(r.host_node), entry.raw
         assert entry.pages_per_node.get(r.host_node, 0) == r.size // PAGE, entry.raw
         assert entry.file is not None and "memfd:kvmnumad-core" in entry.file
-    # the dirty log saw every page the payload touched, once
+    # the dirty log saw every page the payload touched, once; the count is a
+    # running total, so a second read (the VM halted) gives the same figure
     for r in regions:
         assert vm.dirty_pages(r.slot) == r.size // PAGE
-        assert vm.dirty_pages(r.slot) == 0
+        assert vm.dirty_pages(r.slot) == r.size // PAGE
     stats = vm.stats()
     assert stats.exits.get("io", 0) == 4 * 3, stats.exits  # progress, serial, done per vCPU
     assert stats.pages_per_host_node == {0: 2 * 64 * MiB // PAGE}
@@ -104,7 +105,7 @@ def _bad_calls(vm: Vm) -> list[tuple[Callable[[], object], type[errors.KvmnumaEr
         (lambda: vm.setup_numa_memory(1, big, 1 << 40), errors.InsufficientMemory, str(big)),
         (lambda: vm.set_vcpu_affinity(7, [0]), errors.NoSuchVcpu, "vCPU 7"),
         (lambda: vm.set_vcpu_affinity(0, []), errors.InvalidArgument, "empty"),
-        (lambda: vm.set_vcpu_affinity(0, [0, 99]), errors.CpuOffline, "CPU 99"),
+        (lambda: vm.set_vcpu_affinity(0, [0, 99]), errors.InvalidArgument, "CPU 99 does not exist"),
         (lambda: vm.bind_vcpu_to_numa_node(0, 5), errors.NodeOutOfRange, "guest node 5"),
         (lambda: vm.bind_vcpu_to_numa_node(9, 0), errors.NoSuchVcpu, "vCPU 9"),
         (lambda: vm.map_numa_node(0, 7), errors.NodeOutOfRange, "host node 7"),

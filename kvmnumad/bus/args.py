@@ -61,16 +61,55 @@ def _host_nodes(nodes: list[int]) -> tuple[int, ...]:
     return tuple(nodes)
 
 
-# option -> (variant signature, converter into the CreateOptions field)
-OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "numa_nodes": ("u", int),
-    "policy": ("s", parse_policy),
-    "host_nodes": ("au", _host_nodes),
-    "payload": ("s", _payload),
-    "prealloc": ("b", bool),
-    "start": ("b", bool),
-    "allow_split": ("b", bool),
-    "passes": ("u", int),
+# An integer option may come as any D-Bus integer type: gdbus and GLib send
+# a plain ``2`` as int32, Qt as int, busctl as what the caller typed.  The
+# value decides, not the wire type: it must fit the option's declared one.
+INTEGER_TYPES = frozenset("ynqiuxt")
+_UINT32_MAX = (1 << 32) - 1
+
+
+def _uint32(key: str, value: int) -> int:
+    if not 0 <= value <= _UINT32_MAX:
+        raise InvalidArgument(f"option {key!r}: {value} does not fit its type 'u' (0..{_UINT32_MAX})",
+                              value=value)
+    return value
+
+
+def _integer(key: str, variant: Variant) -> int:
+    if variant.signature not in INTEGER_TYPES:
+        raise InvalidArgument(f"option {key!r} must be an integer ('u' or any of y n q i x t), "
+                              f"got {variant.signature!r}")
+    return _uint32(key, variant.value)
+
+
+def _integer_array(key: str, variant: Variant) -> list[int]:
+    element = variant.signature[1:] if variant.signature.startswith("a") else ""
+    if element not in INTEGER_TYPES:
+        raise InvalidArgument(f"option {key!r} must be an array of integers ('au' or a of y n q i x t), "
+                              f"got {variant.signature!r}")
+    values = list(variant.value)  # 'ay' arrives as bytes
+    return [_uint32(key, v) for v in values]
+
+
+def _typed(signature: str) -> Callable[[str, Variant], Any]:
+    def check(key: str, variant: Variant) -> Any:
+        if variant.signature != signature:
+            raise InvalidArgument(f"option {key!r} must be of type {signature!r}, got {variant.signature!r}")
+        return variant.value
+
+    return check
+
+
+# option -> (reads the variant, converter into the CreateOptions field)
+OPTIONS: dict[str, tuple[Callable[[str, Variant], Any], Callable[[Any], Any]]] = {
+    "numa_nodes": (_integer, int),
+    "policy": (_typed("s"), parse_policy),
+    "host_nodes": (_integer_array, _host_nodes),
+    "payload": (_typed("s"), _payload),
+    "prealloc": (_typed("b"), bool),
+    "start": (_typed("b"), bool),
+    "allow_split": (_typed("b"), bool),
+    "passes": (_integer, int),
 }
 
 
@@ -81,9 +120,20 @@ def parse_options(options: Mapping[str, Any]) -> CreateOptions:
     for key, variant in options.items():
         if key not in OPTIONS:
             raise InvalidArgument(f"unknown option {key!r} (known: {', '.join(OPTIONS)})")
-        signature, convert = OPTIONS[key]
-        if not isinstance(variant, Variant) or variant.signature != signature:
-            got = variant.signature if isinstance(variant, Variant) else type(variant).__name__
-            raise InvalidArgument(f"option {key!r} must be of type {signature!r}, got {got!r}")
-        fields[key] = convert(variant.value)
+        read, convert = OPTIONS[key]
+        if not isinstance(variant, Variant):
+            raise InvalidArgument(f"option {key!r} must be a variant, got {type(variant).__name__!r}")
+        fields[key] = convert(read(key, variant))
     return CreateOptions(**fields)
+
+
+def optional_policy(value: str) -> Policy | None:
+    """A plain policy argument: empty means the DefaultPolicy, as a missing
+    'policy' option does."""
+    return parse_policy(value) if value else None
+
+
+def simple_options(numa_nodes: int, policy: Policy | None, start: bool = False) -> CreateOptions:
+    """The plain arguments of CreateVMSimple/PlanVMSimple, for clients that
+    cannot build an a{sv} (dbus-send, qdbus)."""
+    return CreateOptions(numa_nodes=numa_nodes, policy=policy, start=start)

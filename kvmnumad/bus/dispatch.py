@@ -17,9 +17,16 @@ details) and the VM's owner; the call itself; and, for a mutating member,
 the event barrier, so that the reply follows the PropertiesChanged the
 change caused.  Errors are translated in one place (``bus/errors.py``).
 
-Everything else (Introspect, Properties.Get/GetAll, ObjectManager, Peer)
-stays with dbus-fast; Properties.Set of a writable property is ours too,
-because setting one is a mutation like any other.
+Properties.Get/GetAll, the manager's GetManagedObjects and Peer stay with
+dbus-fast; Properties.Set of a writable property is ours too, because
+setting one is a mutation like any other.  So is what dbus-fast gets wrong
+about objects: a path with no object of ours answers UnknownObject for every
+method, Introspect and Properties included (dbus-fast would introspect an
+empty node and list an empty GetManagedObjects there); ObjectManager is only
+where ``export(..., object_manager=True)`` put it (dbus-fast claims it on
+every object); Introspect of a path that only leads to objects lists its
+children, so that ``busctl tree`` still walks down.  Peer answers on any
+path, as the spec has it (it is about the connection, not an object).
 
 dbus-fast internals used: ``ServiceInterface._get_methods`` and the
 ``_Method`` fields ``name``, ``in_signature``, ``out_signature``, ``fn``,
@@ -45,14 +52,16 @@ from dbus_fast.signature import get_signature_tree
 from kvmnumad.bus.access import Access, access_of, declarations, parameters, setters
 from kvmnumad.bus.args import check_signature
 from kvmnumad.bus.context import BusContext
-from kvmnumad.bus.errors import to_dbus_error
+from kvmnumad.bus.errors import UNKNOWN_INTERFACE, UNKNOWN_OBJECT, to_dbus_error
 from kvmnumad.bus.introspection import served
-from kvmnumad.bus.paths import vm_path
+from kvmnumad.bus.paths import OBJECT_MANAGER, vm_path
 from kvmnumad.errors import AccessDenied, Internal, InvalidArgument
 
 log = logging.getLogger(__name__)
 
 PROPERTIES = "org.freedesktop.DBus.Properties"
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
+PEER = "org.freedesktop.DBus.Peer"
 
 
 @dataclass(frozen=True)
@@ -184,8 +193,7 @@ class Dispatcher:
         self._objects: dict[str, dict[str, tuple[BusObject, _Table]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._installed = False
-        # path prefix -> (interface, its members, error for a path nobody exports)
-        self._fallbacks: dict[str, tuple[str, dict[str, _Member], Callable[[str], Exception]]] = {}
+        self._object_managers: set[str] = set()
 
     def install(self) -> None:
         if not self._installed:
@@ -202,30 +210,44 @@ class Dispatcher:
         for task in list(self._tasks):
             task.cancel()
 
-    def export(self, path: str, iface: BusObject) -> None:
+    def export(self, path: str, iface: BusObject, *, object_manager: bool = False) -> None:
+        """Serve ``iface`` at ``path``; with ``object_manager``, the path also
+        implements org.freedesktop.DBus.ObjectManager (no other path does).
+        The bus must come from ``bus.service.connect``: dbus-fast's own
+        export would also send InterfacesAdded from ``path`` itself."""
         self._bus.export(path, iface)
         self._objects.setdefault(path, {})[iface.name] = (iface, _table(iface))
+        if object_manager:
+            self._object_managers.add(path)
 
     def unexport(self, path: str) -> None:
         if self._objects.pop(path, None) is not None:
             self._bus.unexport(path)
-
-    def add_fallback(
-        self, prefix: str, template: ServiceInterface, error: Callable[[str], Exception]
-    ) -> None:
-        """Calls of ``template``'s methods on ``prefix/<element>`` paths that
-        nobody exports (a VM destroyed meanwhile) answer ``error(element)``
-        (NoSuchVM naming it) instead of dbus-fast's UnknownMethod."""
-        self._fallbacks[prefix] = (template.name, _members(template), error)
+            self._object_managers.discard(path)
 
     # -------------------------------------------------------------- routing
     def _on_message(self, msg: Message) -> bool:
         """Runs on the loop for every message: must not raise or block."""
-        if msg.message_type != MessageType.METHOD_CALL:
-            return False
-        if msg.path not in self._objects:
-            return self._on_missing(msg)
-        ifaces = self._objects[msg.path]
+        if msg.message_type != MessageType.METHOD_CALL or msg.interface == PEER:
+            return False  # dbus-fast answers Ping/GetMachineId, on any path
+        path = msg.path or "/"
+        introspect = (msg.interface in (None, INTROSPECTABLE) and msg.member == "Introspect"
+                      and not msg.signature)
+        if path not in self._objects:
+            if introspect and self._children(path):
+                self._answer(msg, Message.new_method_return(msg, "s", [self._introspect(path)]))
+            else:
+                self._answer(msg, Message.new_error(msg, UNKNOWN_OBJECT, f"no object at {path}"))
+            return True
+        ifaces = self._objects[path]
+        if introspect and msg.interface == INTROSPECTABLE:
+            self._answer(msg, Message.new_method_return(msg, "s", [self._introspect(path)]))
+            return True
+        if msg.interface == OBJECT_MANAGER and path not in self._object_managers:
+            managers = ", ".join(sorted(self._object_managers))
+            self._answer(msg, Message.new_error(msg, UNKNOWN_INTERFACE, f"{path} is not an ObjectManager "
+                                                f"({managers} is)"))
+            return True
         if msg.interface == PROPERTIES:
             return self._on_set_property(msg, ifaces)
         for name, (obj, table) in ifaces.items():
@@ -234,23 +256,32 @@ class Dispatcher:
                 run = functools.partial(self._invoke, obj, m, msg.signature, msg.body)
                 self._spawn(msg, m.out_signature, run)
                 return True
+        if introspect:  # Introspect with no interface named, and no member of ours of that name
+            self._answer(msg, Message.new_method_return(msg, "s", [self._introspect(path)]))
+            return True
         return False  # not ours: dbus-fast answers (UnknownMethod/UnknownInterface)
 
-    def _on_missing(self, msg: Message) -> bool:
-        prefix, _, element = (msg.path or "").rpartition("/")
-        if prefix not in self._fallbacks or not element:
-            return False
-        iface_name, members, error = self._fallbacks[prefix]
-        if msg.interface not in (None, iface_name) or msg.member not in members:
-            return False
-        m = members[msg.member]
+    def _answer(self, msg: Message, reply: Message) -> None:
+        if not MessageFlag(msg.flags) & MessageFlag.NO_REPLY_EXPECTED:
+            self._bus.send(reply)
 
-        async def missing() -> None:
-            check_signature(m.name, m.in_signature, msg.signature)
-            raise error(element)
+    def _children(self, path: str) -> list[str]:
+        """The next path element of every object below ``path``."""
+        prefix = path.rstrip("/") + "/"
+        return sorted({p[len(prefix):].split("/")[0] for p in self._objects if p.startswith(prefix)})
 
-        self._spawn(msg, m.out_signature, missing)
-        return True
+    def _introspect(self, path: str) -> str:
+        """The node at ``path``: the standard interfaces it really has (no
+        ObjectManager unless it is one), its own interfaces, its children."""
+        if path in self._objects:
+            node = intr.Node.default(path)
+            if path not in self._object_managers:
+                node.interfaces = [i for i in node.interfaces if i.name != OBJECT_MANAGER]
+            node.interfaces += [obj.introspect() for obj, _table in self._objects[path].values()]
+        else:
+            node = intr.Node(path)
+        node.nodes = [intr.Node(child) for child in self._children(path)]
+        return str(node.tostring())
 
     def _on_set_property(self, msg: Message, ifaces: dict[str, tuple[BusObject, _Table]]) -> bool:
         if msg.member != "Set" or msg.signature != "ssv" or msg.body[0] not in ifaces:

@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 ERROR_PREFIX = "org.kvmnuma1.Error."
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+# A path with no object of ours -- never made, or its VM destroyed meanwhile
+# -- answers this for every method, whichever interface it names: one name
+# for "no such object", as sd-bus answers it.
+UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
+UNKNOWN_INTERFACE = "org.freedesktop.DBus.Error.UnknownInterface"
 
 DBUS_NAMES: dict[type[errors.KvmnumaError], str] = {
     cls: ACCESS_DENIED if cls is errors.AccessDenied else ERROR_PREFIX + cls.__name__
@@ -27,7 +32,14 @@ DBUS_NAMES: dict[type[errors.KvmnumaError], str] = {
 
 # Names that may pass through unchanged when a DBusError is raised inside the
 # bus layer itself (ours, plus the standard ones a handler may mean on purpose).
-_PASS_THROUGH = frozenset(DBUS_NAMES.values())
+_PASS_THROUGH = frozenset({*DBUS_NAMES.values(), UNKNOWN_OBJECT, UNKNOWN_INTERFACE})
+
+# Every error name a method of ours may answer; the contract lists each.
+PUBLISHED_NAMES = _PASS_THROUGH
+
+
+def unknown_object(path: str) -> DBusError:
+    return DBusError(UNKNOWN_OBJECT, f"no object at {path}")
 
 
 def dbus_name(exc_type: type[errors.KvmnumaError]) -> str:

@@ -7,9 +7,10 @@
 VM-level verbs (DestroyVM) name their VM by an argument, declared as such,
 so the owner rule and polkit see the same VM as VM.Destroy does; both are
 one core call.  Properties are the service's mirror, like the VM objects'.
-org.freedesktop.DBus.ObjectManager on this path is dbus-fast's
+org.freedesktop.DBus.ObjectManager is on this path only: dbus-fast's
 GetManagedObjects plus the InterfacesAdded/Removed signals that BusService
-emits from here.
+emits from here (and only from here).  Each method taking an a{sv} has a
+``...Simple`` twin with plain arguments, for clients that cannot build one.
 """
 
 import asyncio
@@ -19,13 +20,14 @@ from dbus_fast import PropertyAccess
 from dbus_fast.service import dbus_property, method, signal
 
 from kvmnumad.bus.access import read_only, requires, setter
-from kvmnumad.bus.args import check_name, parse_options, parse_policy
+from kvmnumad.bus.args import check_name, optional_policy, parse_options, parse_policy, simple_options
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_PLACE
 from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject, current_call
 from kvmnumad.bus.paths import MANAGER_INTERFACE, MANAGER_PATH, vm_path
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
+from kvmnumad.placement import Plan
 
 
 def topology_rows(manager: Manager) -> list[list[Any]]:
@@ -36,6 +38,18 @@ def topology_rows(manager: Manager) -> list[list[Any]]:
     return [
         [n.id, sorted(n.online_cpus), n.mem_total, n.mem_free, [n.distances.get(o, 255) for o in ids]]
         for n in (topo.nodes[i] for i in ids)
+    ]
+
+
+def plan_body(plan: Plan) -> list[Any]:
+    """PlanVM's three out-args, typed: the policy; per guest node (guest
+    node, host nodes of its memory policy, primary first, mempolicy, bytes,
+    expected bytes per host node); per vCPU (vcpu, guest node, CPUs)."""
+    return [
+        str(plan.policy),
+        [[n.guest_node, list(n.host_nodes), n.mempolicy.name.lower(), n.bytes,
+          [[h, b] for h, b in sorted(n.per_host.items())]] for n in plan.nodes],
+        [[v.vcpu, v.guest_node, sorted(v.cpus)] for v in plan.vcpus],
     ]
 
 
@@ -58,6 +72,19 @@ class ManagerObject(BusObject):
               checks={"name": check_name, "options": parse_options})
     async def CreateVM(self, name: "s", vcpus: "u", memory_bytes: "t", options: "a{sv}") -> "o":
         opts: CreateOptions = options  # (parse_options made it, as declared)
+        owner = await self._context.authorizer.caller_uid(current_call().sender)
+        await asyncio.to_thread(self._context.manager.create_vm, name, vcpus, memory_bytes, opts, owner)
+        return vm_path(name)
+
+    @method()
+    @requires(ACTION_MANAGE, verb="create", new_vm="name",
+              checks={"name": check_name, "policy": optional_policy})
+    async def CreateVMSimple(  # noqa: PLR0917 -- D-Bus arguments are positional
+        self, name: "s", vcpus: "u", memory_bytes: "t", numa_nodes: "u", policy: "s", start: "b"
+    ) -> "o":
+        # CreateVM for clients that cannot build an a{sv} (dbus-send, qdbus):
+        # the same core call, the same action and checks.
+        opts = simple_options(numa_nodes, policy, start)  # (optional_policy made it a Policy | None)
         owner = await self._context.authorizer.caller_uid(current_call().sender)
         await asyncio.to_thread(self._context.manager.create_vm, name, vcpus, memory_bytes, opts, owner)
         return vm_path(name)
@@ -98,9 +125,16 @@ class ManagerObject(BusObject):
 
     @method()
     @read_only
-    async def PlanVM(self, vcpus: "u", memory_bytes: "t", options: "a{sv}") -> "s":
+    async def PlanVM(self, vcpus: "u", memory_bytes: "t", options: "a{sv}") -> "sa(uausta(ut))a(uuau)":
         opts = parse_options(options)
-        return await asyncio.to_thread(self._context.manager.plan_vm, vcpus, memory_bytes, opts)
+        return plan_body(await asyncio.to_thread(self._context.manager.plan_vm, vcpus, memory_bytes, opts))
+
+    @method()
+    @read_only
+    async def PlanVMSimple(self, vcpus: "u", memory_bytes: "t", numa_nodes: "u",
+                           policy: "s") -> "sa(uausta(ut))a(uuau)":
+        opts = simple_options(numa_nodes, optional_policy(policy))
+        return plan_body(await asyncio.to_thread(self._context.manager.plan_vm, vcpus, memory_bytes, opts))
 
     # ---------------------------------------------------------- properties
     @dbus_property(access=PropertyAccess.READ)

@@ -31,8 +31,10 @@ VM_PROPERTIES: dict[str, Callable[[Vm], Any]] = {
     "VcpuAffinity": lambda vm: [[v, list(cpus)] for v, cpus in vm.vcpu_affinity()],
     "DeclaredVcpuAffinity": lambda vm: [[v, list(cpus)] for v, cpus in vm.declared_vcpu_affinity()],
     "VcpuNodes": lambda vm: [[v, bound, node] for v, bound, node in vm.vcpu_nodes()],
+    # No host virtual address: the bus is a privilege boundary, and the
+    # daemon's mapping addresses would undo its ASLR for any local user.
     "MemoryRegions": lambda vm: [
-        [r.slot, r.gpa, r.size, r.guest_node, r.host_node, r.hva] for r in vm.memory_regions()
+        [r.slot, r.gpa, r.size, r.guest_node, r.host_node] for r in vm.memory_regions()
     ],
     "Owner": lambda vm: vm.owner,
 }

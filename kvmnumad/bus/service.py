@@ -27,8 +27,6 @@ from kvmnumad.bus.paths import (
     MANAGER_PATH,
     OBJECT_MANAGER,
     VM_INTERFACE,
-    VM_PATH_PREFIX,
-    unescape_label,
     vm_path,
 )
 from kvmnumad.bus.properties import (
@@ -55,7 +53,7 @@ from kvmnumad.vm import Vm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BUS_NAME", "BusService", "NameUnavailable", "connect", "start_service"]
+__all__ = ["BUS_NAME", "BusService", "NameUnavailable", "ServiceBus", "connect", "start_service"]
 
 
 class NameUnavailable(RuntimeError):
@@ -66,6 +64,25 @@ def _path_of(event: Event) -> str:
     if isinstance(event, (VmAdded, VmRemoved, VmChanged, VcpuRepinned)):
         return vm_path(event.vm)
     return MANAGER_PATH
+
+
+class ServiceBus(MessageBus):
+    """dbus-fast's MessageBus without the InterfacesAdded/Removed that its
+    export() and unexport() send from the exported object's own path.
+
+    Those announce every VM a second time, from a path that is no
+    ObjectManager (issue 11: ``kvmnumactl monitor`` printed each twice);
+    BusService sends the one the spec wants, from /org/kvmnuma1.  dbus-fast
+    has no option for this, in 5.x or in Debian's 1.84, and both call these
+    two Python-level methods from export/unexport, so overriding them here
+    is all it takes (test_bus_objects counts the signals on the bus).
+    """
+
+    def _emit_interface_added(self, path: str, interface: Any) -> None:
+        pass
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        pass
 
 
 class BusService:
@@ -87,8 +104,7 @@ class BusService:
     async def _start(self) -> None:
         props = await asyncio.to_thread(manager_snapshot, self.manager)
         self.manager_object = ManagerObject(self, props)
-        self.dispatcher.export(MANAGER_PATH, self.manager_object)
-        self.dispatcher.add_fallback(VM_PATH_PREFIX, VmObject.template(), _no_such_vm)
+        self.dispatcher.export(MANAGER_PATH, self.manager_object, object_manager=True)
         self.dispatcher.install()
         # Subscribe before listing, so no VM falls between the two.
         self.manager.subscribe(self._pump.submit)
@@ -175,9 +191,8 @@ class BusService:
         self._object_manager_signal("InterfacesRemoved", "oas", [obj.path, [VM_INTERFACE]])
 
     def _object_manager_signal(self, member: str, signature: str, body: list[Any]) -> None:
-        # From the manager's path, as the ObjectManager spec wants.  (dbus-fast
-        # also sends one from the object's own path on export; clients that
-        # follow the spec ignore that one.)
+        # From the manager's path, as the ObjectManager spec wants, and from
+        # nowhere else: ServiceBus keeps dbus-fast's export from sending its own.
         self.bus.send(Message.new_signal(MANAGER_PATH, OBJECT_MANAGER, member, signature, body))
 
     # --------------------------------------------------------------- events
@@ -201,14 +216,12 @@ class BusService:
             mo.publish({"DefaultPolicy": str(event.policy)})
 
 
-def _no_such_vm(element: str) -> Exception:
-    return NoSuchVM(f"no VM named {unescape_label(element)!r}")
-
-
 async def start_service(manager: Manager, bus: MessageBus, authorizer: Authorizer) -> BusService:
     """Export the Manager and every VM, follow the core's events, then own
     org.kvmnuma1 (DO_NOT_QUEUE): raises NameUnavailable if someone else has it,
     leaving nothing exported."""
+    if not isinstance(bus, ServiceBus):
+        raise TypeError("start_service needs a bus from connect() (a ServiceBus)")
     service = BusService(manager, bus, authorizer)
     try:
         await service._start()
@@ -221,9 +234,9 @@ async def start_service(manager: Manager, bus: MessageBus, authorizer: Authorize
 async def connect(bus_spec: str) -> MessageBus:
     """``system``, ``session`` or a D-Bus address (``unix:path=...``)."""
     if bus_spec == "system":
-        bus = MessageBus(bus_type=BusType.SYSTEM)
+        bus = ServiceBus(bus_type=BusType.SYSTEM)
     elif bus_spec == "session":
-        bus = MessageBus(bus_type=BusType.SESSION)
+        bus = ServiceBus(bus_type=BusType.SESSION)
     else:
-        bus = MessageBus(bus_address=bus_spec)
+        bus = ServiceBus(bus_address=bus_spec)
     return await bus.connect()

@@ -11,9 +11,10 @@ back.  Property values are the service's mirror of the VM (bus/properties.py).
 """
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from dbus_fast import PropertyAccess, Variant
+from dbus_fast import PropertyAccess
 from dbus_fast.service import dbus_property, method
 
 from kvmnumad.bus.access import read_only, requires
@@ -21,25 +22,26 @@ from kvmnumad.bus.args import check_cpus
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE
 from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject
+from kvmnumad.bus.errors import unknown_object
 from kvmnumad.bus.paths import VM_INTERFACE, vm_path
 from kvmnumad.errors import NoSuchVM
 from kvmnumad.model import VmStats
 from kvmnumad.vm import Vm
 
+T = TypeVar("T")
 
-def stats_dict(s: VmStats) -> dict[str, Variant]:
-    """GetStats as flat maps keyed by vCPU or node, so busctl and jq read it
-    without knowing a struct layout."""
-    return {
-        "exits": Variant("a{st}", dict(s.exits)),
-        "vcpu_tid": Variant("a{uu}", {v.vcpu: v.tid for v in s.vcpus}),
-        "vcpu_cpu_time_ns": Variant("a{ut}", {v.vcpu: v.cpu_time_ns for v in s.vcpus}),
-        "vcpu_current_cpu": Variant("a{ui}", {v.vcpu: v.current_cpu for v in s.vcpus}),
-        "vcpu_exits": Variant("a{ua{st}}", {v.vcpu: dict(v.exits) for v in s.vcpus}),
-        "vcpu_progress": Variant("a{ut}", {v.vcpu: v.progress for v in s.vcpus}),
-        "pages_per_host_node": Variant("a{ut}", dict(s.pages_per_host_node)),
-        "dirty_pages": Variant("t", s.dirty_pages),
-    }
+
+def stats_body(s: VmStats) -> list[Any]:
+    """GetStats' four out-args: arrays of structs, never maps keyed by number
+    (busctl --json cannot print those, nor qdbus), never text.  A vCPU is
+    (vcpu, tid, cpu_time_ns, current_cpu, exits, progress)."""
+    return [
+        [[reason, n] for reason, n in sorted(s.exits.items())],
+        [[v.vcpu, v.tid, v.cpu_time_ns, v.current_cpu, [[r, n] for r, n in sorted(v.exits.items())],
+          v.progress] for v in s.vcpus],
+        [[node, pages] for node, pages in sorted(s.pages_per_host_node.items())],
+        s.dirty_pages,
+    ]
 
 
 class VmObject(BusObject):
@@ -60,6 +62,15 @@ class VmObject(BusObject):
     def subject(self) -> Subject:
         return Subject(self.vm_name, self.vm.owner, self.path)
 
+    async def _core(self, fn: Callable[..., T], *args: Any) -> T:
+        """One core call off the loop.  The VM gone under it (destroyed, or
+        replaced under its name) means this object is gone: UnknownObject, the
+        one answer of a path without an object, whatever the method."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except NoSuchVM:
+            raise unknown_object(self.path) from None
+
     def _destroy(self) -> None:
         # This object's VM, not one made anew under the same name meanwhile.
         manager = self._context.manager
@@ -71,54 +82,54 @@ class VmObject(BusObject):
     @method()
     @requires(ACTION_MANAGE, verb="start")
     async def Start(self) -> None:
-        await asyncio.to_thread(self.vm.start)
+        await self._core(self.vm.start)
 
     @method()
     @requires(ACTION_MANAGE, verb="stop")
     async def Stop(self) -> None:
-        await asyncio.to_thread(self.vm.stop)
+        await self._core(self.vm.stop)
 
     @method()
     @requires(ACTION_MANAGE, verb="destroy")
     async def Destroy(self) -> None:
-        await asyncio.to_thread(self._destroy)
+        await self._core(self._destroy)
 
     @method()
     @requires(ACTION_PLACE, verb="enable-numa")
     async def EnableNuma(self, nodes: "u") -> None:
-        await asyncio.to_thread(self.vm.enable_numa, nodes)
+        await self._core(self.vm.enable_numa, nodes)
 
     @method()
     @requires(ACTION_PLACE, verb="disable-numa")
     async def DisableNuma(self) -> None:
-        await asyncio.to_thread(self.vm.disable_numa)
+        await self._core(self.vm.disable_numa)
 
     @method()
     @requires(ACTION_PLACE, verb="setup-numa-memory")
     async def SetupNumaMemory(self, node: "u", size: "t", gpa: "t") -> "u":
-        slot: int = await asyncio.to_thread(self.vm.setup_numa_memory, node, size, gpa)
+        slot: int = await self._core(self.vm.setup_numa_memory, node, size, gpa)
         return slot
 
     @method()
     @requires(ACTION_PLACE, verb="set-vcpu-affinity", checks={"cpus": check_cpus})
     async def SetVcpuAffinity(self, vcpu: "u", cpus: "au") -> None:
-        await asyncio.to_thread(self.vm.set_vcpu_affinity, vcpu, cpus)
+        await self._core(self.vm.set_vcpu_affinity, vcpu, cpus)
 
     @method()
     @read_only
     async def GetVcpuAffinity(self, vcpu: "u") -> "au":
-        cpus = await asyncio.to_thread(self.vm.get_vcpu_affinity, vcpu)
+        cpus = await self._core(self.vm.get_vcpu_affinity, vcpu)
         return list(cpus)
 
     @method()
     @requires(ACTION_PLACE, verb="bind-vcpu")
     async def BindVcpuToNumaNode(self, vcpu: "u", node: "u") -> None:
-        await asyncio.to_thread(self.vm.bind_vcpu_to_numa_node, vcpu, node)
+        await self._core(self.vm.bind_vcpu_to_numa_node, vcpu, node)
 
     @method()
     @read_only
     async def GetVcpuNumaNode(self, vcpu: "u") -> "(bu)":
-        bound, node = await asyncio.to_thread(self.vm.get_vcpu_numa_node, vcpu)
+        bound, node = await self._core(self.vm.get_vcpu_numa_node, vcpu)
         return [bound, node]
 
     @method()
@@ -127,12 +138,12 @@ class VmObject(BusObject):
         # One action whatever the node holds: the memory it moves is read
         # under the VM's lock, after authorization, so the action cannot
         # depend on it (it did once: a check of stale state).
-        await asyncio.to_thread(self.vm.map_numa_node, node, host_node)
+        await self._core(self.vm.map_numa_node, node, host_node)
 
     @method()
     @read_only
-    async def GetStats(self) -> "a{sv}":
-        return stats_dict(await asyncio.to_thread(self.vm.stats))
+    async def GetStats(self) -> "a(st)a(uutia(st)t)a(ut)t":
+        return stats_body(await self._core(self.vm.stats))
 
     # ---------------------------------------------------------- properties
     @dbus_property(access=PropertyAccess.READ)
@@ -184,7 +195,7 @@ class VmObject(BusObject):
         return self._props["VcpuNodes"]
 
     @dbus_property(access=PropertyAccess.READ)
-    def MemoryRegions(self) -> "a(uttuut)":
+    def MemoryRegions(self) -> "a(uttuu)":
         return self._props["MemoryRegions"]
 
     @dbus_property(access=PropertyAccess.READ)

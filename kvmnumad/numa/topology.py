@@ -79,8 +79,9 @@ class HostTopology:
         return self._online
 
     def require_online(self, cpus: Iterable[int]) -> frozenset[int]:
-        """``cpus`` as a set, or CpuOffline naming the first CPU that does not
-        exist or is offline (a caller's CPU set must be usable now)."""
+        """``cpus`` as a set; a CPU the host does not have is InvalidArgument
+        (no hotplug can bring it: the request is wrong), one that exists but
+        is offline CpuOffline (it may come back); both name the CPU."""
         wanted = frozenset(cpus)
         if not wanted:
             raise InvalidArgument("CPU set is empty")
@@ -88,8 +89,8 @@ class HostTopology:
             return wanted
         for cpu in sorted(wanted - self._online):
             if cpu not in self.cpus:
-                raise CpuOffline(f"CPU {cpu} does not exist (host CPUs: {cpulist.describe(self.cpus)})",
-                                 cpu=cpu)
+                raise InvalidArgument(f"CPU {cpu} does not exist (host CPUs: {cpulist.describe(self.cpus)})",
+                                      cpu=cpu)
             raise CpuOffline(f"CPU {cpu} is offline (online: {cpulist.describe(self._online)})", cpu=cpu)
         return wanted  # pragma: no cover - the loop always raises
 
@@ -115,7 +116,7 @@ class HostTopology:
             return self.cpus[cpu].node
         except KeyError:
             known = format_cpulist(set(self.cpus))
-            raise CpuOffline(f"host CPU {cpu} does not exist (CPUs: {known})") from None
+            raise InvalidArgument(f"host CPU {cpu} does not exist (CPUs: {known})", cpu=cpu) from None
 
     def cpus_of_node(self, node: int, online_only: bool = True) -> frozenset[int]:
         n = self.node(node)

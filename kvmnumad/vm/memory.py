@@ -34,6 +34,10 @@ class Region:
     host_nodes: frozenset[int]
     policy: MemPolicy
     mem: GuestRegion
+    # Pages dirtied since the slot was made, summed over every read of its
+    # log: KVM_GET_DIRTY_LOG clears the log it returns, so a count "since the
+    # previous read" would belong to whoever read last (issue 11).
+    dirtied: int = 0
 
     @property
     def size(self) -> int:
@@ -190,11 +194,15 @@ class GuestMemory:
         return pages
 
     def dirty_pages(self, slot: int | None = None) -> int:
-        """Pages dirtied since the previous read of the slot's log (all slots: None)."""
+        """Pages dirtied since the slot was made (all slots: None), a running
+        total that never goes down: each read adds what the kernel's log
+        holds to the slot's total, and no reader consumes another's count."""
         regions = self.regions if slot is None else [r for r in self.regions if r.slot == slot]
         if slot is not None and not regions:
             raise errors.InvalidArgument(f"VM {self._name!r} has no memory slot {slot}", slot=slot)
-        return sum(self._vm.count_dirty(r.slot, r.size) for r in regions)
+        for r in regions:
+            r.dirtied += self._vm.count_dirty(r.slot, r.size)
+        return sum(r.dirtied for r in regions)
 
     def close(self) -> None:
         for r in self.regions:

@@ -7,7 +7,6 @@ check.  Expectations branch on the guest's shape (``topology_name``).
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -140,11 +139,11 @@ def test_local_first_refuses_what_no_node_holds_and_allow_split_fits(manager: Ma
     assert snapshot() == before, "a refused VM leaves no fd, thread, VM or cgroup behind"
 
     split = CreateOptions(numa_nodes=1, policy=Policy.LOCAL_FIRST, allow_split=True)
-    plan = json.loads(manager.plan_vm(1, size, split))
-    (node,) = plan["nodes"]
-    assert len(node["host_nodes"]) >= 2 and sum(node["per_host_node"].values()) == size, plan
+    plan = manager.plan_vm(1, size, split)
+    (node,) = plan.nodes
+    assert len(node.host_nodes) >= 2 and sum(node.per_host.values()) == size, plan
     vm = manager.create_vm("split", 1, size, split)  # no prealloc: hundreds of MiB under TCG
     ((r),) = vm.memory_regions()
     kind, _, nodes = numa_maps_at(r.hva).policy.partition(":")
-    assert (kind, parse_cpulist(nodes)) == ("bind", set(node["host_nodes"]))
+    assert (kind, parse_cpulist(nodes)) == ("bind", set(node.host_nodes))
     manager.destroy_vm("split")
