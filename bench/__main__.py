@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         ("dbus", lambda: busrtt.bus_round_trips(2 if q else 5, 200 if q else 1000, profile("dbus"))),
         ("create", lambda: vmcreate.vm_creation(3 if q else 20)),
         ("scale", lambda: scale.scale(32 if q else args.scale, 2 if q else 30, 10 if q else 100,
-                                      limit_hunt=0 if q else 400, profile=profile("scale"))),
+                                      profile=profile("scale")) + scale.task_limit()),
         ("hotplug", lambda: hotplug.hotplug(3 if q else 20, 5 if q else 30)),
         ("placement", lambda: placement.placement(manager, kvm_fd, 3 if q else 15)),
         ("migrate", lambda: migrate.migrate(manager, 1 if q else 3)),

@@ -195,3 +195,40 @@ def scale(count: int, window: float, rounds: int, *, limit_hunt: int = 0,
         rows.append(Row("  first limit", s.created, count, "VMs", f"creation went on past {count}: {what}",
                         higher_is_better=True))
     return rows
+
+
+async def _until_refused(address: str, cap: int) -> tuple[int, str, int]:
+    """Create VMs until the daemon refuses: (VMs made, error name and message, VMs ListVMs sees after)."""
+    bus = await MessageBus(bus_address=address).connect()
+    try:
+        made, refusal = 0, "no refusal"
+        for i in range(cap):
+            reply = await bus.call(call(MANAGER, "CreateVM", "suta{sv}", [f"t{i:04d}", VCPUS, 0, OPTS])())
+            if reply is None or reply.error_name:
+                refusal = f"{reply.error_name}: {reply.body[0]}" if reply is not None else "no reply"
+                break
+            made += 1
+        listed = len((await ok(bus, call(MANAGER, "ListVMs")())).body[0])
+        for i in range(made):
+            await ok(bus, call(MANAGER, "DestroyVM", "s", [f"t{i:04d}"])())
+        return made, refusal, listed
+    finally:
+        bus.disconnect()
+
+
+def task_limit(tasks_max: int = 200) -> list[Row]:
+    """The first limit that breaks, made small: a daemon under TasksMax=``tasks_max`` is filled
+    until it refuses; it must refuse with a typed error and go on serving."""
+    nofile, unit_tasks = unit_limits()
+    with Daemon(nofile=nofile, tasks_max=tasks_max) as daemon:
+        made, refusal, listed = asyncio.run(_until_refused(daemon.address, 10 * tasks_max))
+        log = daemon.log_tail(4000)
+    expected = (tasks_max - 16 - 8) // (VCPUS + 1)  # RESERVE, about 8 tasks of the daemon's own
+    clean = "Traceback" not in log and listed == made
+    at_unit = ((unit_tasks or 0) - 16 - 8) // (VCPUS + 1)
+    return [Row(f"  first limit: tasks (TasksMax={tasks_max} to find it fast)", made, expected, "VMs",
+                f"refused with {refusal[:220]}; ListVMs afterwards answers {listed} VMs, "
+                f"{'no traceback in the daemon log' if clean else 'NOT clean: see the daemon log'}; a VM is "
+                f"{VCPUS} vCPU threads + KVM's worker task, so the unit's TasksMax={unit_tasks} refuses at "
+                f"about {at_unit} VMs (fds at 2 per vCPU + 2 per VM reach LimitNOFILE's 524288 much later)",
+                higher_is_better=True)]
