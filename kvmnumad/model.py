@@ -14,6 +14,7 @@ class VmState(enum.StrEnum):
     CREATED = "created"
     RUNNING = "running"
     STOPPED = "stopped"
+    FAILED = "failed"  # a vCPU stopped by itself (a fatal exit or a thread error) while running
 
 
 class Policy(enum.StrEnum):
@@ -45,7 +46,7 @@ class MemoryRegionInfo:
     size: int
     guest_node: int
     host_node: int
-    hva: int
+    hva: int  # the daemon's own address: for its diagnostics and tests, never published (ASLR)
 
 
 @dataclass(frozen=True)
@@ -63,4 +64,4 @@ class VmStats:
     exits: dict[str, int]  # summed over vCPUs, by exit reason name ("io", "hlt", "intr", ...)
     vcpus: tuple[VcpuStats, ...]
     pages_per_host_node: dict[int, int]  # resident guest pages by host node (move_pages query)
-    dirty_pages: int  # pages dirtied since the previous stats() call, over all slots
+    dirty_pages: int  # pages dirtied since each slot was made, over all slots: a running total

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from kvmnumad.hotplug import HotplugMonitor, RepinQueue
+from tests.busfixtures import RunningService, busctl
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,3 +152,25 @@ def test_kernel_resource_limits_give_typed_errors_and_change_nothing(limit: str,
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"result": expected, "same": True, "vms": 0}, (result, out.stderr[-2000:])
 
+
+
+def test_a_vcpu_that_stops_by_itself_shows_in_the_vm_state(service: RunningService, tmp_path: Path) -> None:
+    """A crashed vCPU used to leave its VM reporting "running".  The fault is
+    real: ud2 with no IDT is a triple fault, which KVM reports as SHUTDOWN."""
+    payload = tmp_path / "ud2.bin"
+    payload.write_bytes(b"\x0f\x0b")
+    path = "/org/kvmnuma1/vm/crash"
+    busctl(service.address, "call", "org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.Manager", "CreateVM",
+           "suta{sv}", "crash", "1", "0", "2", "payload", "s", str(payload), "start", "b", "true")
+
+    def state() -> str:
+        return str(busctl(service.address, "get-property", "org.kvmnuma1", path, "org.kvmnuma1.VM",
+                          "State")["data"])
+
+    wait_until(lambda: state() == "failed", "the VM's State to say failed", timeout=20)
+    # and it cannot be resumed as if nothing happened
+    busctl(service.address, "call", "org.kvmnuma1", path, "org.kvmnuma1.VM", "Stop")
+    assert state() == "stopped"
+    err = busctl(service.address, "call", "org.kvmnuma1", path, "org.kvmnuma1.VM", "Start", check=False,
+                 json_=False)
+    assert err.returncode != 0 and "stopped by themselves" in err.stderr, err

@@ -86,6 +86,7 @@ class VcpuRunner:
         index: int,
         on_serial: Callable[[int, bytes], None] | None = None,
         idle_interval: float = 0.05,
+        on_fault: Callable[[int, str], None] | None = None,
     ) -> None:
         if not kick_signal_installed():
             if threading.current_thread() is not threading.main_thread():
@@ -96,6 +97,7 @@ class VcpuRunner:
         self.index = index
         self._vcpu = vcpu
         self._on_serial = on_serial
+        self._on_fault = on_fault  # called on the vCPU's thread when it stops by itself
         self._idle_interval = idle_interval
         self._cond = threading.Condition()
         # Everything below is guarded by _cond.
@@ -257,8 +259,7 @@ class VcpuRunner:
             self._loop()
         except BaseException as e:  # recorded, never a silent death of the thread
             log.exception("vCPU %d thread failed", self.index)
-            with self._cond:
-                self._fault = self._fault or f"error: {e}"
+            self._set_fault(f"error: {e}")
         finally:
             with self._cond:
                 self._final_cpu_ns = time.thread_time_ns()
@@ -286,13 +287,25 @@ class VcpuRunner:
                 reason = self._vcpu.run()
             except KvmError as e:
                 log.warning("vCPU %d stopped: %s", self.index, e)
-                with self._cond:
-                    self._fault = f"error: {e}"
+                self._set_fault(f"error: {e}")
                 continue
             finally:
                 with self._cond:
                     self._in_run = False
             self._handle(reason)
+
+    def _set_fault(self, fault: str) -> None:
+        """Record why the vCPU stopped by itself (the first reason wins) and
+        tell the owner, so that the VM's state says so."""
+        with self._cond:
+            if self._fault is not None:
+                return
+            self._fault = fault
+        if self._on_fault is not None:
+            try:
+                self._on_fault(self.index, fault)
+            except Exception:  # the owner's bug must not hide the fault
+                log.exception("vCPU %d: fault consumer failed", self.index)
 
     def _runnable(self) -> bool:
         return self._want_run and not self._done and self._fault is None and not self._closing
@@ -320,8 +333,7 @@ class VcpuRunner:
             detail = self._vcpu.exit_detail(reason)
             detail = f" ({detail})" if detail else ""
             log.warning("vCPU %d stopped by exit %s%s", self.index, reason.name, detail)
-            with self._cond:
-                self._fault = reason.name.lower() + detail
+            self._set_fault(reason.name.lower() + detail)
         # INTR: nothing to do, the loop re-reads what is wanted; MMIO and others: ignored.
 
     def _handle_io(self) -> None:

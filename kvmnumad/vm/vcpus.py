@@ -50,25 +50,26 @@ Repin = tuple[int, frozenset[int], frozenset[int]]  # (vcpu, old, new)
 class Vcpus:
     """The vCPUs of one VM and their placement (see the module docstring)."""
 
-    def __init__(self, name: str, vmfd: VmFd, count: int, cpuset: VmCpuset | None,
-                 on_serial: Callable[[int, bytes], None]) -> None:
+    def __init__(self, name: str, vmfd: VmFd, count: int, cpuset: VmCpuset | None, *,
+                 on_serial: Callable[[int, bytes], None], on_fault: Callable[[int, str], None]) -> None:
         self._name = name
         self._cpuset = cpuset
         self._list: list[Vcpu] = []
         try:
             for i in range(count):
-                self._list.append(self._make(vmfd, i, on_serial))
+                self._list.append(self._make(vmfd, i, on_serial, on_fault))
         except BaseException:
             self.close()
             raise
 
-    def _make(self, vmfd: VmFd, index: int, on_serial: Callable[[int, bytes], None]) -> Vcpu:
+    def _make(self, vmfd: VmFd, index: int, on_serial: Callable[[int, bytes], None],
+              on_fault: Callable[[int, str], None]) -> Vcpu:
         try:
             fd = vmfd.create_vcpu(index)
         except OSError as e:
             raise resource_error(e, f"vCPU {index} of VM {self._name!r}") or e from e
         try:
-            runner = VcpuRunner(fd, index, on_serial=on_serial)
+            runner = VcpuRunner(fd, index, on_serial=on_serial, on_fault=on_fault)
         except RuntimeError as e:
             fd.close()
             if str(e).startswith(_NO_THREAD):  # threading.Thread.start() at the task limit

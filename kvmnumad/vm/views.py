@@ -30,6 +30,7 @@ class VmViews:
     _state: VmState
     _lock: threading.RLock
     _destroyed: bool
+    faults: dict[int, str]
     _topology: Callable[[], HostTopology]
     numa: GuestNuma
     serial: SerialBuffer
@@ -56,6 +57,9 @@ class VmViews:
 
     @property
     def state(self) -> VmState:
+        """FAILED while a vCPU that should run has stopped by itself."""
+        if self._state == VmState.RUNNING and self.faults:
+            return VmState.FAILED
         return self._state
 
     @property

@@ -14,6 +14,7 @@ mbind, thread joins) must be called off an event loop.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 
@@ -33,6 +34,8 @@ from kvmnumad.vm.memory import GuestMemory, resource_error
 from kvmnumad.vm.numa import GuestNuma
 from kvmnumad.vm.vcpus import Repin, Vcpu, Vcpus
 from kvmnumad.vm.views import VmViews
+
+log = logging.getLogger(__name__)
 
 
 class Vm(VmViews):
@@ -63,6 +66,7 @@ class Vm(VmViews):
         self._lock = threading.RLock()
         self._state = VmState.CREATED
         self._destroyed = False
+        self.faults: dict[int, str] = {}  # vCPU -> why it stopped by itself
         self.numa = GuestNuma(name)
         self.serial = SerialBuffer()
         headroom.check_tasks(name, vcpus)  # refused before any kernel object exists
@@ -76,11 +80,18 @@ class Vm(VmViews):
             self._vm.close()
             raise
         try:
-            self.vcpus = Vcpus(name, self._vm, vcpus, cpuset, self.serial.append)
+            self.vcpus = Vcpus(name, self._vm, vcpus, cpuset, on_serial=self.serial.append,
+                               on_fault=self._on_vcpu_fault)
         except BaseException:
             self.memory.close()
             self._vm.close()
             raise
+
+    def _on_vcpu_fault(self, vcpu: int, fault: str) -> None:
+        """On the vCPU's own thread: the VM is no longer what it says it is."""
+        self.faults[vcpu] = fault
+        log.error("vCPU %d of VM %s stopped by itself: %s", vcpu, self.name, fault)
+        self._changed(Aspect.STATE)
 
     def publish(self, emit: Callable[[Event], None]) -> None:
         """From now on changes are public (a VM under construction is not)."""
@@ -95,6 +106,9 @@ class Vm(VmViews):
             self._alive()
             if self._state == VmState.RUNNING:
                 return
+            if self.faults:
+                raise errors.Busy(f"VM {self.name!r} cannot run again: its vCPU(s) stopped by themselves "
+                                  f"({self.faults}); destroy and create it anew", faults=dict(self.faults))
             self.vcpus.start(self._init_vcpu)
             self._state = VmState.RUNNING
         log_event("vm-started", f"VM {self.name} started", vm=self.name)
