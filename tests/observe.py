@@ -89,6 +89,16 @@ def numa_maps(pid: int | None = None) -> list[NumaMapsEntry]:
     return entries
 
 
+def numa_maps_of_slot(vm: str, slot: int, pid: int | None = None) -> NumaMapsEntry:
+    """The numa_maps line of a VM's memory slot, found by its memfd's name
+    (kvmnumad-VM-nodeG-slotS): the bus does not say where guest memory is mapped."""
+    name = re.compile(rf"memfd:kvmnumad-{re.escape(vm)}-node\d+-slot{slot}(?!\d)")
+    found = [e for e in numa_maps(pid) if e.file and name.search(e.file)]
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} numa_maps entries for {vm} slot {slot}: {[e.raw for e in found]}")
+    return found[0]
+
+
 def numa_maps_at(address: int, pid: int | None = None) -> NumaMapsEntry:
     """The numa_maps line of the mapping that starts at ``address`` (memfd
     regions are shmem, not anon: match them by start address)."""

@@ -20,7 +20,7 @@ import pytest
 
 from kvmnumad.demo import DEMO_PASSES, DEMO_VCPUS, DEMO_VM
 from tests.busfixtures import VM_IFACE, BusClient, DaemonProcess, busctl, daemon_process
-from tests.observe import node_cpus, numa_maps_at, thread_affinity
+from tests.observe import node_cpus, numa_maps_of_slot, thread_affinity
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +56,9 @@ def test_demo_shows_placement_at_no_cpu(demo: Demo) -> None:
     client = BusClient(demo.address)
     try:
         def passes_done() -> dict[int, int] | None:
-            (stats,) = client.vm(VM_PATH, "GetStats")
-            progress: dict[int, int] = stats["vcpu_progress"]
+            _exits, vcpus, _pages, _dirty = client.vm(VM_PATH, "GetStats")
+            # a vCPU is (vcpu, tid, cpu_time_ns, current_cpu, exits, progress)
+            progress: dict[int, int] = {v[0]: v[5] for v in vcpus}
             done = len(progress) == DEMO_VCPUS and all(p == DEMO_PASSES for p in progress.values())
             return progress if done else None
 
@@ -86,8 +87,8 @@ def test_demo_shows_placement_at_no_cpu(demo: Demo) -> None:
         assert allowed <= node_cpus(node_map[guest_node[vcpu]]), (vcpu, allowed, node_map)
     # ... and every page of guest memory resident, bound to the region's host node.
     regions = prop(demo.address, "MemoryRegions")
-    assert {guest for _slot, _gpa, _size, guest, _host, _hva in regions} == {0, 1}, regions
-    for _slot, _gpa, size, _guest, host, hva in regions:
-        entry = numa_maps_at(hva, demo.pid)
+    assert {guest for _slot, _gpa, _size, guest, _host in regions} == {0, 1}, regions
+    for slot, _gpa, size, _guest, host in regions:
+        entry = numa_maps_of_slot(DEMO_VM, slot, demo.pid)
         assert entry.policy == f"bind:{host}", entry.raw
         assert entry.pages_per_node == {host: size // mmap.PAGESIZE}, entry.raw
