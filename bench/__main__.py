@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t0 = time.monotonic()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
-            rows += [dataclasses.replace(r, bench=name) for r in run()]
+            try:
+                rows += [dataclasses.replace(r, bench=name) for r in run()]
+            except Exception as e:  # one broken figure must not lose the others (nor a guest boot)
+                traceback.print_exc()
+                why = f"{type(e).__name__}: {e}"[:300]
+                rows.append(Row(f"{name}: FAILED", None, None, "-", why, bench=name))
             print(f"bench: {name} done in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     finally:
         manager.shutdown()

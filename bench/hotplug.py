@@ -143,8 +143,8 @@ def _numad(cpu: int, window: float) -> Row:
     try:
         assert helper.stdout is not None
         tids = [int(t) for t in helper.stdout.readline().split()]
-        # numad daemonizes; -i 1: scan every second, -p: the helper is on its list; -i 0 stops it
-        subprocess.run([exe, "-i", "1", "-l", "3", "-p", str(helper.pid)], check=True)
+        # numad daemonizes; -i 1:1: scan every second, -p: the helper is on its list; -i 0 stops it
+        subprocess.run([exe, "-i", "1:1", "-l", "3", "-p", str(helper.pid)], check=True)
         started = True
         time.sleep(3)
         poller = _Poller(helper.pid, tids)
@@ -166,7 +166,7 @@ def _numad(cpu: int, window: float) -> Row:
         helper.kill()
         helper.wait()
     return Row("  numad, threads re-pinned", moved, len(tids), "threads",
-               f"{len(tids)} blocked threads of a plain process pinned to cpu{cpu}, `numad -i 1 -p PID` "
+               f"{len(tids)} blocked threads of a plain process pinned to cpu{cpu}, `numad -i 1:1 -p PID` "
                "running, "
                f"cpu{cpu} offlined: threads off cpu{cpu} within {window:.0f} s (the kernel moves a blocked "
                "thread only when it wakes)", higher_is_better=True)

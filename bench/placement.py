@@ -9,7 +9,7 @@ CPU its vCPU thread last ran on (/proc/self/task/TID/stat); run delay from
 Baselines, same guest, same payload in 4 raw vCPU threads (rawkvm):
 - the kernel default: no mbind (first touch), unpinned threads;
 - the same with ``kernel.numa_balancing=1`` for a window of continuous touching;
-- the same with numad running (``numad -i 1 -p PID``), if installed.
+- the same with numad running (``numad -i 1:1 -p PID``), if installed.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _balancing_on() -> Callable[[], None]:
 
 def _numad_on() -> Callable[[], None]:
     exe = shutil.which("numad") or "numad"
-    subprocess.run([exe, "-i", "1", "-l", "3", "-p", str(os.getpid())], check=True)
+    subprocess.run([exe, "-i", "1:1", "-l", "3", "-p", str(os.getpid())], check=True)
 
     def undo() -> None:
         subprocess.run([exe, "-i", "0"], check=False)
@@ -155,7 +155,8 @@ def placement(manager: Manager, kvm_fd: int, window: float) -> list[Row]:
     if shutil.which("numad"):
         nd, nd_delay = _kernel(kvm_fd, window, _numad_on)
         rows.append(Row("  numad: local pages, worst guest node", min(nd), min(base), "%",
-                        f"the raw VM after {window:.0f} s of continuous touching under `numad -i 1 -p PID`; "
+                        f"the raw VM after {window:.0f} s of continuous touching under "
+                        "`numad -i 1:1 -p PID`; "
                         f"per node {per_node(nd)}; run delay median {median(nd_delay):.1f} ms",
                         higher_is_better=True))
     else:
