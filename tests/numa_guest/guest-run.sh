@@ -8,6 +8,17 @@ topology=$1 python=$2 tests=$3
 shift 3
 echo "numa-guest: booted, guest uptime $(cut -d' ' -f1 /proc/uptime) s"
 
+# A frozen guest must be told from a slow one: a heartbeat the launcher
+# watches (silence for 60 s = frozen), and the kernel's own lockup and
+# hung-task reports, with stacks, on the console the launcher keeps.
+(while sleep 10; do echo "numa-guest: heartbeat, guest uptime $(cut -d' ' -f1 /proc/uptime) s"; done) &
+heartbeat=$!
+echo 1 > /proc/sys/kernel/softlockup_all_cpu_backtrace 2>/dev/null
+echo 1 > /proc/sys/kernel/hung_task_all_cpu_backtrace 2>/dev/null
+echo 30 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
+echo 1 > /proc/sys/kernel/sysrq 2>/dev/null
+dmesg -n 8 2>/dev/null  # every kernel message reaches the console
+
 # virtme-ng mounts cgroup2 today; a kernel or vng without it must not make the
 # cpuset tests fail for the wrong reason.
 if ! grep -q ' /sys/fs/cgroup ' /proc/mounts; then
@@ -29,5 +40,6 @@ numactl -H | sed 's/^/numa-guest: /'
 
 KVMNUMAD_TOPOLOGY=$topology PYTHONUNBUFFERED=1 "$python" -m pytest -m numa -p no:cacheprovider "$tests" "$@"
 rc=$?
+kill $heartbeat 2>/dev/null
 echo "numa-guest: pytest exit status $rc"
 exit $rc

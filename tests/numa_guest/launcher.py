@@ -30,6 +30,11 @@ GUEST_SCRIPT = Path(__file__).resolve().with_name("guest-run.sh")
 # udev: the guest's /dev/kvm and the cpu uevent tests depend on a running udevd.
 APT_PACKAGES = ("qemu-system-x86", "linux-image-amd64", "numactl", "busybox-static", "udev")
 DEFAULT_TIMEOUT = 540.0  # a guest run is 70-90 s on a quiet machine, over 300 s on a loaded one
+# The guest prints a heartbeat every HEARTBEAT_S (guest-run.sh); this long without
+# any output means the guest is frozen, not slow: kill it now, not at the timeout.
+SILENCE_LIMIT = 60.0
+BOOT_SILENCE_LIMIT = 150.0  # before the boot mark: a loaded host boots a TCG guest in up to ~40 s
+CONSOLE_DIR = REPO / ".numa-guest"  # each guest's whole console, kept after the run
 KILL_GRACE = 5.0
 EXIT_TIMEOUT = 124
 EXIT_NO_TESTS = 5  # pytest's "no tests collected": an empty NUMA run proves nothing
@@ -39,6 +44,10 @@ _STATUS_RE = re.compile(r"numa-guest: pytest exit status (\d+)")
 _SUMMARY_RE = re.compile(r"^=+ (.*\d+ \w+.*) in [\d.]+s\b.*=+$")
 _COUNT_RE = re.compile(r"(\d+) (\w+)")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_KERNEL_RE = re.compile(r"^\[\s*\d+\.\d+\]")  # a printk line: "[   12.345678] ..."
+# kernel lines that also go to our output, not only to the kept console file
+_KERNEL_ALARM_RE = re.compile(r"BUG:|soft lockup|hard LOCKUP|blocked for more than|hung_task|Call Trace|"
+                              r"RIP:|Kernel panic|Oops|WARNING:|rcu.*stall|Out of memory|kvm", re.IGNORECASE)
 
 
 class GuestUnavailable(RuntimeError):
@@ -109,6 +118,7 @@ def vng_command(topology: Topology, venv: Path, kernel: Path, pytest_args: list[
         "--name", f"numa-{topology.name}",
         *topology.vng_args(),
         "--force-9p",
+        "--verbose",  # the kernel's console (lockup reports, stacks) on our pipe; without it: /dev/null
         "--rwdir", str(REPO),  # gotcha 1: only rwdirs reach the host
         "--exec", guest_cmd,
     ]  # fmt: skip
@@ -123,6 +133,7 @@ class GuestRun:
     counts: dict[str, int] = field(default_factory=dict)
     problem: str | None = None
     note: str | None = None
+    console: Path | None = None
 
     def summary(self) -> str:
         failed = self.counts.get("failed", 0)
@@ -138,6 +149,8 @@ class GuestRun:
             line += f" -- FAILED: {self.problem}"
         if self.note:
             line += f" -- NOTE: {self.note}"
+        if self.returncode != 0 and self.console is not None:
+            line += f" -- console: {self.console}"
         return line
 
 
@@ -159,9 +172,14 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
     run = GuestRun(topology.name, returncode=1)
     guest_rc: int | None = None
     timed_out = threading.Event()
+    silent = threading.Event()
     start = time.monotonic()
-    out.write(f"{prefix}{shlex.join(cmd)}\n")
+    CONSOLE_DIR.mkdir(exist_ok=True)
+    run.console = CONSOLE_DIR / f"{topology.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    console = run.console.open("w", encoding="utf-8")
+    out.write(f"{prefix}{shlex.join(cmd)}\n{prefix}console: {run.console}\n")
     out.flush()
+    console.write(shlex.join(cmd) + "\n")
     # Gotcha 3: vng -> sh -> virtme-run -> qemu; only a process group takes them all.
     # Gotcha 2: vng truncates its stdout, so it writes to our pipe, never to a file.
     proc = subprocess.Popen(
@@ -189,12 +207,36 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
     timer = threading.Timer(timeout, on_timeout)
     timer.daemon = True
     timer.start()
+    last_output = [time.monotonic()]
+
+    def watch_silence() -> None:
+        """A frozen guest prints nothing, not even its heartbeat."""
+        while not exited.wait(5.0):
+            limit = SILENCE_LIMIT if run.boot_s is not None else BOOT_SILENCE_LIMIT
+            quiet = time.monotonic() - last_output[0]
+            if quiet > limit:
+                silent.set()
+                timed_out.set()
+                out.write(f"{prefix}no output for {quiet:.0f} s (heartbeat every 10 s): frozen\n")
+                out.flush()
+                kill(signal.SIGTERM)
+                if not exited.wait(KILL_GRACE):
+                    kill(signal.SIGKILL)
+                return
+
+    watchdog = threading.Thread(target=watch_silence, daemon=True)
+    watchdog.start()
     try:
         for raw in proc.stdout:
+            last_output[0] = time.monotonic()
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            console.write(line + "\n")
+            console.flush()
+            plain = _ANSI_RE.sub("", line).strip()
+            if _KERNEL_RE.match(plain) and not _KERNEL_ALARM_RE.search(plain):
+                continue  # boot chatter: in the console file only
             out.write(f"{prefix}{line}\n")
             out.flush()
-            plain = _ANSI_RE.sub("", line).strip()
             if run.boot_s is None and plain.startswith(_BOOT_MARK):
                 run.boot_s = time.monotonic() - start
                 out.write(f"{prefix}boot took {run.boot_s:.1f} s\n")
@@ -215,6 +257,7 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
         exited.set()
         escalate.cancel()
+        console.close()
         with lock:
             _kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -222,7 +265,10 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
         run.total_s = time.monotonic() - start
 
     vng_rc = proc.returncode
-    if timed_out.is_set():
+    if silent.is_set():
+        run.returncode = EXIT_TIMEOUT
+        run.problem = f"frozen (no output for {SILENCE_LIMIT:.0f} s), qemu killed"
+    elif timed_out.is_set():
         run.returncode, run.problem = EXIT_TIMEOUT, f"timed out after {timeout:.0f} s, qemu killed"
     elif guest_rc is None:
         run.returncode = vng_rc or 1
@@ -280,13 +326,15 @@ def main(argv: list[str] | None = None) -> int:
             run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout)
             if run.returncode == EXIT_TIMEOUT:
                 # A whole TCG guest has been seen to freeze (no output, no
-                # faulthandler dump) under heavy host load while nested vCPUs
-                # ran across a CPU offline.  One fresh boot, said out loud; a
-                # second timeout fails the run like any other failure.
-                print(f"numa-guest {name}: guest timed out, booting it once more", flush=True)
+                # heartbeat) under heavy host load, with nested vCPUs running.
+                # One fresh boot, said out loud; a second freeze or timeout
+                # fails the run like any other failure.  The console of the
+                # frozen one stays in CONSOLE_DIR for the post-mortem.
+                print(f"numa-guest {name}: guest {run.problem}, booting it once more", flush=True)
                 print(run.summary(), flush=True)
+                first = run
                 run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout)
-                run.note = "second boot: the first guest timed out"
+                run.note = f"second boot: the first guest {first.problem} (console: {first.console})"
             runs.append(run)
             print(run.summary(), flush=True)
             if run.returncode != 0 and not args.keep_going:
