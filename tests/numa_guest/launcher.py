@@ -47,7 +47,7 @@ _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _KERNEL_RE = re.compile(r"^\[\s*\d+\.\d+\]")  # a printk line: "[   12.345678] ..."
 # kernel lines that also go to our output, not only to the kept console file
 _KERNEL_ALARM_RE = re.compile(r"BUG:|soft lockup|hard LOCKUP|blocked for more than|hung_task|Call Trace|"
-                              r"RIP:|Kernel panic|Oops|WARNING:|rcu.*stall|Out of memory|kvm", re.IGNORECASE)
+                              r"RIP:|Kernel panic|\bOops\b|WARNING:|rcu.*stall|Out of memory|\bkvm")
 
 
 class GuestUnavailable(RuntimeError):
