@@ -11,6 +11,7 @@ events through subscribe() (callbacks run on the thread that made the change).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -154,11 +155,13 @@ class Manager:
         validate_request(self.topology(), self.limits(), name=name, vcpus=vcpus, memory_bytes=memory_bytes,
                          options=options)
         payload = None
-        if options.payload:
+        if options.payload is not None:
             try:
-                payload = kvm_payload.load_flat_binary(options.payload, max_size=MAX_PAYLOAD)
+                payload = kvm_payload.read_flat_binary(options.payload.fileno(), max_size=MAX_PAYLOAD)
             except (OSError, ValueError) as e:
-                raise errors.InvalidArgument(f"payload {options.payload!r}: {e}") from e
+                # No path and no errno detail beyond the caller's own fd: nothing to learn about other files
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise errors.InvalidArgument(f"payload: {why}") from e
         policy = options.policy or self._default_policy
         plan = self._plan(vcpus, memory_bytes, options)  # refused here, before any kernel object exists
 
@@ -223,12 +226,23 @@ class Manager:
             bound = v.guest_node if guest_nodes and v.cpus == self.topology().cpus_of_node(host) else None
             vm.apply_declared(v.vcpu, frozenset(v.cpus), bound)
 
-    def restore_vm(self, d: VmDefinition) -> Vm:
+    def restore_vm(self, d: VmDefinition, payload: bytes | None = None) -> Vm:
         """Recreate a saved VM with its layout, regions and declared placement,
-        all or nothing, held to the same rules as a new request."""
+        all or nothing, held to the same rules as a new request.  ``payload``:
+        the VM's own flat binary as saved; it must be the one the definition
+        names (its SHA-256), else the VM is not restored rather than run with
+        other code than it had."""
         memory = sum(r.size for r in d.regions)
         validate_request(self.topology(), self.limits(), name=d.name, vcpus=d.vcpus, memory_bytes=0,
                          options=CreateOptions(policy=d.policy, passes=d.passes))
+        if d.payload_sha256 is None:
+            payload = None
+        elif payload is None or hashlib.sha256(payload).hexdigest() != d.payload_sha256:
+            raise errors.InvalidArgument(f"VM {d.name!r}: its saved payload is missing or not the one its "
+                                         "definition names", vm=d.name)
+        elif not 0 < len(payload) <= MAX_PAYLOAD:
+            raise errors.InvalidArgument(f"VM {d.name!r}: saved payload of {len(payload)} bytes, "
+                                         f"more than {MAX_PAYLOAD}", vm=d.name)
 
         def setup(vm: Vm) -> None:
             if d.numa_nodes:
@@ -242,7 +256,7 @@ class Manager:
             if d.running:
                 vm.start()
 
-        vm = self._build(d.name, d.vcpus, owner=d.owner, policy=d.policy, passes=d.passes, payload=None,
+        vm = self._build(d.name, d.vcpus, owner=d.owner, policy=d.policy, passes=d.passes, payload=payload,
                          setup=setup)
         log_event("vm-created", f"VM {d.name} restored: {d.vcpus} vCPUs, {memory} bytes, "
                   f"{d.numa_nodes} guest nodes, policy {d.policy}", vm=d.name, reason="restore")

@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class OpenFile(Protocol):
+    """A file the caller opened and handed over (an fd passed on the bus):
+    the core reads it, its owner closes it."""
+
+    def fileno(self) -> int: ...
 
 
 class VmState(enum.StrEnum):
@@ -32,7 +40,9 @@ class CreateOptions:
     numa_nodes: int = 0
     policy: Policy | None = None  # None: the manager's default policy
     host_nodes: tuple[int, ...] = ()  # empty: every host node is allowed
-    payload: str | None = None  # path of a flat binary; None: the built-in touch payload
+    # A flat binary the caller opened (never a path: the daemon would open it
+    # with its own rights); None: the built-in touch payload.
+    payload: OpenFile | None = None
     prealloc: bool = False
     start: bool = False
     allow_split: bool = False

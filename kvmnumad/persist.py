@@ -9,6 +9,7 @@ restore that fails half-way never rewrites the good definition it read.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 
@@ -43,14 +44,26 @@ class Persister:
         except errors.NoSuchVM:
             return  # destroyed meanwhile: its VmRemoved follows
         with self._lock:
-            if self._written.get(name) == definition:
+            written = self._written.get(name)
+            if written == definition:
                 return
             try:
+                if definition.payload_sha256 is not None and (
+                        written is None or written.payload_sha256 != definition.payload_sha256):
+                    self._save_payload(name, definition.payload_sha256)
                 self._store.save(name, definition.to_dict())
             except OSError:
                 log.exception("could not save the definition of VM %s", name)
                 return
             self._written[name] = definition
+
+
+    def _save_payload(self, name: str, sha256: str) -> None:
+        """The VM's own code beside its definition, first (see StateStore.save_payload)."""
+        payload = self._manager.get_vm(name).payload
+        if payload is None or hashlib.sha256(payload).hexdigest() != sha256:
+            raise OSError(f"VM {name}: its payload does not match the definition's hash")
+        self._store.save_payload(name, payload)
 
 
 def restore(manager: Manager, store: StateStore) -> dict[str, VmDefinition]:
@@ -71,7 +84,7 @@ def restore(manager: Manager, store: StateStore) -> dict[str, VmDefinition]:
             continue
         known[d.name] = d
         try:
-            manager.restore_vm(d)
+            manager.restore_vm(d, store.load_payload(d.name) if d.payload_sha256 is not None else None)
         except Exception as e:
             level = logging.WARNING if isinstance(e, errors.KvmnumaError) else logging.ERROR
             log.log(level, "could not restore VM %s (its definition is kept): %s", d.name, e,

@@ -29,6 +29,7 @@ from kvmnumad.request import check_vm_name
 log = logging.getLogger(__name__)
 
 SUFFIX = ".json"
+PAYLOAD_SUFFIX = ".payload"  # a VM's own flat binary, beside its definition
 
 
 class StateStore:
@@ -48,8 +49,26 @@ class StateStore:
 
     def save(self, name: str, definition: dict[str, Any]) -> None:
         """Replace the definition of ``name`` atomically (write, fsync, rename, fsync dir)."""
-        target = self.path(name)
         data = (json.dumps(definition, indent=2, sort_keys=True) + "\n").encode()
+        self._write(self.path(name), name, data)
+
+    def payload_path(self, name: str) -> Path:
+        return self.path(name).with_suffix(PAYLOAD_SUFFIX)
+
+    def save_payload(self, name: str, data: bytes) -> None:
+        """The VM's flat binary, atomically like a definition.  Written before
+        the definition that names it (by hash), so a crash between the two
+        leaves the old definition, which never names this payload."""
+        self._write(self.payload_path(name), name, data)
+
+    def load_payload(self, name: str) -> bytes | None:
+        """The saved flat binary of ``name``; None when there is none."""
+        try:
+            return self.payload_path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _write(self, target: Path, name: str, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -63,12 +82,16 @@ class StateStore:
         self._sync_dir()
 
     def remove(self, name: str) -> None:
-        """Forget ``name``; absent already is fine (destroy after a failed save)."""
-        try:
-            self.path(name).unlink()
-        except FileNotFoundError:
-            return
-        self._sync_dir()
+        """Forget ``name`` and its payload; absent already is fine (destroy after a failed save)."""
+        removed = False
+        for path in (self.path(name), self.payload_path(name)):
+            try:
+                path.unlink()
+                removed = True
+            except FileNotFoundError:
+                pass
+        if removed:
+            self._sync_dir()
 
     def load_all(self) -> list[dict[str, Any]]:
         """Every readable definition, sorted by file name; corrupt files moved aside and logged."""

@@ -314,7 +314,7 @@ def client(bus_daemon: BusDaemon) -> Iterator[BusClient]:
 
 def options(**kw: Any) -> dict[str, Variant]:
     """CreateVM/PlanVM options with the signatures the contract gives them."""
-    sigs = {"numa_nodes": "u", "policy": "s", "host_nodes": "au", "payload": "s", "prealloc": "b",
+    sigs = {"numa_nodes": "u", "policy": "s", "host_nodes": "au", "payload": "h", "prealloc": "b",
             "start": "b", "allow_split": "b", "passes": "u"}
     return {k: Variant(sigs[k], v) for k, v in kw.items()}
 

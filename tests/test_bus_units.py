@@ -8,6 +8,7 @@ itself is the observer in test_bus_api (it reaches the escaped path).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -27,6 +28,7 @@ from kvmnumad.bus.args import (
 )
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE, OWNER_MAY, owner_may
 from kvmnumad.bus.errors import DBUS_NAMES, PUBLISHED_NAMES, to_dbus_error
+from kvmnumad.bus.fds import PassedFd
 from kvmnumad.bus.manager_object import ManagerObject
 from kvmnumad.bus.paths import escape_label, unescape_label, vm_path
 from kvmnumad.bus.properties import (
@@ -109,12 +111,13 @@ def test_cpu_lists() -> None:
 
 
 def test_options_parse_into_create_options() -> None:
+    payload = PassedFd(os.open("/dev/null", os.O_RDONLY))  # what bus/fds.py makes of an 'h'
     opts = parse_options(
         {
             "numa_nodes": Variant("u", 2),
             "policy": Variant("s", "interleave"),
             "host_nodes": Variant("au", [0, 1]),
-            "payload": Variant("s", "/srv/guest.bin"),
+            "payload": Variant("h", payload, verify=False),
             "prealloc": Variant("b", True),
             "start": Variant("b", True),
             "allow_split": Variant("b", True),
@@ -122,9 +125,10 @@ def test_options_parse_into_create_options() -> None:
         }
     )
     assert opts == CreateOptions(
-        numa_nodes=2, policy=Policy.INTERLEAVE, host_nodes=(0, 1), payload="/srv/guest.bin",
+        numa_nodes=2, policy=Policy.INTERLEAVE, host_nodes=(0, 1), payload=payload,
         prealloc=True, start=True, allow_split=True, passes=3,
     )
+    payload.close()
     assert parse_options({}) == CreateOptions()
 
 
@@ -151,7 +155,9 @@ def test_integer_options_take_any_integer_type_that_fits(signature: str) -> None
         ({"host_nodes": Variant("ai", [0, -2])}, r"option 'host_nodes': -2 does not fit"),
         ({"host_nodes": Variant("au", [0, 0])}, "names a node twice"),
         ({"policy": Variant("s", "fast")}, "unknown policy 'fast'"),
-        ({"payload": Variant("s", "guest.bin")}, "must be an absolute path"),
+        ({"payload": Variant("s", "/etc/shadow")}, r"takes a file descriptor \(type 'h'\) .* not a path"),
+        ({"payload": Variant("h", 0)}, "carries no file descriptor"),  # an index, no fd sent
+        ({"payload": Variant("u", 3)}, "must be of type 'h'"),
     ],
 )
 def test_bad_options_are_named(options: dict[str, Variant], match: str) -> None:

@@ -168,6 +168,49 @@ def test_kill_9_restart_restores_vms_and_declared_placement(bus_daemon: BusDaemo
     assert proc.returncode == 0, out
 
 
+# mov eax, 0xC0DE; mov dx, 0x510; out dx, eax; hlt; jmp back to the hlt: reports 0xC0DE as
+# its progress, which the built-in payload (a pass count) never does in a test's time.
+MARKER_PAYLOAD = bytes([0xB8, 0xDE, 0xC0, 0, 0, 0x66, 0xBA, 0x10, 0x05, 0xEF, 0xF4, 0xEB, 0xFD])
+
+
+def _progress(address: str, vm_path: str) -> int:
+    stats = busctl(address, "call", "org.kvmnuma1", vm_path, "org.kvmnuma1.VM", "GetStats")
+    return int(stats["data"][1][0][5])  # vCPU 0's progress
+
+
+def test_kill_9_restart_runs_the_vms_own_payload(bus_daemon: BusDaemon, tmp_path: Path) -> None:
+    """A custom payload used to be lost at restart: the VM came back running
+    the built-in one (issue 12 finding 12).  Its bytes are kept beside the
+    definition, named by hash, and the restarted VM runs them again."""
+    address = bus_daemon.address
+    code = tmp_path / "code.bin"
+    code.write_bytes(MARKER_PAYLOAD)
+    state = tmp_path / "state"
+    vm_path = "/org/kvmnuma1/vm/own"
+    proc = _start("--bus", address, "--state-dir", str(state))
+    try:
+        wait_until(lambda: _name_owned(address), "kvmnumad to own org.kvmnuma1", timeout=20)
+        out = subprocess.run([str(ROOT / ".venv/bin/kvmnumactl"), "--bus", address, "create", "own",
+                              "--vcpus", "1", "--memory", "0", "--payload", str(code), "--start"],
+                             capture_output=True, text=True, timeout=30, check=False)
+        assert out.returncode == 0, out.stderr
+        wait_until(lambda: _progress(address, vm_path) == 0xC0DE, "the VM to run its own payload", timeout=10)
+    finally:
+        proc.kill()
+        proc.communicate()
+    code.unlink()  # the daemon must not need the caller's file any more
+    assert (state / "own.payload").read_bytes() == MARKER_PAYLOAD
+    assert '"payload_sha256"' in (state / "own.json").read_text()
+    proc = _start("--bus", address, "--state-dir", str(state))
+    try:
+        wait_until(lambda: _name_owned(address), "kvmnumad to own org.kvmnuma1", timeout=20)
+        wait_until(lambda: _progress(address, vm_path) == 0xC0DE, "the restored VM to run its own payload",
+                   timeout=10)
+    finally:
+        out_text = _stop(proc)
+    assert proc.returncode == 0, out_text
+
+
 def test_sighup_keeps_the_daemon_serving(bus_daemon: BusDaemon) -> None:
     """SIGHUP used to kill the daemon (and its VMs) without the orderly stop."""
     address = bus_daemon.address

@@ -24,6 +24,7 @@ from kvmnumad.bus.args import check_name, optional_policy, parse_options, parse_
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_PLACE
 from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject, current_call
+from kvmnumad.bus.fds import PassedFd
 from kvmnumad.bus.paths import MANAGER_INTERFACE, MANAGER_PATH, vm_path
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
@@ -72,8 +73,12 @@ class ManagerObject(BusObject):
               checks={"name": check_name, "options": parse_options})
     async def CreateVM(self, name: "s", vcpus: "u", memory_bytes: "t", options: "a{sv}") -> "o":
         opts: CreateOptions = options  # (parse_options made it, as declared)
-        owner = await self._context.authorizer.caller_uid(current_call().sender)
-        await asyncio.to_thread(self._context.manager.create_vm, name, vcpus, memory_bytes, opts, owner)
+        try:
+            owner = await self._context.authorizer.caller_uid(current_call().sender)
+            await asyncio.to_thread(self._context.manager.create_vm, name, vcpus, memory_bytes, opts, owner)
+        finally:
+            if isinstance(opts.payload, PassedFd):
+                opts.payload.close()  # read (or refused): the caller's fd is not kept open
         return vm_path(name)
 
     @method()

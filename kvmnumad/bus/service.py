@@ -21,6 +21,7 @@ from dbus_fast.aio import MessageBus
 
 from kvmnumad.bus.auth import Authorizer
 from kvmnumad.bus.dispatch import Dispatcher
+from kvmnumad.bus.fds import take_fds
 from kvmnumad.bus.manager_object import ManagerObject
 from kvmnumad.bus.paths import (
     BUS_NAME,
@@ -105,6 +106,8 @@ class BusService:
         props = await asyncio.to_thread(manager_snapshot, self.manager)
         self.manager_object = ManagerObject(self, props)
         self.dispatcher.export(MANAGER_PATH, self.manager_object, object_manager=True)
+        # Ahead of the Dispatcher: every fd a message carries is owned (or closed) first.
+        self.bus.add_message_handler(take_fds)
         self.dispatcher.install()
         # Subscribe before listing, so no VM falls between the two.
         self.manager.subscribe(self._pump.submit)
@@ -136,6 +139,7 @@ class BusService:
                 log.warning("releasing %s failed: %s", BUS_NAME, e)
             self.owns_name = False
         self.dispatcher.close()
+        self.bus.remove_message_handler(take_fds)
         self._vms.clear()
 
     # ------------------------------------------------- BusContext of objects
@@ -232,11 +236,13 @@ async def start_service(manager: Manager, bus: MessageBus, authorizer: Authorize
 
 
 async def connect(bus_spec: str) -> MessageBus:
-    """``system``, ``session`` or a D-Bus address (``unix:path=...``)."""
+    """``system``, ``session`` or a D-Bus address (``unix:path=...``).
+    Unix fd passing is negotiated: CreateVM's payload comes as an fd the
+    caller opened (bus/fds.py owns every fd received)."""
     if bus_spec == "system":
-        bus = ServiceBus(bus_type=BusType.SYSTEM)
+        bus = ServiceBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
     elif bus_spec == "session":
-        bus = ServiceBus(bus_type=BusType.SESSION)
+        bus = ServiceBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
     else:
-        bus = ServiceBus(bus_address=bus_spec)
+        bus = ServiceBus(bus_address=bus_spec, negotiate_unix_fd=True)
     return await bus.connect()

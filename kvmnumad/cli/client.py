@@ -63,10 +63,10 @@ def parse_bus(text: str) -> BusChoice:
 async def connect(choice: BusChoice) -> MessageBus:
     try:
         if choice.address is not None:
-            bus = MessageBus(bus_address=choice.address)
+            bus = MessageBus(bus_address=choice.address, negotiate_unix_fd=True)
         else:
             assert choice.bus_type is not None  # parse_bus gives one or the other
-            bus = MessageBus(bus_type=choice.bus_type)
+            bus = MessageBus(bus_type=choice.bus_type, negotiate_unix_fd=True)  # create --payload sends an fd
         return await bus.connect()
     except Exception as e:  # the library raises OSError, AuthError, InvalidAddressError, ...
         raise BusError("ConnectFailed", f"cannot connect to the {choice.spec} bus: {e}") from None
@@ -90,6 +90,7 @@ class Client:
         signature: str = "",
         body: Sequence[Any] = (),
         destination: str = SERVICE,
+        unix_fds: Sequence[int] = (),
     ) -> list[Any]:
         msg = Message(
             destination=destination,
@@ -99,6 +100,7 @@ class Client:
             signature=signature,
             body=list(body),
             flags=self.flags,
+            unix_fds=list(unix_fds),
         )
         try:
             reply = await asyncio.wait_for(self.bus.call(msg), self.timeout)

@@ -22,7 +22,7 @@ from typing import Any
 from dbus_fast import Variant
 
 from kvmnumad import cpulist
-from kvmnumad.cli.client import VM_IFACE, Client
+from kvmnumad.cli.client import MANAGER_IFACE, MANAGER_PATH, VM_IFACE, BusError, Client
 from kvmnumad.cli.output import flatten, format_property, human_bytes, plain, print_json, print_table
 from kvmnumad.cli.replies import plan_object, stats_object
 
@@ -46,9 +46,9 @@ def create_options(args: argparse.Namespace, *, plan: bool) -> dict[str, Variant
         opts["policy"] = Variant("s", args.policy)
     if args.host_nodes is not None:
         opts["host_nodes"] = Variant("au", args.host_nodes)
-    if args.payload is not None:
-        # the daemon opens it, from its own working directory
-        opts["payload"] = Variant("s", os.path.abspath(args.payload))
+    if args.payload is not None and not plan:
+        # An fd we opened, with our own rights: index 0 of the message's fds (cmd_create sends it)
+        opts["payload"] = Variant("h", 0)
     if args.prealloc:
         opts["prealloc"] = Variant("b", True)
     if args.allow_split:
@@ -74,9 +74,19 @@ async def cmd_topology(c: Client, args: argparse.Namespace) -> None:
 
 
 async def cmd_create(c: Client, args: argparse.Namespace) -> None:
-    (path,) = await c.manager(
-        "CreateVM", "suta{sv}", args.name, args.vcpus, args.memory, create_options(args, plan=False)
-    )
+    fds: list[int] = []
+    if args.payload is not None:
+        try:
+            fds.append(os.open(args.payload, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as e:
+            raise BusError("PayloadUnreadable", f"--payload {args.payload}: {e.strerror}") from None
+    try:
+        (path,) = await c.call(MANAGER_PATH, MANAGER_IFACE, "CreateVM", signature="suta{sv}",
+                               body=[args.name, args.vcpus, args.memory, create_options(args, plan=False)],
+                               unix_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
     if args.json:
         print_json({"vm": args.name, "path": path})
     else:

@@ -20,6 +20,7 @@ The code touches no stack and no memory besides the pages above.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 from kvmnumad.libc import PAGE_SIZE
@@ -106,14 +107,47 @@ def touch_payload_regs(base: int, size: int, vcpu_index: int, passes: int) -> di
 
 
 def load_flat_binary(path: str, max_size: int = MAX_FLAT_BINARY) -> bytes:
-    """A user-supplied flat binary (raw code, loaded at the entry address), size-checked."""
+    """A flat binary the daemon itself ships or a test made (opened by path, as
+    whoever runs this): never a path a caller names, which ``read_flat_binary``
+    is for."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise ValueError(f"flat binary {path!r} is empty")
-        if size > max_size:
-            raise ValueError(f"flat binary {path!r} is {size} bytes, more than {max_size}")
-        data = f.read(max_size + 1)
-    if len(data) != size:
-        raise ValueError(f"flat binary {path!r} changed size while read ({size} -> {len(data)})")
+        return read_flat_binary(f.fileno(), max_size)
+
+
+def read_flat_binary(fd: int, max_size: int = MAX_FLAT_BINARY) -> bytes:
+    """A user-supplied flat binary from an fd the *caller* opened, so the
+    caller's own permissions decided what could be read, never the daemon's.
+
+    Only a regular file: a FIFO, socket or device could block the reading
+    thread for good or never end, and fstat says which before any read.  At
+    most ``max_size + 1`` bytes are read (pread from offset 0, whatever the
+    caller's file offset), so a file that grows while read is refused, not
+    loaded whole.  Raises ValueError naming only sizes and the file type, since
+    the caller already knows the file and nobody else should learn about it."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"must be a regular file, got a {_file_type(st.st_mode)}")
+    if st.st_size == 0:
+        raise ValueError("flat binary is empty")
+    if st.st_size > max_size:
+        raise ValueError(f"flat binary is {st.st_size} bytes, more than {max_size}")
+    chunks: list[bytes] = []
+    got = 0
+    while got <= max_size:
+        chunk = os.pread(fd, max_size + 1 - got, got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    data = b"".join(chunks)
+    if len(data) != st.st_size:
+        raise ValueError(f"flat binary changed size while read ({st.st_size} -> {len(data)} bytes)")
     return data
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"

@@ -9,11 +9,14 @@ file is input like any other (a bad one is moved aside, not trusted).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from kvmnumad.model import Policy
 from kvmnumad.numa.memory import MemPolicy
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class VmDefinition:
     regions: tuple[RegionDef, ...]
     vcpu_placement: tuple[VcpuDef, ...]
     running: bool
+    # The caller's flat binary, kept beside the definition (StateStore's
+    # ``<name>.payload``) and named here by its SHA-256, so a definition and
+    # a payload of different saves can never be paired; None: the built-in one.
+    payload_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +66,7 @@ class VmDefinition:
             "vcpu_placement": [{"vcpu": v.vcpu, "declared": None if v.declared is None else list(v.declared),
                                 "bound_node": v.bound_node} for v in self.vcpu_placement],
             "running": self.running,
+            "payload_sha256": self.payload_sha256,
         }
 
     @classmethod
@@ -83,6 +91,7 @@ class VmDefinition:
                             None if p.get("bound_node") is None else _uint(p["bound_node"]))
                     for p in d.get("vcpu_placement", [])),
                 running=bool(d.get("running", False)),
+                payload_sha256=_sha256(d.get("payload_sha256")),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"bad VM definition: {type(e).__name__} {e}") from e
@@ -91,6 +100,14 @@ class VmDefinition:
 def _uint(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _sha256(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ValueError(f"expected a SHA-256 in hex, got {value!r}")
     return value
 
 

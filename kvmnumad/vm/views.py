@@ -25,6 +25,7 @@ class VmViews:
 
     name: str
     owner: int
+    payload_sha256: str | None
     policy: Policy
     _passes: int
     _state: VmState
@@ -136,4 +137,4 @@ class VmViews:
                 name=self.name, owner=self.owner, vcpus=len(self.vcpus), policy=self.policy,
                 passes=self._passes, numa_nodes=self.numa.nodes, node_map=tuple(self.numa.node_map),
                 regions=self.memory.definitions(), vcpu_placement=self.vcpus.definitions(),
-                running=self._state == VmState.RUNNING)
+                running=self._state == VmState.RUNNING, payload_sha256=self.payload_sha256)

@@ -14,6 +14,7 @@ mbind, thread joins) must be called off an event loop.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -59,6 +60,10 @@ class Vm(VmViews):
         self.name = name
         self.owner = owner
         self.policy = policy
+        # A caller's own code is part of what the VM is: kept (bytes and hash)
+        # so that persistence can bring the same VM back (issue 12 finding 12).
+        self.payload = payload
+        self.payload_sha256 = hashlib.sha256(payload).hexdigest() if payload is not None else None
         self._topology = topology
         self._emit = emit
         self._passes = passes
