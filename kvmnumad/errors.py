@@ -67,6 +67,11 @@ class ResourceExhausted(KvmnumaError):
     descriptors, threads, KVM VMs or vCPUs."""
 
 
+class LimitReached(KvmnumaError):
+    """The caller has too many calls in flight (per connection or per uid), or makes too many per second:
+    answered at once, so that one caller cannot starve the others; try again."""
+
+
 class KvmUnavailable(KvmnumaError):
     """/dev/kvm cannot be opened or lacks a capability kvmnumad needs."""
 
@@ -91,6 +96,7 @@ ERROR_TYPES: tuple[type[KvmnumaError], ...] = (
     AlreadyExists,
     Busy,
     ResourceExhausted,
+    LimitReached,
     KvmUnavailable,
     AccessDenied,
     Internal,

@@ -28,6 +28,22 @@ every object); Introspect of a path that only leads to objects lists its
 children, so that ``busctl tree`` still walks down.  Peer answers on any
 path, as the spec has it (it is about the connection, not an object).
 
+Limits (issue 12 findings 4 and 8): a unique name has at most
+``PER_SENDER`` calls in flight and a non-root uid at most ``PER_UID``; one
+more is answered ``org.kvmnuma1.Error.LimitReached`` at once, before any
+task or thread exists for it; so is a non-root uid's call beyond ``RATE``
+calls per second (``BURST`` at once), since even calls served from memory
+cost the one event loop everyone shares (a 5,000 calls/s flood took a whole
+CPU and root's ListVMs p99 went to 90 ms).  The blocking work of calls runs in
+kvmnumad.workers' pool (installed as the loop's default executor), filed
+under the caller's uid and unique name, so a uid that floods or blocks
+threads waits behind itself only.  A read-only call that took longer than
+``COSTLY_READ`` seconds (GetStats or PlanVM walking a large VM's pages) is
+answered to non-root callers from its last result for nine times as long
+as it took, and identical reads in flight share one run: what an
+unprivileged reader can make the daemon do costs at most a tenth of its
+time, whatever the rate.  Root always reads fresh.
+
 dbus-fast internals used: ``ServiceInterface._get_methods`` and the
 ``_Method`` fields ``name``, ``in_signature``, ``out_signature``, ``fn``,
 ``disabled`` -- unchanged since dbus-next 0.1 through dbus-fast 5.
@@ -39,6 +55,8 @@ import asyncio
 import contextvars
 import functools
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -52,16 +70,26 @@ from dbus_fast.signature import get_signature_tree
 from kvmnumad.bus.access import Access, access_of, declarations, parameters, setters
 from kvmnumad.bus.args import check_signature
 from kvmnumad.bus.context import BusContext
-from kvmnumad.bus.errors import UNKNOWN_INTERFACE, UNKNOWN_OBJECT, to_dbus_error
+from kvmnumad.bus.errors import DBUS_NAMES, UNKNOWN_INTERFACE, UNKNOWN_OBJECT, to_dbus_error
 from kvmnumad.bus.introspection import served
 from kvmnumad.bus.paths import OBJECT_MANAGER, vm_path
-from kvmnumad.errors import AccessDenied, Internal, InvalidArgument
+from kvmnumad.errors import AccessDenied, Internal, InvalidArgument, LimitReached
+from kvmnumad.workers import CALLER, Caller, WorkerPool
 
 log = logging.getLogger(__name__)
 
 PROPERTIES = "org.freedesktop.DBus.Properties"
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 PEER = "org.freedesktop.DBus.Peer"
+
+PER_SENDER = 128  # calls in flight per unique name (dbus-daemon's own default per connection)
+PER_UID = 256  # calls in flight per non-root uid, over all its connections
+RATE = 500.0  # calls per second a non-root uid may make, sustained ...
+BURST = 1000.0  # ... and in one burst (token bucket): the loop is shared, and a flood costs it CPU
+UID_CACHE = 4096  # unique name -> uid entries kept (unique names are never reused)
+COSTLY_READ = 0.005  # seconds: a read that took longer is shared with non-root callers for 9x as long
+READ_CACHE = 256  # costly read results kept
+LIMIT_REACHED = DBUS_NAMES[LimitReached]
 
 
 @dataclass(frozen=True)
@@ -193,12 +221,27 @@ class Dispatcher:
         self._objects: dict[str, dict[str, tuple[BusObject, _Table]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._installed = False
+        self.pool = WorkerPool()
+        self._per_sender: dict[str, int] = {}
+        self._per_uid: dict[int, int] = {}
+        self._uids: OrderedDict[str, asyncio.Task[int]] = OrderedDict()
+        self._buckets: dict[int, tuple[float, float]] = {}  # uid -> (tokens, when)
+        # costly reads: key -> (expiry, result); key -> the run in flight
+        self._reads: OrderedDict[tuple[Any, ...], tuple[float, Any, BusObject]] = OrderedDict()
+        self._reading: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
         self._object_managers: set[str] = set()
 
     def install(self) -> None:
+        """Serve calls; the loop's ``to_thread`` work goes to our pool from now on."""
         if not self._installed:
+            asyncio.get_running_loop().set_default_executor(self.pool)
             self._bus.add_message_handler(self._on_message)
             self._installed = True
+
+    def in_flight(self) -> dict[str, int]:
+        """Calls being served per unique name, tasks of the dispatcher, cached uids (tests)."""
+        return {"calls": sum(self._per_sender.values()), "senders": len(self._per_sender),
+                "tasks": len(self._tasks), "uids_cached": len(self._uids), "reads_cached": len(self._reads)}
 
     def close(self) -> None:
         """Stop serving: remove the handler, unexport, cancel calls in flight."""
@@ -317,7 +360,7 @@ class Dispatcher:
             if name in access.checks:
                 args[name] = access.checks[name](args[name])
         if access.action is None:
-            return await m.fn(obj, *args.values())
+            return await self._read(obj, m, list(args.values()))
         subject = await self._subject(obj, access, args)
         details = {"verb": access.verb, **{d: str(args[d]) for d in access.details}}
         if subject.vm is not None:
@@ -345,6 +388,20 @@ class Dispatcher:
         raise AccessDenied(f"{what} {why}: refused")
 
     def _spawn(self, msg: Message, out_sig: str, run: Callable[[], Awaitable[Any]]) -> None:
+        sender = msg.sender or ""
+        if self._per_sender.get(sender, 0) >= PER_SENDER:
+            # Refused here, synchronously: no task, no thread, the body dropped at once.
+            self._answer(msg, Message.new_error(
+                msg, LIMIT_REACHED, f"{sender} has {PER_SENDER} calls in flight already; try again later"))
+            return
+        known = self._uids.get(sender)
+        if known is not None and known.done() and not known.cancelled() and known.exception() is None:
+            uid = known.result()
+            if uid != 0 and not self._take_token(uid):
+                self._answer(msg, Message.new_error(
+                    msg, LIMIT_REACHED, f"uid {uid} makes more than {RATE:.0f} calls/s; try again later"))
+                return
+        self._per_sender[sender] = self._per_sender.get(sender, 0) + 1
         task = asyncio.get_running_loop().create_task(self._serve(msg, out_sig, run))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -357,16 +414,117 @@ class Dispatcher:
             member=f"{msg.interface or ''}.{msg.member}",
         )
         _CURRENT.set(call)  # this task's own context: no reset needed
+        uid: int | None = None
+        try:
+            try:
+                uid = await self._uid_of(call.sender)
+            except Exception as e:  # the caller left before we knew it: nobody to answer
+                log.debug("%s from %s: uid unknown (%s), not served", call.member, call.sender, e)
+                return
+            reply = await self._serve_as(msg, out_sig, run, call, uid)
+        finally:
+            self._release(call.sender, uid)
+        if not flags & MessageFlag.NO_REPLY_EXPECTED:
+            self._bus.send(reply)
+
+    async def _serve_as(self, msg: Message, out_sig: str, run: Callable[[], Awaitable[Any]],
+                        call: Call, uid: int) -> Message:
+        if uid != 0 and self._per_uid.get(uid, 0) >= PER_UID:
+            return Message.new_error(msg, LIMIT_REACHED,
+                                     f"uid {uid} has {PER_UID} calls in flight already; try again later")
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+        CALLER.set(Caller(uid, call.sender))  # whose work the pool runs (kvmnumad.workers)
         try:
             result = await run()
-            reply = Message.new_method_return(msg, out_sig, _reply_body(out_sig, result))
+            return Message.new_method_return(msg, out_sig, _reply_body(out_sig, result))
         except asyncio.CancelledError:
             raise
         except Exception as e:
             err = to_dbus_error(e, f"{call.member} from {call.sender}")
-            reply = Message.new_error(msg, err.type, err.text)
-        if not flags & MessageFlag.NO_REPLY_EXPECTED:
-            self._bus.send(reply)
+            return Message.new_error(msg, err.type, err.text)
+
+    def _take_token(self, uid: int) -> bool:
+        """One call of ``uid``'s budget (RATE per second, BURST at most), if any is left."""
+        now = time.monotonic()
+        tokens, when = self._buckets.get(uid, (BURST, now))
+        tokens = min(BURST, tokens + (now - when) * RATE)
+        if tokens < 1:
+            self._buckets[uid] = (tokens, now)
+            return False
+        self._buckets[uid] = (tokens - 1, now)
+        if len(self._buckets) > 1024:  # forget the uids whose bucket is full again
+            for k, (t, w) in list(self._buckets.items()):
+                if t + (now - w) * RATE >= BURST:
+                    del self._buckets[k]
+        return True
+
+    def _release(self, sender: str, uid: int | None) -> None:
+        left = self._per_sender.get(sender, 0) - 1
+        if left > 0:
+            self._per_sender[sender] = left
+        else:
+            self._per_sender.pop(sender, None)
+        if uid is not None and uid in self._per_uid:
+            self._per_uid[uid] -= 1
+            if self._per_uid[uid] <= 0:
+                del self._per_uid[uid]
+
+    async def _uid_of(self, sender: str) -> int:
+        """The uid of a unique name, asked of the bus once (a name's uid never
+        changes and names are never reused); concurrent calls share the ask."""
+        task = self._uids.get(sender)
+        if task is None:
+            task = asyncio.ensure_future(self._context.authorizer.caller_uid(sender))
+            self._uids[sender] = task
+            while len(self._uids) > UID_CACHE:
+                self._uids.popitem(last=False)
+        else:
+            self._uids.move_to_end(sender)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if self._uids.get(sender) is task:
+                del self._uids[sender]
+            raise
+
+    async def _read(self, obj: BusObject, m: _Member, args: list[Any]) -> Any:
+        """A read-only member's result; costly ones shared with non-root callers (module doc)."""
+        call = CALLER.get()
+        if call is not None and call.uid == 0:
+            return await m.fn(obj, *args)
+        key = (id(obj), m.name, repr(args))
+        now = time.monotonic()
+        cached = self._reads.get(key)
+        if cached is not None and cached[2] is obj and now < cached[0]:
+            return cached[1]
+        running = self._reading.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._reading[key] = future
+        try:
+            result = await m.fn(obj, *args)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: no "never retrieved" warning without sharers
+            raise
+        finally:
+            del self._reading[key]
+        future.set_result(result)
+        took = time.monotonic() - now
+        if took >= COSTLY_READ:
+            end = time.monotonic()
+            for k in [k for k, v in self._reads.items() if v[0] <= end]:
+                del self._reads[k]
+            self._reads[key] = (end + 9 * took, result, obj)
+            while len(self._reads) > READ_CACHE:
+                self._reads.popitem(last=False)
+        return result
 
 
 def _reply_body(signature: str, result: Any) -> list[Any]:
