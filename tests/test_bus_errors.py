@@ -192,3 +192,12 @@ def test_no_reply_expected_still_acts(service: RunningService, client: BusClient
     )
     client.wait_signal(lambda m: m.path == path and m.member == "PropertiesChanged"
                        and m.body[1].get("State", Variant("s", "")).value == "running")
+
+
+def test_an_error_never_quotes_a_huge_argument_back(service: RunningService, client: BusClient) -> None:
+    """A refused 1,000,000-entry CPU list used to come back whole in the error text
+    (an amplifier: a 6.3 MB reply to each 8 MB call)."""
+    path = create(client, "huge", memory=0)
+    name, text = vm_error(client, path, "SetVcpuAffinity", "uau", 0, [1] * 1_000_000)
+    assert name == E + "InvalidArgument", (name, text[:200])
+    assert len(text) <= 1024 and "cut" in text, len(text)

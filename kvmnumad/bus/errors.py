@@ -38,6 +38,17 @@ _PASS_THROUGH = frozenset({*DBUS_NAMES.values(), UNKNOWN_OBJECT, UNKNOWN_INTERFA
 PUBLISHED_NAMES = _PASS_THROUGH
 
 
+MAX_MESSAGE = 1024  # characters of an error's text
+
+
+def _bounded(text: str) -> str:
+    """An error names the offending value, and a caller chooses that value:
+    an 8 MB CPU list quoted back whole would make every refusal an 8 MB reply."""
+    if len(text) <= MAX_MESSAGE:
+        return text
+    return f"{text[: MAX_MESSAGE - 40]}... ({len(text)} characters, cut)"
+
+
 def unknown_object(path: str) -> DBusError:
     return DBusError(UNKNOWN_OBJECT, f"no object at {path}")
 
@@ -54,7 +65,7 @@ def to_dbus_error(exc: BaseException, where: str = "") -> DBusError:
     """Translate any exception raised while serving a call into the DBusError
     the caller receives.  Unexpected ones are logged here, with traceback."""
     if isinstance(exc, errors.KvmnumaError) and not isinstance(exc, errors.Internal):
-        return DBusError(dbus_name(type(exc)), str(exc) or type(exc).__name__)
+        return DBusError(dbus_name(type(exc)), _bounded(str(exc) or type(exc).__name__))
     if isinstance(exc, DBusError) and exc.type in _PASS_THROUGH:
         return exc
     log.error("internal error in %s", where or "a D-Bus call", exc_info=exc)
