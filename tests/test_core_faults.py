@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from dbus_fast import Message, MessageType, Variant
 
 from kvmnumad.hotplug import HotplugMonitor, RepinQueue
-from tests.busfixtures import RunningService, busctl
+from tests.busfixtures import BusClient, RunningService, busctl
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,8 +161,17 @@ def test_a_vcpu_that_stops_by_itself_shows_in_the_vm_state(service: RunningServi
     payload = tmp_path / "ud2.bin"
     payload.write_bytes(b"\x0f\x0b")
     path = "/org/kvmnuma1/vm/crash"
-    busctl(service.address, "call", "org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.Manager", "CreateVM",
-           "suta{sv}", "crash", "1", "0", "2", "payload", "s", str(payload), "start", "b", "true")
+    client = BusClient(service.address)
+    try:
+        with payload.open("rb") as f:  # the payload travels as an fd the caller opened (type h)
+            msg = Message(destination="org.kvmnuma1", path="/org/kvmnuma1", interface="org.kvmnuma1.Manager",
+                          member="CreateVM", signature="suta{sv}",
+                          body=["crash", 1, 0, {"payload": Variant("h", 0), "start": Variant("b", True)}],
+                          unix_fds=[f.fileno()])
+            reply = client._loop.run(client.bus.call(msg), 30)
+        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply and reply.body
+    finally:
+        client.close()
 
     def state() -> str:
         return str(busctl(service.address, "get-property", "org.kvmnuma1", path, "org.kvmnuma1.VM",
