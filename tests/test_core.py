@@ -178,8 +178,13 @@ def test_manager_errors(manager: Manager) -> None:
         _vm(manager, name="x", vcpus=0)
     with pytest.raises(errors.NodeOutOfRange):
         manager.create_vm("y", 1, 0, CreateOptions(host_nodes=(3,)))
-    with pytest.raises(errors.InvalidArgument, match="payload"):
-        manager.create_vm("z", 1, 0, CreateOptions(payload="/nonexistent/payload.bin"))
+    r, w = os.pipe()  # a payload must be a regular file: a pipe would block a worker
+    try:
+        with pytest.raises(errors.InvalidArgument, match="payload"), open(r, "rb", closefd=False) as pipe:
+            manager.create_vm("z", 1, 0, CreateOptions(payload=pipe))
+    finally:
+        os.close(r)
+        os.close(w)
     assert [vm.name for vm in manager.list_vms()] == ["dup"]
     assert _snapshot() == before, "a refused VM left an fd or a thread behind"
     broken = Manager("/nonexistent/kvm", cpusets=False)
