@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dbus_fast.aio import MessageBus
 
-from kvmnumad import __version__, persist, sdnotify
+from kvmnumad import __version__, persist, quotas, sdnotify
 from kvmnumad.bus.auth import Authorizer, make_authorizer
 from kvmnumad.bus.service import connect, start_service
 from kvmnumad.demo import create_demo
@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where VM definitions are kept (default: none for private/session buses, "
                         "/var/lib/kvmnumad for the system bus)")
+    p.add_argument("--config-dir", type=Path, default=quotas.DEFAULT_CONFIG_DIR,
+                   help=f"where {quotas.FILE_NAME} is read from, at start and on SIGHUP "
+                        f"(default: {quotas.DEFAULT_CONFIG_DIR})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-target", default="auto", choices=["auto", "journal", "stderr"])
     p.add_argument("--demo", action="store_true", help="create and start a demo VM (2 guest nodes, 4 vCPUs)")
@@ -64,7 +67,9 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     # SIGHUP is systemctl reload's (and a closed terminal's) signal: without a
     # handler it would kill the daemon and every VM without the orderly stop.
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup)
+    # It re-reads the quotas (quotas.conf in --config-dir).
+    manager_ref: list[Manager] = []
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, manager_ref, args.config_dir)
 
     private = None
     bus_spec = args.bus
@@ -79,7 +84,6 @@ async def serve(args: argparse.Namespace) -> int:
     service = None
     bus: MessageBus | None = None
     hotplug = None
-    manager_ref: list[Manager] = []
     repins = RepinQueue(lambda reason: manager_ref[0].on_topology_changed(reason) if manager_ref else None)
     try:
         sdnotify.notify("STATUS=starting")
@@ -90,6 +94,7 @@ async def serve(args: argparse.Namespace) -> int:
             log.warning("CPU hotplug monitoring unavailable: %s", e)
             hotplug = None
         manager = Manager(args.kvm)
+        _load_quotas(manager, args.config_dir)  # before any caller can create a VM
         manager_ref.append(manager)
         if state_dir is not None:
             # Saved VMs come back before the name is requested: a client that
@@ -139,8 +144,26 @@ async def serve(args: argparse.Namespace) -> int:
             private.close()
 
 
-def _on_sighup() -> None:
-    log.info("SIGHUP: nothing to reload yet (the daemon keeps running)")
+def _on_sighup(manager_ref: list[Manager], config_dir: Path) -> None:
+    if not manager_ref:
+        log.info("SIGHUP before the core is up: the quotas are read once it is")
+        return
+    log.info("SIGHUP: reloading the configuration (the daemon keeps running)")
+    _load_quotas(manager_ref[0], config_dir)
+
+
+def _load_quotas(manager: Manager, config_dir: Path) -> None:
+    """At start and on reload.  A file that cannot be read or parsed leaves
+    the quotas in force (at start: the built-in ones), never none at all."""
+    try:
+        loaded = quotas.load(config_dir)
+    except (OSError, UnicodeDecodeError, quotas.QuotaError) as e:
+        log.error("quotas not changed, still from %s: %s", manager.quotas.source, e)
+        return
+    manager.set_quotas(loaded)
+    d = loaded.default
+    log.info("quotas from %s: default vms=%s vcpus=%s memory=%s regions=%s, %d uid(s) of their own",
+             loaded.source, d.vms, d.vcpus, d.memory, d.regions, len(loaded.by_uid))
 
 
 async def _until_stopped_or_lost(stop: asyncio.Event, bus: MessageBus) -> str | None:

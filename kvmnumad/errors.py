@@ -26,6 +26,12 @@ class InvalidArgument(KvmnumaError):
     """A value is malformed or out of its documented range."""
 
 
+class QuotaExceeded(KvmnumaError):
+    """The caller's uid would pass one of its quotas (quotas.py): ``values``
+    name the limit (``limit``: vms, vcpus, memory or regions), its ``maximum``
+    and the ``used`` amount, and the message says the same."""
+
+
 class NoSuchVM(KvmnumaError):
     """No VM of that name exists."""
 
@@ -86,6 +92,7 @@ class Internal(KvmnumaError):
 
 ERROR_TYPES: tuple[type[KvmnumaError], ...] = (
     InvalidArgument,
+    QuotaExceeded,
     NoSuchVM,
     NoSuchVcpu,
     NumaDisabled,

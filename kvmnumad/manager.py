@@ -11,10 +11,11 @@ events through subscribe() (callbacks run on the thread that made the change).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import psutil
 
@@ -28,6 +29,7 @@ from kvmnumad.kvm.ioctls import Cap
 from kvmnumad.kvm.system import Kvm
 from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.numa.topology import HostTopology, read_topology
+from kvmnumad.quotas import Quotas, Usage
 from kvmnumad.request import Limits, validate_request
 from kvmnumad.vm import Vm
 from kvmnumad.vm.definition import VmDefinition
@@ -58,6 +60,9 @@ class Manager:
         self._creating: set[str] = set()
         self._subscribers: list[Callable[[Event], None]] = []
         self._default_policy = Policy.MANUAL
+        self._quotas = Quotas()
+        self._quota_lock = threading.Lock()
+        self._reserved: dict[int, Usage] = {}  # uid -> what creations and additions in flight will add
         self.cpusets = CpusetBackend.detect() if cpusets else None
         if cpusets and self.cpusets is None:
             log.warning("no writable cpuset cgroup (v1 or v2): VMs run without cpusets")
@@ -122,6 +127,58 @@ class Manager:
         # creation answers KvmUnavailable.
         return Limits(max_vcpus=self.max_vcpus() or VCPU_CAP)
 
+    # ------------------------------------------------------------------ quotas
+    @property
+    def quotas(self) -> Quotas:
+        return self._quotas
+
+    def set_quotas(self, quotas: Quotas) -> None:
+        """New limits for what comes next; what exists already stays (a
+        lowered quota refuses the next creation, it destroys nothing)."""
+        self._quotas = quotas  # replaced whole: reading the reference is atomic
+
+    def usage(self, uid: int) -> Usage:
+        """What ``uid``'s VMs hold now, counted from the VMs themselves (no
+        counter to drift), plus what its calls in flight will add."""
+        used = self._reserved.get(uid, Usage())
+        for vm in self.list_vms():
+            if vm.owner == uid:
+                # Unlocked reads of the VM's region list: taking each VM's lock
+                # under _quota_lock could deadlock with a VM adding memory.
+                regions = list(vm.memory.regions)
+                used += Usage(1, vm.vcpu_count, sum(r.size for r in regions), len(regions))
+        return used
+
+    @contextlib.contextmanager
+    def _admit(self, uid: int, wanted: Usage) -> Iterator[None]:
+        """Refuse with QuotaExceeded, or hold ``wanted`` as reserved for the
+        block: two calls of one uid in flight cannot both take the last slot."""
+        quota = self._quotas.for_uid(uid)
+        with self._quota_lock:
+            used = self.usage(uid)
+            exceeded = quota.first_exceeded(used, wanted)
+            if exceeded is not None:
+                limit, maximum, current = exceeded
+                unit = " bytes" if limit == "memory" else ""
+                raise errors.QuotaExceeded(
+                    f"uid {uid} is at its {limit} quota: {current}{unit} used of {maximum}{unit}, "
+                    f"this request needs {getattr(wanted, limit)}{unit} more ({self._quotas.source})",
+                    limit=limit, maximum=maximum, used=current, requested=getattr(wanted, limit), uid=uid)
+            self._reserved[uid] = self._reserved.get(uid, Usage()) + wanted
+        try:
+            yield
+        finally:
+            with self._quota_lock:
+                left = self._reserved[uid] - wanted
+                if left == Usage():
+                    del self._reserved[uid]
+                else:
+                    self._reserved[uid] = left
+
+    def admit_memory(self, uid: int, size: int) -> contextlib.AbstractContextManager[None]:
+        """For a VM adding a region after creation (SetupNumaMemory)."""
+        return self._admit(uid, Usage(memory=size, regions=1))
+
     # ------------------------------------------------------------------ VMs
     def get_vm(self, name: str) -> Vm:
         with self._lock:
@@ -152,8 +209,15 @@ class Manager:
 
     def create_vm(self, name: str, vcpus: int, memory_bytes: int, options: CreateOptions,
                   owner: int = 0) -> Vm:
+        """Validate, check the owner's quotas, plan, then build: every refusal
+        comes before any kernel object (or payload read) exists."""
         validate_request(self.topology(), self.limits(), name=name, vcpus=vcpus, memory_bytes=memory_bytes,
                          options=options)
+        regions = max(options.numa_nodes, 1) if memory_bytes else 0
+        with self._admit(owner, Usage(1, vcpus, memory_bytes, regions)):
+            return self._create(name, vcpus, memory_bytes, options, owner)
+
+    def _create(self, name: str, vcpus: int, memory_bytes: int, options: CreateOptions, owner: int) -> Vm:
         payload = None
         if options.payload is not None:
             try:
@@ -206,6 +270,7 @@ class Manager:
         finally:
             with self._lock:
                 self._creating.discard(name)
+        vm.limit_memory(lambda size: self.admit_memory(owner, size))  # its creation was admitted whole
         vm.publish(self._emit)
         return vm
 

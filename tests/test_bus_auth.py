@@ -129,7 +129,9 @@ def test_owner_may_place_and_start_stop_but_not_destroy(
     out = gdbus(u, a, MANAGER_PATH, f"{MANAGER_IFACE}.CreateVM", "mine", "1", str(2 * MiB), "{}")
     assert out.returncode == 0, out.stderr
     path = "/org/kvmnuma1/vm/mine"
-    assert checker.asked == [(u.uid, ACTION_MANAGE, {"vm": "mine", "verb": "create"}, False)]
+    # polkit sees what a rule needs: the owner to be and the figures asked for
+    assert checker.asked == [(u.uid, ACTION_MANAGE, {"vm": "mine", "verb": "create", "owner": str(u.uid),
+                                                     "vcpus": "1", "memory_bytes": str(2 * MiB)}, False)]
     assert client.get(path, VM_IFACE, "Owner") == u.uid
 
     for method, args in (("Start", ()), ("SetVcpuAffinity", ("0", "[0]")), ("Stop", ())):
@@ -141,7 +143,8 @@ def test_owner_may_place_and_start_stop_but_not_destroy(
 
     out = gdbus(u, a, path, f"{VM_IFACE}.Destroy", interactive=True)
     assert denied(out), out.stderr
-    assert checker.asked[-1] == (u.uid, ACTION_MANAGE, {"vm": "mine", "verb": "destroy"}, True)
+    assert checker.asked[-1] == (u.uid, ACTION_MANAGE, {"vm": "mine", "verb": "destroy", "owner": str(u.uid),
+                                                        "vcpus": "1", "memory_bytes": str(2 * MiB)}, True)
     assert list_vms(a) == [["mine", "stopped", path]]
     client.vm(path, "Destroy")  # root may
 

@@ -20,13 +20,15 @@ must never pass because an earlier one did.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from kvmnumad.errors import AccessDenied, Internal
+from kvmnumad.errors import AccessDenied, Internal, NoSuchVM
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,55 @@ class BusAuthorizer:
             raise AccessDenied(f"uid {uid} may not {what}: polkit could not be asked") from e
         if not allowed:
             raise AccessDenied(f"uid {uid} is not authorized for {what}")
+
+
+class VmDetails(NamedTuple):
+    owner: int
+    vcpus: int
+    memory_bytes: int
+
+
+class WithVmDetails:
+    """An Authorizer that gives polkit what a rule about a VM needs, then asks ``inner``.
+
+    polkit details are strings (a{ss}).  For every call about a VM (detail
+    ``vm``), on top of the Dispatcher's ``verb`` and ``vm``:
+    ``owner`` (uid owning the VM; for CreateVM the caller, who will own it),
+    ``vcpus`` and ``memory_bytes`` (the VM's now; for CreateVM what is asked,
+    declared on the method).  A rule can then say "only your own VMs" or "at
+    most 4 GiB" (dbus/org.kvmnuma1.policy lists them).  ``lookup`` is
+    blocking (the VM's lock): run off the loop."""
+
+    def __init__(self, inner: Authorizer, lookup: Callable[[str], VmDetails]) -> None:
+        self._inner = inner
+        self._lookup = lookup
+
+    async def caller_uid(self, sender: str) -> int:
+        return await self._inner.caller_uid(sender)
+
+    async def authorize(
+        self,
+        sender: str,
+        action_id: str,
+        details: dict[str, str],
+        interactive: bool,
+        owner: int | None = None,
+    ) -> None:
+        vm = details.get("vm")
+        if vm is not None:
+            details = dict(details)
+            if owner is None:  # a VM to be made: its owner-to-be and the figures asked for
+                details.setdefault("owner", str(await self._inner.caller_uid(sender)))
+            else:
+                try:
+                    found = await asyncio.to_thread(self._lookup, vm)
+                except NoSuchVM:
+                    found = None  # destroyed meanwhile: the call itself answers that
+                details["owner"] = str(owner)
+                if found is not None:
+                    details.setdefault("vcpus", str(found.vcpus))
+                    details.setdefault("memory_bytes", str(found.memory_bytes))
+        await self._inner.authorize(sender, action_id, details, interactive, owner=owner)
 
 
 async def make_authorizer(bus: MessageBus, use_polkit: bool) -> BusAuthorizer:

@@ -70,7 +70,7 @@ class ManagerObject(BusObject):
     # ------------------------------------------------------------- methods
     @method()
     @requires(ACTION_MANAGE, verb="create", new_vm="name",
-              checks={"name": check_name, "options": parse_options})
+              checks={"name": check_name, "options": parse_options}, details=("vcpus", "memory_bytes"))
     async def CreateVM(self, name: "s", vcpus: "u", memory_bytes: "t", options: "a{sv}") -> "o":
         opts: CreateOptions = options  # (parse_options made it, as declared)
         try:
@@ -83,7 +83,7 @@ class ManagerObject(BusObject):
 
     @method()
     @requires(ACTION_MANAGE, verb="create", new_vm="name",
-              checks={"name": check_name, "policy": optional_policy})
+              checks={"name": check_name, "policy": optional_policy}, details=("vcpus", "memory_bytes"))
     async def CreateVMSimple(  # noqa: PLR0917 -- D-Bus arguments are positional
         self, name: "s", vcpus: "u", memory_bytes: "t", numa_nodes: "u", policy: "s", start: "b"
     ) -> "o":

@@ -105,7 +105,7 @@ class VmObject(BusObject):
         await self._core(self.vm.disable_numa)
 
     @method()
-    @requires(ACTION_PLACE, verb="setup-numa-memory")
+    @requires(ACTION_PLACE, verb="setup-numa-memory", details=("size",))
     async def SetupNumaMemory(self, node: "u", size: "t", gpa: "t") -> "u":
         slot: int = await self._core(self.vm.setup_numa_memory, node, size, gpa)
         return slot

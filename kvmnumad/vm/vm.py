@@ -14,10 +14,12 @@ mbind, thread joins) must be called off an event loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 from kvmnumad import cpulist, errors, headroom
 from kvmnumad.cgroups import VmCpuset
@@ -37,6 +39,10 @@ from kvmnumad.vm.vcpus import Repin, Vcpu, Vcpus
 from kvmnumad.vm.views import VmViews
 
 log = logging.getLogger(__name__)
+
+
+def _admit_any(size: int) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 class Vm(VmViews):
@@ -69,6 +75,7 @@ class Vm(VmViews):
         self._passes = passes
         self.cpuset = cpuset
         self._lock = threading.RLock()
+        self._admission: Callable[[int], AbstractContextManager[None]] = _admit_any
         self._state = VmState.CREATED
         self._destroyed = False
         self.faults: dict[int, str] = {}  # vCPU -> why it stopped by itself
@@ -97,6 +104,11 @@ class Vm(VmViews):
         self.faults[vcpu] = fault
         log.error("vCPU %d of VM %s stopped by itself: %s", vcpu, self.name, fault)
         self._changed(Aspect.STATE)
+
+    def limit_memory(self, admission: Callable[[int], AbstractContextManager[None]]) -> None:
+        """From now on each added region (of that many bytes) is admitted
+        first: the owner's quota (Manager.admit_memory) may refuse it."""
+        self._admission = admission
 
     def publish(self, emit: Callable[[Event], None]) -> None:
         """From now on changes are public (a VM under construction is not)."""
@@ -191,8 +203,9 @@ class Vm(VmViews):
             self._alive()
             if host_nodes is None:
                 host_nodes = frozenset({self.numa.host_of(node) if self.numa.enabled else min(topo.nodes)})
-            region = self.memory.add(node, size, gpa, policy=policy, host_nodes=host_nodes, topo=topo,
-                                     prealloc=prealloc)
+            with self._admission(size):
+                region = self.memory.add(node, size, gpa, policy=policy, host_nodes=host_nodes, topo=topo,
+                                         prealloc=prealloc)
             self._sync_cpuset_mems()
         self._changed(Aspect.MEMORY)
         return region.slot
