@@ -28,7 +28,7 @@ from kvmnumad.kvm.errors import KvmError
 from kvmnumad.kvm.ioctls import Cap
 from kvmnumad.kvm.system import Kvm
 from kvmnumad.model import CreateOptions, Policy
-from kvmnumad.numa.topology import HostTopology, read_topology
+from kvmnumad.numa.topology import HostTopology, read_free_memory, read_topology, with_free_memory
 from kvmnumad.quotas import Quotas, Usage
 from kvmnumad.request import Limits, validate_request
 from kvmnumad.vm import Vm
@@ -48,12 +48,19 @@ class Manager:
         kvm_path: str = "/dev/kvm",
         *,
         topology_reader: Callable[[], HostTopology] = read_topology,
+        memory_reader: Callable[[], dict[int, int]] | None = None,
         cpusets: bool = True,
     ) -> None:
+        """``memory_reader``: free bytes per host node now, read at every
+        admission; by default the kernel's (read_free_memory) when the
+        topology is the host's, else the topology's own figures."""
         self.version = __version__
         self._kvm_path = kvm_path
         self._kvm: Kvm | None = None
         self._read_topology = topology_reader
+        if memory_reader is None and topology_reader is read_topology:
+            memory_reader = read_free_memory
+        self._read_free_memory = memory_reader
         self._topo = topology_reader()
         self._lock = threading.RLock()
         self._vms: dict[str, Vm] = {}
@@ -198,6 +205,10 @@ class Manager:
             allow_split=options.allow_split,
         )
         topo = self.topology()
+        if self._read_free_memory is not None:
+            # What the kernel says is free now (not at start), less what
+            # existing VMs were promised and have not touched yet (measure_load).
+            topo = with_free_memory(topo, self._read_free_memory())
         busy = psutil.cpu_percent(percpu=True, interval=None)  # since the previous plan; idle at first
         return placement.plan(topo, report.measure_load(topo, self.list_vms(), busy), req)
 
