@@ -66,9 +66,12 @@ class Authorizer(Protocol):
         details: dict[str, str],
         interactive: bool,
         owner: int | None = None,
+        *,
+        uid: int | None = None,
     ) -> None:
         """Return if allowed, raise kvmnumad.errors.AccessDenied if not.
-        ``owner`` is the uid owning the VM concerned (None: no VM yet)."""
+        ``owner`` is the uid owning the VM concerned (None: no VM yet);
+        ``uid`` the caller's, when the caller knows it already (None: asked)."""
 
 
 def owner_may(action_id: str, verb: str | None) -> bool:
@@ -109,8 +112,11 @@ class BusAuthorizer:
         details: dict[str, str],
         interactive: bool,
         owner: int | None = None,
+        *,
+        uid: int | None = None,
     ) -> None:
-        uid = await self.caller_uid(sender)
+        if uid is None:
+            uid = await self.caller_uid(sender)
         if uid == 0:
             return
         verb = details.get("verb")
@@ -159,12 +165,15 @@ class WithVmDetails:
         details: dict[str, str],
         interactive: bool,
         owner: int | None = None,
+        *,
+        uid: int | None = None,
     ) -> None:
         vm = details.get("vm")
         if vm is not None:
             details = dict(details)
             if owner is None:  # a VM to be made: its owner-to-be and the figures asked for
-                details.setdefault("owner", str(await self._inner.caller_uid(sender)))
+                known = uid if uid is not None else await self._inner.caller_uid(sender)
+                details.setdefault("owner", str(known))
             else:
                 try:
                     found = await asyncio.to_thread(self._lookup, vm)
@@ -174,7 +183,7 @@ class WithVmDetails:
                 if found is not None:
                     details.setdefault("vcpus", str(found.vcpus))
                     details.setdefault("memory_bytes", str(found.memory_bytes))
-        await self._inner.authorize(sender, action_id, details, interactive, owner=owner)
+        await self._inner.authorize(sender, action_id, details, interactive, owner=owner, uid=uid)
 
 
 async def make_authorizer(bus: MessageBus, use_polkit: bool) -> BusAuthorizer:

@@ -366,8 +366,10 @@ class Dispatcher:
         if subject.vm is not None:
             details["vm"] = subject.vm
         call = current_call()
+        caller = CALLER.get()  # its uid is known already (_uid_of): no second round trip to the bus
         await self._context.authorizer.authorize(
-            call.sender, access.action, details, call.interactive, owner=subject.owner
+            call.sender, access.action, details, call.interactive, owner=subject.owner,
+            uid=caller.uid if caller is not None else None,
         )
         async with self._context.settled(subject.path):
             return await m.fn(obj, *args.values())
