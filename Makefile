@@ -19,18 +19,23 @@ APT_PACKAGES := dbus dbus-daemon dbus-bin polkitd util-linux numactl libnuma1 li
 
 .PHONY: all deps run test lint test-host test-numa test-numa-2 test-numa-4 test-numa-memonly bench bench-quick bench-deps deb rpm clean
 
-all: test
-
-deps: $(STAMP)
-
-$(STAMP): pyproject.toml Makefile
-	@missing=""; for p in $(APT_PACKAGES); do \
+# $(call apt_install,PACKAGES): install those of PACKAGES that dpkg does not have (one apt-get run).
+define apt_install
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt: installing$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+endef
+
+all: test
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(call apt_install,$(APT_PACKAGES))
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
@@ -67,13 +72,7 @@ test-numa-memonly: deps
 BENCH_APT_PACKAGES := numad
 
 bench-deps:
-	@missing=""; for p in $(BENCH_APT_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "apt: installing$$missing"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	$(call apt_install,$(BENCH_APT_PACKAGES))
 
 # All figures, the 4-node guest ones included (one guest boot); writes bench/results.md.
 bench: deps bench-deps
