@@ -43,7 +43,11 @@ MAX_MESSAGE = 1024  # characters of an error's text
 
 def _bounded(text: str) -> str:
     """An error names the offending value, and a caller chooses that value:
-    an 8 MB CPU list quoted back whole would make every refusal an 8 MB reply."""
+    an 8 MB CPU list quoted back whole would make every refusal an 8 MB reply.
+    Non-ASCII is escaped (\\xe4): Debian's dbus-fast 1.84, which the .deb runs
+    on, marshals a non-ASCII string with a wrong length, and the bus then
+    drops the daemon, so one GetVM('\u00e4') by anyone took the service down."""
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
     if len(text) <= MAX_MESSAGE:
         return text
     return f"{text[: MAX_MESSAGE - 40]}... ({len(text)} characters, cut)"
