@@ -16,6 +16,8 @@ APT_PACKAGES := dbus dbus-daemon dbus-bin polkitd util-linux numactl libnuma1 li
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools dpkg-dev rpm \
 	python3-dbus-fast python3-pyudev python3-psutil python3-systemd bash-completion strace \
 	qtbase5-dev-tools qtbase5-dev g++ python3-gi gir1.2-glib-2.0
+# the systemd guest's root image (tests/systemd_guest/build-root.sh)
+APT_PACKAGES += mmdebstrap e2fsprogs
 
 .PHONY: all deps run test lint test-host test-numa test-numa-2 test-numa-4 test-numa-memonly bench bench-quick bench-deps deb rpm clean fuzz
 
@@ -49,7 +51,7 @@ lint: deps
 	$(VENV)/bin/mypy kvmnumad
 	$(VENV)/bin/mypy --strict bench
 
-test: deps lint test-host bench-quick test-numa  # the guests last: their closing line "N passed, N failed" ends the run
+test: deps lint test-host bench-quick test-numa test-systemd  # the guests last: their closing line "N passed, N failed" ends the run
 
 test-host: deps
 	$(VPY) -m pytest -m "not numa" tests
@@ -71,6 +73,12 @@ test-numa-4: deps
 
 test-numa-memonly: deps
 	$(VPY) -m tests.numa_guest --topology memonly
+
+# systemd as PID 1 in a guest: the .deb installed with dpkg -i, started, restarted, watchdog-killed,
+# stopped and D-Bus activated there (~3-4 min; its root image is cached in /var/cache/kvmnumad-tests).
+.PHONY: test-systemd
+test-systemd: deps
+	$(VPY) -m tests.systemd_guest
 
 # Debian packages only the full benchmark needs (numad, the peer of the hotplug and placement figures);
 # installed by `make bench`, not by `make test` (bench-quick runs host-only figures without them).
