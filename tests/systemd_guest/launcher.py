@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ GUEST_FILES = ("checks.py", "pytest.ini", "guest-run.sh")
 APT_PACKAGES = {"mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs"}  # tool -> Debian package
 # Outside the checkout: every worktree and clone on the machine shares one image.
 CACHE_DIR = Path(os.environ.get("KVMNUMAD_GUEST_CACHE", "/var/cache/kvmnumad-tests"))
-WORK_DIR = REPO / ".systemd-guest"  # consoles (kept) and the staging dir of a run (removed)
+WORK_DIR = REPO / ".systemd-guest"  # each run's console and guest journal, kept
 MOUNT = "/mnt/sysd"  # where the guest sees the staging dir (the image has the mount point)
 DEFAULT_TIMEOUT = 900.0  # ~3 min on a quiet machine; 8 min and more when others load it (2 CPUs)
 SILENCE_LIMIT = 60.0  # the guest's heartbeat comes every 10 s
@@ -120,10 +121,9 @@ def build_deb(stage: Path) -> Path:
 
 def stage_run() -> Path:
     """What the guest sees at MOUNT: the .deb and the checks, nothing of the checkout."""
-    WORK_DIR.mkdir(exist_ok=True)
-    stage = WORK_DIR / f"stage-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
+    # Outside the checkout: build-deb.sh packs the checkout, and -snapshot's overlay lands here too.
+    stage = Path(tempfile.mkdtemp(prefix="kvmnumad-systemd-guest-"))
+    stage.chmod(0o755)
     for name in GUEST_FILES:
         shutil.copy2(HERE / "guest" / name, stage / name)
     build_deb(stage)
@@ -196,6 +196,7 @@ def run_guest(cmd: list[str], stage: Path, timeout: float, out: IO[str]) -> Gues
     env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
                TMPDIR=str(stage / "tmp"), HOME=str(stage / "home"))  # -snapshot's overlay, vng's leftovers
     run = GuestRun(returncode=1)
+    WORK_DIR.mkdir(exist_ok=True)
     run.console = WORK_DIR / f"console-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     prefix = "[systemd-guest] "
     out.write(f"{prefix}{shlex.join(cmd)}\n{prefix}console: {run.console}\n")

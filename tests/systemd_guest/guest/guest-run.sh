@@ -17,6 +17,7 @@ cd "$dir" || exit 3
 SYSTEMD_GUEST_DEBS="$dir" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 SYSTEMD_PAGER=cat \
     /usr/bin/python3 -m pytest -c "$dir/pytest.ini" --rootdir "$dir" "$dir/checks.py" "$@"
 rc=$?
+[ -f "$dir/figures.txt" ] && sed 's/^/systemd-guest: figure: /' "$dir/figures.txt"
 # the whole journal of the boot, for the post-mortem (the launcher keeps it)
 journalctl -b --no-pager -o short-monotonic > "$dir/journal.txt" 2>&1
 kill $heartbeat 2>/dev/null
