@@ -32,6 +32,8 @@ vm-started        47d912bc9faf4383888ec1f7a810afe8  vCPUs running
 vm-stopped        e9cfd7dd410f45c1adfd40af2c3bf078  vCPUs stopped
 topology-changed  c52c477987f24cd5bceb6a08d0ad144c  host CPUs went on/offline
 state-corrupt     2c4bccf95d774fbf80f7427fa5979669  a saved VM definition was unreadable
+vm-resumed        af1e4d4f20744d998027136df341d1cf  VM continued after a restart: same memory, same vCPU state
+vm-restarted      41b5e153033f4100bdb27b09a7760262  vCPUs from entry on kept memory (after a crash)
 ================  ================================  =================================
 
 Without a journal (a terminal, a container) the same fields are appended to
@@ -66,6 +68,8 @@ class EventKind(enum.StrEnum):
     VM_STOPPED = "vm-stopped"
     TOPOLOGY_CHANGED = "topology-changed"
     STATE_CORRUPT = "state-corrupt"
+    VM_RESUMED = "vm-resumed"
+    VM_RESTARTED = "vm-restarted"
 
 
 MESSAGE_IDS: dict[EventKind, str] = {
@@ -78,6 +82,8 @@ MESSAGE_IDS: dict[EventKind, str] = {
     EventKind.VM_STARTED: "47d912bc9faf4383888ec1f7a810afe8",
     EventKind.VM_STOPPED: "e9cfd7dd410f45c1adfd40af2c3bf078",
     EventKind.TOPOLOGY_CHANGED: "c52c477987f24cd5bceb6a08d0ad144c",
+    EventKind.VM_RESUMED: "af1e4d4f20744d998027136df341d1cf",
+    EventKind.VM_RESTARTED: "41b5e153033f4100bdb27b09a7760262",
     EventKind.STATE_CORRUPT: "2c4bccf95d774fbf80f7427fa5979669",
 }
 

@@ -34,6 +34,7 @@ from kvmnumad.request import Limits, validate_request
 from kvmnumad.vm import Vm
 from kvmnumad.vm.definition import VmDefinition
 from kvmnumad.vm.layout import GUEST_RAM_BASE, MAX_PAYLOAD
+from kvmnumad.vm.saved import Recovery, Resume
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class Manager:
         return vm
 
     def _build(self, name: str, vcpus: int, *, owner: int, policy: Policy, passes: int,
-               payload: bytes | None, setup: Callable[[Vm], None]) -> Vm:
+               payload: bytes | None, setup: Callable[[Vm], None], resume: Resume | None = None) -> Vm:
         """Make, set up and register a VM, all or nothing: a failure anywhere
         releases every kernel object and cgroup made for it."""
         with self._lock:
@@ -266,7 +267,7 @@ class Manager:
             try:
                 vm = Vm(name, kvm, vcpus, self.topology, lambda event: None, owner=owner, policy=policy,
                         payload=payload, passes=passes, max_slots=kvm.check_extension(Cap.NR_MEMSLOTS) or 32,
-                        cpuset=cpuset)
+                        cpuset=cpuset, adopt=resume.memfds if resume is not None else None)
             except BaseException:
                 if cpuset is not None:
                     cpuset.remove()
@@ -302,12 +303,14 @@ class Manager:
             bound = v.guest_node if guest_nodes and v.cpus == self.topology().cpus_of_node(host) else None
             vm.apply_declared(v.vcpu, frozenset(v.cpus), bound)
 
-    def restore_vm(self, d: VmDefinition, payload: bytes | None = None) -> Vm:
+    def restore_vm(self, d: VmDefinition, payload: bytes | None = None, resume: Resume | None = None) -> Vm:
         """Recreate a saved VM with its layout, regions and declared placement,
         all or nothing, held to the same rules as a new request.  ``payload``:
         the VM's own flat binary as saved; it must be the one the definition
         names (its SHA-256), else the VM is not restored rather than run with
-        other code than it had."""
+        other code than it had.  ``resume``: the memfds (and vCPU states) of
+        the same VM in an earlier process of the daemon (vm/saved.py)."""
+        recovery = resume.recovery if resume is not None else Recovery.NONE
         memory = sum(r.size for r in d.regions)
         validate_request(self.topology(), self.limits(), name=d.name, vcpus=d.vcpus, memory_bytes=0,
                          options=CreateOptions(policy=d.policy, passes=d.passes))
@@ -329,13 +332,16 @@ class Manager:
             for p in d.vcpu_placement:
                 cpus = frozenset(p.declared or ()) & online or None  # what is left online; None: unpinned
                 vm.apply_declared(p.vcpu, cpus, p.bound_node)
+            if resume is not None:
+                vm.resume_vcpus(resume.vcpus or [], recovery)
             if d.running:
                 vm.start()
 
         vm = self._build(d.name, d.vcpus, owner=d.owner, policy=d.policy, passes=d.passes, payload=payload,
-                         setup=setup)
+                         setup=setup, resume=resume)
         log_event("vm-created", f"VM {d.name} restored: {d.vcpus} vCPUs, {memory} bytes, "
-                  f"{d.numa_nodes} guest nodes, policy {d.policy}", vm=d.name, reason="restore")
+                  f"{d.numa_nodes} guest nodes, policy {d.policy}"
+                  + (f", {recovery}" if recovery else ""), vm=d.name, reason="restore")
         self._emit(VmAdded(d.name))
         return vm
 

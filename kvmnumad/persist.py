@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 
 from kvmnumad import errors
 from kvmnumad.events import Event, VmAdded, VmChanged, VmRemoved
 from kvmnumad.manager import Manager
 from kvmnumad.state import StateStore
 from kvmnumad.vm.definition import VmDefinition
+from kvmnumad.vm.saved import Resume
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +68,15 @@ class Persister:
         self._store.save_payload(name, payload)
 
 
-def restore(manager: Manager, store: StateStore) -> dict[str, VmDefinition]:
+def restore(manager: Manager, store: StateStore,
+            resume_of: Callable[[VmDefinition], Resume | None] | None = None,
+            skip: frozenset[str] = frozenset()) -> dict[str, VmDefinition]:
     """Recreate every saved VM; returns every definition read (restored or
     not), which is what is on disk.  A definition that cannot be parsed is
     moved aside by the store; one that cannot be restored now (a host node
-    short of memory, a CPU gone) is logged and its file left as it was."""
+    short of memory, a CPU gone) is logged and its file left as it was.
+    ``resume_of``: what an earlier process of the daemon left of a VM (its
+    memfds, kvmnumad/handover.py); ``skip``: VMs already back by other means."""
     known: dict[str, VmDefinition] = {}
     for raw in store.load_all():
         try:
@@ -83,8 +89,12 @@ def restore(manager: Manager, store: StateStore) -> dict[str, VmDefinition]:
                           raw.get("name"), e, aside)
             continue
         known[d.name] = d
+        if d.name in skip:
+            continue
+        resume = resume_of(d) if resume_of is not None else None
         try:
-            manager.restore_vm(d, store.load_payload(d.name) if d.payload_sha256 is not None else None)
+            payload = store.load_payload(d.name) if d.payload_sha256 is not None else None
+            manager.restore_vm(d, payload, resume)
         except Exception as e:
             level = logging.WARNING if isinstance(e, errors.KvmnumaError) else logging.ERROR
             log.log(level, "could not restore VM %s (its definition is kept): %s", d.name, e,

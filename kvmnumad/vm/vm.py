@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 
 from kvmnumad import cpulist, errors, headroom
@@ -35,6 +35,7 @@ from kvmnumad.vm.console import SerialBuffer
 from kvmnumad.vm.layout import ENTRY
 from kvmnumad.vm.memory import GuestMemory, resource_error
 from kvmnumad.vm.numa import GuestNuma
+from kvmnumad.vm.saved import Recovery, SavedVcpu
 from kvmnumad.vm.vcpus import Repin, Vcpu, Vcpus
 from kvmnumad.vm.views import VmViews
 
@@ -62,7 +63,9 @@ class Vm(VmViews):
         passes: int = 0,
         max_slots: int = 32,
         cpuset: VmCpuset | None = None,
+        adopt: MutableMapping[int, int] | None = None,
     ) -> None:
+        """``adopt``: slot -> memfd handed over by an earlier process (GuestMemory)."""
         self.name = name
         self.owner = owner
         self.policy = policy
@@ -79,6 +82,7 @@ class Vm(VmViews):
         self._state = VmState.CREATED
         self._destroyed = False
         self.faults: dict[int, str] = {}  # vCPU -> why it stopped by itself
+        self.recovery = Recovery.NONE  # how it came back after a restart of the daemon
         self.numa = GuestNuma(name)
         self.serial = SerialBuffer()
         headroom.check_tasks(name, vcpus)  # refused before any kernel object exists
@@ -87,7 +91,7 @@ class Vm(VmViews):
         except OSError as e:
             raise resource_error(e, f"KVM_CREATE_VM for VM {name!r}") or e from e
         try:
-            self.memory = GuestMemory(name, self._vm, payload or kvm_payload.TOUCH_PAYLOAD, max_slots)
+            self.memory = GuestMemory(name, self._vm, payload or kvm_payload.TOUCH_PAYLOAD, max_slots, adopt)
         except BaseException:
             self._vm.close()
             raise
@@ -285,3 +289,35 @@ class Vm(VmViews):
         if moves:
             self._changed(Aspect.VCPU_PLACEMENT)
         return moves
+
+    # ------------------------------------------------------------------ handover
+    def pause_for_handover(self) -> list[SavedVcpu | None]:
+        """Park every vCPU and save its state (None: never ran, it starts from
+        entry).  The VM keeps its declared state (running stays running in the
+        definition) and stays paused: the process is about to hand it over."""
+        with self._lock:
+            self._alive()
+            self.vcpus.stop()
+            saved: list[SavedVcpu | None] = []
+            for v in self.vcpus:
+                if not v.initialized:
+                    saved.append(None)
+                    continue
+                saved.append(SavedVcpu(v.fd.save_state(), v.runner.progress, v.runner.done))
+            return saved
+
+    def resume_vcpus(self, saved: Sequence[SavedVcpu | None], recovery: Recovery) -> None:
+        """Load each saved vCPU state into the new vCPUs before the first run,
+        so that start() continues the guest where it paused instead of at entry."""
+        with self._lock:
+            self._alive()
+            if len(saved) not in (0, len(self.vcpus)):
+                raise errors.InvalidArgument(f"VM {self.name!r}: {len(saved)} saved vCPUs for "
+                                             f"{len(self.vcpus)}", vm=self.name)
+            for v, s in zip(self.vcpus, saved, strict=False):
+                if s is None:
+                    continue
+                v.fd.restore_state(s.state)
+                v.runner.seed(s.progress, s.done)
+                v.initialized = True
+            self.recovery = recovery
