@@ -153,7 +153,9 @@ def test_an_adopted_fd_must_be_a_memfd_of_the_slot_size(manager: Manager) -> Non
         with pytest.raises(ValueError, match="bytes, the slot"):
             fresh.restore_vm(definition, None, Resume({0: wrong}))
         assert fresh.list_vms() == []
-        assert open_fds() == before - {wrong}  # the refused fd is closed with everything else
+        assert len(open_fds()) == len(before) - 1  # the refused fd is closed with everything else
+        with pytest.raises(OSError):
+            os.fstat(wrong)
         assert thread_ids() == threads
     finally:
         fresh.shutdown()
