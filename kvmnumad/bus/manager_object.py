@@ -26,6 +26,7 @@ from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject, current_call
 from kvmnumad.bus.fds import PassedFd
 from kvmnumad.bus.paths import MANAGER_INTERFACE, MANAGER_PATH, vm_path
+from kvmnumad.errors import AccessDenied
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.placement import Plan
@@ -140,6 +141,16 @@ class ManagerObject(BusObject):
                            policy: "s") -> "sa(uausta(ut))a(uuau)":
         opts = simple_options(numa_nodes, optional_policy(policy))
         return plan_body(await asyncio.to_thread(self._context.manager.plan_vm, vcpus, memory_bytes, opts))
+
+    @method()
+    @requires(ACTION_MANAGE, verb="reexec")
+    async def Reexec(self) -> None:
+        # Root only: the new process runs whatever program is installed now,
+        # so no polkit rule may hand this to anyone else.
+        uid = await self._context.authorizer.caller_uid(current_call().sender)
+        if uid != 0:
+            raise AccessDenied(f"Reexec is for root only, not uid {uid}", uid=uid)
+        self._context.request_reexec()
 
     # ---------------------------------------------------------- properties
     @dbus_property(access=PropertyAccess.READ)

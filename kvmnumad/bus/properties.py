@@ -37,10 +37,11 @@ VM_PROPERTIES: dict[str, Callable[[Vm], Any]] = {
         [r.slot, r.gpa, r.size, r.guest_node, r.host_node] for r in vm.memory_regions()
     ],
     "Owner": lambda vm: vm.owner,
+    "Recovery": lambda vm: str(vm.recovery),
 }
 
 # Fixed when the VM is made (vCPU threads exist from then on).
-VM_CONSTANT = frozenset({"Name", "Vcpus", "Policy", "VcpuThreads", "Owner"})
+VM_CONSTANT = frozenset({"Name", "Vcpus", "Policy", "VcpuThreads", "Owner", "Recovery"})
 
 ASPECT_PROPERTIES: dict[Aspect, frozenset[str]] = {
     Aspect.STATE: frozenset({"State"}),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -39,7 +40,7 @@ from kvmnumad.bus.properties import (
 )
 from kvmnumad.bus.pump import EventPump
 from kvmnumad.bus.vm_object import VmObject
-from kvmnumad.errors import NoSuchVM
+from kvmnumad.errors import Busy, NoSuchVM
 from kvmnumad.events import (
     DefaultPolicyChanged,
     Event,
@@ -101,6 +102,8 @@ class BusService:
         self._pump = EventPump(self._handle, _path_of)
         self._stopped = False
         self.owns_name = False
+        # Set by the daemon: what Manager.Reexec() asks for (None: not offered).
+        self.on_reexec: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def _start(self) -> None:
@@ -144,6 +147,11 @@ class BusService:
         self._vms.clear()
 
     # ------------------------------------------------- BusContext of objects
+    def request_reexec(self) -> None:
+        if self.on_reexec is None:
+            raise Busy("this daemon cannot re-execute itself (started without its main loop)")
+        self.on_reexec()
+
     async def exported_path(self, name: str) -> str:
         if await self.reconcile(name) is None:
             raise NoSuchVM(f"no VM named {name!r}")

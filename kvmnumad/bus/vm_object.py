@@ -201,3 +201,7 @@ class VmObject(BusObject):
     @dbus_property(access=PropertyAccess.READ)
     def Owner(self) -> "u":
         return self._props["Owner"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Recovery(self) -> "s":
+        return self._props["Recovery"]

@@ -21,6 +21,7 @@ from kvmnumad.cli.commands import (
     cmd_memory,
     cmd_numa,
     cmd_plan,
+    cmd_reexec,
     cmd_report,
     cmd_show,
     cmd_stats,
@@ -181,4 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("report", cmd_report, "the daemon's placement report")
     add("suggestions", cmd_suggestions, "the daemon's placement suggestions")
     add("monitor", cmd_monitor, "print the service's signals as they come, until Ctrl-C")
+    p = add("reexec", cmd_reexec, "restart the daemon in place keeping every VM (root only)")
+    p.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="return after the reply, before the name is owned again")
+    p.add_argument("--wait-timeout", type=float, default=60.0, metavar="SECONDS", help=argparse.SUPPRESS)
     return parser

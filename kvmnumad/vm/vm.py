@@ -320,4 +320,6 @@ class Vm(VmViews):
                 v.fd.restore_state(s.state)
                 v.runner.seed(s.progress, s.done)
                 v.initialized = True
+            if any(s is not None for s in saved) and self._state == VmState.CREATED:
+                self._state = VmState.STOPPED  # it ran before: paused, not new (start() may follow)
             self.recovery = recovery
