@@ -133,7 +133,8 @@ def test_reexec_keeps_memory_counters_and_placement(daemon: DaemonProcess) -> No
     a, pid = daemon.address, daemon.pid
     _call(a, "CreateVM", "suta{sv}", "acc", "4", str(256 * MiB), "3", "numa_nodes", "u", "2",
           "start", "b", "true", "policy", "s", "local-first")
-    busctl(a, "call", "org.kvmnuma1", "/org/kvmnuma1/vm/acc", VM_IFACE, "SetVcpuAffinity", "uau", "1", "1", "1")
+    busctl(a, "call", "org.kvmnuma1", "/org/kvmnuma1/vm/acc", VM_IFACE, "SetVcpuAffinity", "uau",
+           "1", "1", "1")
     wait_until(lambda: min(_progress(a, "acc")) >= 2, "two passes on every vCPU", timeout=60)
     slots = _slots(pid, "acc")
     assert sorted(slots) == ["kvmnumad-acc-boot", "kvmnumad-acc-node0-slot1", "kvmnumad-acc-node1-slot2"]
@@ -253,7 +254,8 @@ class FakeFdStore:
             return subprocess.Popen(
                 [sys.executable, "-c", _LAUNCHER, ",".join(map(str, fds)), ":".join(names),
                  "-m", "kvmnumad", "--log-target", "stderr", *args],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, pass_fds=fds)
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                pass_fds=fds)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -341,16 +343,17 @@ def test_fd_store_keeps_memory_through_kill_9_and_releases_orphans(
         assert "kvmnumad-handover" not in fdstore.fds
         # the restarted VM's memory is the kept one (read before its vCPUs overwrite it: the boot slot
         # holds the code, which no pass touches)
-        boot = next(fd for n, fd in _memfds(proc.pid).items() if n == "kvmnumad-crash-boot")
-        assert hashlib.sha256(os.pread(os.open(f"/proc/{proc.pid}/fd/{boot}", os.O_RDONLY), MiB, 0)
-                              ).hexdigest() == kept["crash.0"]
+        boot = _memfds(proc.pid)["kvmnumad-crash-boot"]
+        with open(f"/proc/{proc.pid}/fd/{boot}", "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == kept["crash.0"]
         wait_until(lambda: min(_progress(bus.address, "crash")) >= 1, "the vCPUs run again", timeout=60)
         assert "restarted its vCPUs from their entry state" in log.read_text()
     finally:
         _end(proc, signal.SIGKILL)
 
 
-def test_fd_store_graceful_stop_resumes_the_guest(bus: BusDaemon, fdstore: FakeFdStore, tmp_path: Path) -> None:
+def test_fd_store_graceful_stop_resumes_the_guest(bus: BusDaemon, fdstore: FakeFdStore,
+                                                  tmp_path: Path) -> None:
     """systemctl restart: SIGTERM pauses and saves into the store, the next process resumes."""
     state, log = tmp_path / "state", tmp_path / "daemon.log"
     args = ("--bus", bus.address, "--state-dir", str(state))
