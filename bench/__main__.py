@@ -21,13 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import affinity, busrtt, hotplug, idle, lifecycle, migrate, placement, rawkvm, scale, vmcreate
+from bench import handover as handover_bench
 from bench.report import Row, table
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("idle", "lifecycle", "stop", "affinity", "dbus", "create", "scale", "hotplug", "placement",
-         "migrate")
+         "migrate", "handover")
 GUEST = ("hotplug", "placement", "migrate")  # need 2+ host nodes (4 for placement)
 
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         ("hotplug", lambda: hotplug.hotplug(3 if q else 20, 5 if q else 30)),
         ("placement", lambda: placement.placement(manager, kvm_fd, 3 if q else 15)),
         ("migrate", lambda: migrate.migrate(manager, 1 if q else 3)),
+        ("handover", lambda: handover_bench.handover(1 if q else 7, 1 if q else 3)),
     ]
     rows: list[Row] = []
     started = time.monotonic()
