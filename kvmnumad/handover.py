@@ -156,14 +156,17 @@ class Inherited:
         return sorted(rest)
 
 
-def release(vm: str, memfds: dict[int, int]) -> None:
-    """Slots a restore did not adopt (a definition with fewer regions, or a
-    restore that failed): closed and dropped from the store."""
+def release(vm: str, memfds: dict[int, int], *, keep_in_store: bool = False) -> None:
+    """Slots a restore did not adopt: closed, and dropped from the store when
+    no definition wants them (``keep_in_store``: the VM failed to come back
+    now, a CPU or node short; systemd keeps its copy for the next start)."""
     for slot, fd in sorted(memfds.items()):
         os.close(fd)
-        sdnotify.notify("FDSTOREREMOVE=1", f"FDNAME={fd_name(vm, slot)}")
+        if not keep_in_store:
+            sdnotify.notify("FDSTOREREMOVE=1", f"FDNAME={fd_name(vm, slot)}")
     if memfds:
-        log.warning("VM %s: released %d handed-over memfd(s) it did not take back", vm, len(memfds))
+        log.warning("VM %s: %s %d handed-over memfd(s) it did not take back", vm,
+                    "closed (kept in the fd store)" if keep_in_store else "released", len(memfds))
     memfds.clear()
 
 
@@ -321,7 +324,7 @@ def restore_record(manager: Manager, record: HandoverRecord, inherited: Inherite
             level = logging.WARNING if isinstance(e, errors.KvmnumaError) else logging.ERROR
             log.log(level, "VM %s could not be resumed: %s", name, e,
                     exc_info=not isinstance(e, errors.KvmnumaError))
-            release(name, resume.memfds)
+            release(name, resume.memfds, keep_in_store=True)
             continue
         release(name, resume.memfds)
         pause_ms = (time.monotonic_ns() - saved.paused_ns) / 1e6
@@ -350,11 +353,12 @@ class CrashResume:
         """Journal each VM that restarted on its memory; release what no
         slot adopted (the VM failed to come back, or has fewer slots now)."""
         for name, resume in sorted(self._given.items()):
-            release(name, resume.memfds)
             try:
                 vm = manager.get_vm(name)
-            except errors.NoSuchVM:
+            except errors.NoSuchVM:  # not restored now: its definition stays, so does its memory
+                release(name, resume.memfds, keep_in_store=True)
                 continue
+            release(name, resume.memfds)
             if vm.recovery == Recovery.RESTARTED:
                 log_event(EventKind.VM_RESTARTED, f"VM {name} restarted its vCPUs from their entry state on "
                           "its kept memory: the previous daemon ended without saving them", vm=name,
