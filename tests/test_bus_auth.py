@@ -183,6 +183,7 @@ CONTRACT: dict[str, tuple[str, str] | None] = {
     "DestroyVM": (ACTION_MANAGE, "destroy"),
     "GetVM": None, "ListVMs": None, "GetTopology": None, "GetReport": None, "GetSuggestions": None,
     "PlanVM": None, "PlanVMSimple": None,
+    "Reexec": (ACTION_MANAGE, "reexec"),  # and then root only, whatever polkit said
     "Start": (ACTION_MANAGE, "start"),
     "Stop": (ACTION_MANAGE, "stop"),
     "Destroy": (ACTION_MANAGE, "destroy"),
