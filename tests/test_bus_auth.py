@@ -195,6 +195,7 @@ CONTRACT: dict[str, tuple[str, str] | None] = {
     "MapNumaNode": (ACTION_MIGRATE, "map-numa-node"),
     "GetVcpuAffinity": None, "GetVcpuNumaNode": None, "GetStats": None,
 }
+NO_VM = {"Reexec"}  # about the daemon, not a VM
 BUSCTL_ARGS = {"s": ["target"], "u": ["0"], "t": ["0"], "b": ["false"], "au": ["1", "0"], "a{sv}": ["0"]}
 # a policy argument is checked before authorization: empty (DefaultPolicy) gets that far
 MEMBER_ARGS = {"CreateVMSimple": ["target", "1", "0", "0", "", "false"], "PlanVMSimple": ["1", "0", "0", ""]}
@@ -225,7 +226,7 @@ def test_every_live_member_asks_what_the_contract_says(
             if expected is None:
                 assert got == [], member
             else:
-                assert got == [(*expected, "target")], member
+                assert got == [(*expected, None if member in NO_VM else "target")], member
                 assert out.returncode != 0 and "Access denied" in out.stderr, (member, out.stderr)
             seen.append(member)
     assert sorted(seen) == sorted(CONTRACT)
