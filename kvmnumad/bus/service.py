@@ -17,12 +17,14 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from dbus_fast import BusType, Message, NameFlag, RequestNameReply
+from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
 from kvmnumad.bus.auth import Authorizer, VmDetails, WithVmDetails
 from kvmnumad.bus.dispatch import Dispatcher
+from kvmnumad.bus.errors import DBUS_NAMES
 from kvmnumad.bus.fds import take_fds
+from kvmnumad.bus.framing import LARGEST_CALL, BoundedSocket, RefusalLog, Refused
 from kvmnumad.bus.manager_object import ManagerObject
 from kvmnumad.bus.paths import (
     BUS_NAME,
@@ -40,7 +42,7 @@ from kvmnumad.bus.properties import (
 )
 from kvmnumad.bus.pump import EventPump
 from kvmnumad.bus.vm_object import VmObject
-from kvmnumad.errors import Busy, NoSuchVM
+from kvmnumad.errors import Busy, LimitReached, NoSuchVM
 from kvmnumad.events import (
     DefaultPolicyChanged,
     Event,
@@ -85,6 +87,28 @@ class ServiceBus(MessageBus):
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
         pass
+
+    async def _authenticate(self) -> None:
+        """The handshake, then the read side framed by BoundedSocket: both
+        dbus-fast versions build their reader on ``self._sock`` right after
+        this returns (bus/framing.py), so no message is read unframed."""
+        await super()._authenticate()
+        self._refusal_log = RefusalLog()
+        assert self._sock is not None
+        self.framing = BoundedSocket(self._sock, self._refused)
+        self._sock = self.framing  # type: ignore[assignment]  # a socket to the reader (framing.py)
+
+    def _refused(self, refused: Refused) -> None:
+        """A message over framing's bound was skipped unread: a call is answered LimitReached."""
+        self._refusal_log(refused, "over the size bound" + (", answered LimitReached" if refused.wants_reply
+                                                           else ", dropped"))
+        if refused.wants_reply:
+            self.send(Message(
+                message_type=MessageType.ERROR, destination=refused.fields["sender"],
+                reply_serial=refused.serial, error_name=DBUS_NAMES[LimitReached], signature="s",
+                body=[f"a message body of {refused.body_length} bytes is over this service's bound of "
+                      f"{self.framing.max_body} bytes (its largest call, a CPU list naming every CPU, "
+                      f"takes {LARGEST_CALL}): not read"]))
 
 
 class BusService:
