@@ -69,11 +69,13 @@ from dbus_fast.signature import get_signature_tree
 
 from kvmnumad.bus.access import Access, access_of, declarations, parameters, setters
 from kvmnumad.bus.args import check_signature
+from kvmnumad.bus.auth import VmDetails
 from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.errors import DBUS_NAMES, UNKNOWN_INTERFACE, UNKNOWN_OBJECT, to_dbus_error
 from kvmnumad.bus.introspection import served
 from kvmnumad.bus.paths import OBJECT_MANAGER, vm_path
 from kvmnumad.errors import AccessDenied, Internal, InvalidArgument, LimitReached
+from kvmnumad.vm import Vm
 from kvmnumad.workers import CALLER, Caller, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ class Subject:
     vm: str | None
     owner: int | None
     path: str
+    target: Vm | None = None  # the VM itself, if the object has it: its figures go to polkit
 
 
 _CURRENT: contextvars.ContextVar[Call] = contextvars.ContextVar("kvmnumad_bus_call")
@@ -361,7 +364,7 @@ class Dispatcher:
                 args[name] = access.checks[name](args[name])
         if access.action is None:
             return await self._read(obj, m, list(args.values()))
-        subject = await self._subject(obj, access, args)
+        subject, facts = await self._subject(obj, access, args)
         details = {"verb": access.verb, **{d: str(args[d]) for d in access.details}}
         if subject.vm is not None:
             details["vm"] = subject.vm
@@ -369,20 +372,29 @@ class Dispatcher:
         caller = CALLER.get()  # its uid is known already (_uid_of): no second round trip to the bus
         await self._context.authorizer.authorize(
             call.sender, access.action, details, call.interactive, owner=subject.owner,
-            uid=caller.uid if caller is not None else None,
+            uid=caller.uid if caller is not None else None, vm=facts,
         )
         async with self._context.settled(subject.path):
             return await m.fn(obj, *args.values())
 
-    async def _subject(self, obj: BusObject, access: Access, args: dict[str, Any]) -> Subject:
+    async def _subject(self, obj: BusObject, access: Access,
+                       args: dict[str, Any]) -> tuple[Subject, VmDetails | None]:
+        """What the call is about and, if a VM, its figures for polkit: one
+        lookup of the VM, off the loop (WithVmDetails asks for none of its own)."""
         if access.vm is not None:
             name: str = args[access.vm]
-            vm = await asyncio.to_thread(self._context.manager.get_vm, name)  # NoSuchVM before polkit
-            return Subject(name, vm.owner, vm_path(name))
+            facts = await asyncio.to_thread(self._facts, name)  # NoSuchVM before polkit
+            return Subject(name, facts.owner, vm_path(name)), facts
         if access.new_vm is not None:
             name = args[access.new_vm]
-            return Subject(name, None, vm_path(name))
-        return obj.subject()
+            return Subject(name, None, vm_path(name)), None
+        subject = obj.subject()
+        if subject.target is None:
+            return subject, None
+        return subject, await asyncio.to_thread(VmDetails.of, subject.target)
+
+    def _facts(self, name: str) -> VmDetails:
+        return VmDetails.of(self._context.manager.get_vm(name))
 
     def _refuse(self, what: str, why: str) -> NoReturn:
         call = current_call()

@@ -20,7 +20,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
-from kvmnumad.bus.auth import Authorizer, VmDetails, WithVmDetails
+from kvmnumad.bus.auth import Authorizer, WithVmDetails
 from kvmnumad.bus.dispatch import Dispatcher
 from kvmnumad.bus.errors import DBUS_NAMES
 from kvmnumad.bus.fds import take_fds
@@ -118,7 +118,7 @@ class BusService:
         self.manager = manager
         self.bus = bus
         # polkit rules see each VM's owner, vCPUs and memory (bus/auth.py)
-        self.authorizer: Authorizer = WithVmDetails(authorizer, self._vm_details)
+        self.authorizer: Authorizer = WithVmDetails(authorizer)
         self.dispatcher = Dispatcher(bus, self)
         self.manager_object: ManagerObject | None = None
         self._vms: dict[str, VmObject] = {}
@@ -221,10 +221,6 @@ class BusService:
         already, all its properties.  Blocking."""
         vm = self.manager.get_vm(name)
         return vm, ({} if vm is exported else vm_snapshot(self.manager, vm))
-
-    def _vm_details(self, name: str) -> VmDetails:
-        vm = self.manager.get_vm(name)
-        return VmDetails(vm.owner, vm.vcpu_count, vm.memory_bytes)
 
     def _drop(self, obj: VmObject) -> None:
         self._vms.pop(obj.vm_name, None)

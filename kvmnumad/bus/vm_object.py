@@ -60,7 +60,7 @@ class VmObject(BusObject):
         return obj
 
     def subject(self) -> Subject:
-        return Subject(self.vm_name, self.vm.owner, self.path)
+        return Subject(self.vm_name, self.vm.owner, self.path, self.vm)
 
     async def _core(self, fn: Callable[..., T], *args: Any) -> T:
         """One core call off the loop.  The VM gone under it (destroyed, or
