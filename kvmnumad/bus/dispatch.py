@@ -42,7 +42,8 @@ threads waits behind itself only.  A read-only call that took longer than
 answered to non-root callers from its last result for nine times as long
 as it took, and identical reads in flight share one run: what an
 unprivileged reader can make the daemon do costs at most a tenth of its
-time, whatever the rate.  Root always reads fresh.
+time, whatever the rate.  Root always reads fresh.  A call whose body is over
+64 KiB never gets here: bus/framing.py skips it unread and answers LimitReached.
 
 dbus-fast internals used: ``ServiceInterface._get_methods`` and the
 ``_Method`` fields ``name``, ``in_signature``, ``out_signature``, ``fn``,
