@@ -185,6 +185,15 @@ class VmModel:
     declared: dict[int, set[int]]
     bound: dict[int, int] = field(default_factory=dict)
 
+    def node_errors(self, node: int, host_node: int = 0, host_nodes: int = 1) -> set[str | None]:
+        """What naming guest node ``node`` (mapped to ``host_node`` of ``host_nodes``) earns, for
+        BindVcpuToNumaNode and MapNumaNode alike: NumaDisabled first, then NodeOutOfRange."""
+        if self.numa_nodes == 0:
+            return {ERR + "NumaDisabled"}
+        if node >= self.numa_nodes or host_node >= host_nodes:
+            return {ERR + "NodeOutOfRange"}
+        return set()
+
 
 class VmMachine(RuleBasedStateMachine):
     """create/start/pin/bind/map/stop/destroy (and refused unprivileged calls) against a model."""
@@ -283,11 +292,7 @@ class VmMachine(RuleBasedStateMachine):
         if vm is None:
             self.send(call, {fs.UNKNOWN_OBJECT})
             return
-        wrong: set[str | None] = set()
-        if vm.numa_nodes == 0:
-            wrong.add(ERR + "NumaDisabled")
-        elif node >= vm.numa_nodes:
-            wrong.add(ERR + "NodeOutOfRange")
+        wrong = vm.node_errors(node)
         if vcpu >= vm.vcpus:
             wrong.add(ERR + "NoSuchVcpu")
         self.send(call, wrong or {None})
@@ -302,11 +307,7 @@ class VmMachine(RuleBasedStateMachine):
         if vm is None:
             self.send(call, {fs.UNKNOWN_OBJECT})
             return
-        wrong: set[str | None] = set()
-        if vm.numa_nodes == 0:
-            wrong.add(ERR + "NumaDisabled")
-        elif node >= vm.numa_nodes or host_node >= self.fuzz.host.nodes:
-            wrong.add(ERR + "NodeOutOfRange")
+        wrong = vm.node_errors(node, host_node, self.fuzz.host.nodes)
         self.send(call, wrong or {None})
         if not wrong:
             vm.node_map[node] = host_node
