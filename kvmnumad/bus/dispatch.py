@@ -17,16 +17,17 @@ details) and the VM's owner; the call itself; and, for a mutating member,
 the event barrier, so that the reply follows the PropertiesChanged the
 change caused.  Errors are translated in one place (``bus/errors.py``).
 
-Properties.Get/GetAll, the manager's GetManagedObjects and Peer stay with
-dbus-fast; Properties.Set of a writable property is ours too, because
-setting one is a mutation like any other.  So is what dbus-fast gets wrong
-about objects: a path with no object of ours answers UnknownObject for every
-method, Introspect and Properties included (dbus-fast would introspect an
-empty node and list an empty GetManagedObjects there); ObjectManager is only
-where ``export(..., object_manager=True)`` put it (dbus-fast claims it on
-every object); Introspect of a path that only leads to objects lists its
-children, so that ``busctl tree`` still walks down.  Peer answers on any
-path, as the spec has it (it is about the connection, not an object).
+Properties.Get/GetAll and Peer stay with dbus-fast; GetManagedObjects is
+ours, from each object's property mirror in one pass; Properties.Set of a
+writable property is ours too, because setting one is a mutation like any
+other. So is what dbus-fast gets wrong about objects: a path with no object
+of ours answers UnknownObject for every method, Introspect and Properties
+included (dbus-fast would introspect an empty node and list an empty
+GetManagedObjects there); ObjectManager is only where ``export(...,
+object_manager=True)`` put it (dbus-fast claims it on every object);
+Introspect of a path that only leads to objects lists its children, so that
+``busctl tree`` still walks down. Peer answers on any path, as the spec has
+it (it is about the connection, not an object).
 
 Limits (issue 12 findings 4 and 8): a unique name has at most
 ``PER_SENDER`` calls in flight and a non-root uid at most ``PER_UID``; one
@@ -127,6 +128,7 @@ def current_call() -> Call:
 
 
 _INTROSPECTION: dict[type, intr.Interface] = {}
+_SIGNATURES: dict[type, dict[str, str]] = {}  # property -> its signature, per BusObject class
 
 
 class BusObject(ServiceInterface):
@@ -152,8 +154,11 @@ class BusObject(ServiceInterface):
         return _INTROSPECTION[cls]
 
     def variants(self) -> dict[str, Variant]:
-        """Every property as a Variant (InterfacesAdded)."""
-        sigs = {p.name: p.signature for p in self.introspect().properties}
+        """Every property as a Variant (InterfacesAdded, GetManagedObjects)."""
+        cls = type(self)
+        if cls not in _SIGNATURES:
+            _SIGNATURES[cls] = {p.name: p.signature for p in self.introspect().properties}
+        sigs = _SIGNATURES[cls]
         return {name: Variant(sigs[name], value) for name, value in self._props.items()}
 
     def publish(self, values: dict[str, Any]) -> None:
@@ -295,6 +300,9 @@ class Dispatcher:
             self._answer(msg, Message.new_error(msg, UNKNOWN_INTERFACE, f"{path} is not an ObjectManager "
                                                 f"({managers} is)"))
             return True
+        if msg.interface == OBJECT_MANAGER and msg.member == "GetManagedObjects" and not msg.signature:
+            self._answer(msg, Message.new_method_return(msg, "a{oa{sa{sv}}}", [self._managed_objects(path)]))
+            return True
         if msg.interface == PROPERTIES:
             return self._on_set_property(msg, ifaces)
         for name, (obj, table) in ifaces.items():
@@ -329,6 +337,16 @@ class Dispatcher:
             node = intr.Node(path)
         node.nodes = [intr.Node(child) for child in self._children(path)]
         return str(node.tostring())
+
+    def _managed_objects(self, path: str) -> dict[str, dict[str, dict[str, Variant]]]:
+        """Every object below ``path`` with each interface's properties, read
+        from the mirror each object keeps (one pass, one dict per interface).
+        dbus-fast's own handler asks every property getter through callbacks
+        and re-checks the whole reply for completeness after each interface:
+        quadratic in the number of VMs."""
+        prefix = path.rstrip("/") + "/"
+        return {p: {name: obj.variants() for name, (obj, _table) in ifaces.items()}
+                for p, ifaces in self._objects.items() if p.startswith(prefix)}
 
     def _on_set_property(self, msg: Message, ifaces: dict[str, tuple[BusObject, _Table]]) -> bool:
         if msg.member != "Set" or msg.signature != "ssv" or msg.body[0] not in ifaces:
