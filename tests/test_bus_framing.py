@@ -15,6 +15,7 @@ import socket
 import struct
 from typing import Any
 
+import pytest
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast._private.unmarshaller import Unmarshaller
 from hypothesis import given, settings
@@ -121,3 +122,22 @@ def test_header_fields_in_either_byte_order() -> None:
                 fields += struct.pack(fmt + "I", len(value)) + value.encode() + b"\0"
         header = order + bytes([1, 0, 1]) + struct.pack(fmt + "III", 0, 7, len(fields)) + fields
         assert parse_fields(bytes(header)) == want
+
+
+def test_a_closed_socket_ends_the_reading_even_with_messages_buffered() -> None:
+    """dbus-fast's _finalize closes the socket from within a handler; its reader
+    then must stop (EBADF), not go on serving what BoundedSocket had read ahead
+    (seen: 347 replies sent into a closed fd, each logged)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ours.setblocking(False)
+        skipped: list[Refused] = []
+        bounded = BoundedSocket(ours, skipped.append, max_body=BOUND)
+        theirs.sendall(bytes(message(1, "call", 4)._marshall(True)) * 2)
+        data, _anc, _flags, _addr = bounded.recvmsg(16)
+        assert len(data) == 16
+        ours.close()
+        with pytest.raises(OSError):
+            bounded.recvmsg(16)
+    finally:
+        theirs.close()

@@ -154,6 +154,8 @@ class BoundedSocket:
 
     # ---------------------------------------------------------- the reader's side
     def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> tuple[bytes, list[Any], int, Any]:
+        if self._sock.fileno() < 0:  # closed by the bus (_finalize): what is buffered here is not served
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         while len(self._ready) < bufsize and not self._eof and self._fill():
             pass
         n = min(bufsize, len(self._ready))
@@ -182,10 +184,6 @@ class BoundedSocket:
             nbytes, anc, _flags, _addr = self._sock.recvmsg_into([self._scratch], _ANC)
         except (BlockingIOError, InterruptedError):
             return False
-        except OSError:
-            if self._ready:
-                return False  # hand out what came first; the error comes again on the next read
-            raise
         fds = _fds_of(anc)
         if nbytes == 0:
             _close(fds)
