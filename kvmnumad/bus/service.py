@@ -70,6 +70,36 @@ def _path_of(event: Event) -> str:
     return MANAGER_PATH
 
 
+class PatientSocket:
+    """The writer's socket, with a full send buffer meaning "wait", not "the bus is gone".
+
+    dbus-fast's writer (1.84 and 5.x alike) calls ``send`` on the
+    non-blocking socket and treats any exception as the end of the
+    connection: when dbus-daemon falls behind reading from us (a client
+    flooding calls and not reading their replies, on a loaded host) a send
+    that can write nothing raises BlockingIOError, the bus finalizes, and
+    the daemon exits as if its bus had died (tests/test_client_faults.py).
+    Returning 0 instead makes the writer do what it does for a short write:
+    keep the rest and wait for the socket to become writable.  ``sendmsg``
+    (fds) is left alone: the writer drops the fds after one call whatever it
+    returns, and this service sends no fds.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def send(self, data: Any) -> int:
+        try:
+            return int(self._sock.send(data))
+        except BlockingIOError:
+            return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class ServiceBus(MessageBus):
     """dbus-fast's MessageBus without the InterfacesAdded/Removed that its
     export() and unexport() send from the exported object's own path.
@@ -97,6 +127,9 @@ class ServiceBus(MessageBus):
         assert self._sock is not None
         self.framing = BoundedSocket(self._sock, self._refused)
         self._sock = self.framing  # type: ignore[assignment]  # a socket to the reader (framing.py)
+        writer = getattr(self, "_writer", None)
+        if writer is not None and not isinstance(writer.sock, PatientSocket):
+            writer.sock = PatientSocket(writer.sock)
 
     def _refused(self, refused: Refused) -> None:
         """A message over framing's bound was skipped unread: a call is answered LimitReached."""
