@@ -33,6 +33,7 @@ from pathlib import Path
 from dbus_fast.aio import MessageBus
 
 from kvmnumad import __version__, handover, persist, quotas, sdnotify
+from kvmnumad.adopt.watch import ExitWatcher
 from kvmnumad.bus.auth import Authorizer, make_authorizer
 from kvmnumad.bus.service import connect, start_service
 from kvmnumad.demo import create_demo
@@ -103,6 +104,7 @@ async def serve(args: argparse.Namespace) -> int:
     service = None
     bus: MessageBus | None = None
     hotplug = None
+    exits: ExitWatcher | None = None
     repins = RepinQueue(lambda reason: manager_ref[0].on_topology_changed(reason) if manager_ref else None)
     try:
         sdnotify.notify("STATUS=starting")
@@ -136,6 +138,7 @@ async def serve(args: argparse.Namespace) -> int:
             if restored:
                 log.info("restored VMs: %s", ", ".join(restored))
         inherited.release_rest()  # memory of VMs whose definition is gone: freed, not leaked
+        exits = ExitWatcher(manager, loop)  # adopted VMs go when their processes do
         bus = await connect(bus_spec)
         service = await start_service(manager, bus, await _authorizer(bus, args.bus))
         service.on_reexec = request_reexec
@@ -164,6 +167,8 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("stopping")
         return 0
     finally:
+        if exits is not None:
+            exits.close()
         if hotplug is not None:
             hotplug.stop()
         await repins.drain()
