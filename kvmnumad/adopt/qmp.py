@@ -134,8 +134,9 @@ def read_layout(path: str) -> QmpLayout:
         memdevs = qmp.execute("query-memdev") or []
         ids = {str(m["id"]) for m in memdevs}
         lowest: dict[str, int] = {}
-        flat = qmp.hmp("info mtree -f").split("FlatView #")
-        for line in (flat[1] if len(flat) > 1 else "").splitlines():
+        # The flat view of the "memory" address space (guest-physical); views are numbered in no fixed order
+        views = [v for v in qmp.hmp("info mtree -f").split("FlatView #") if 'AS "memory"' in v]
+        for line in (views[0] if views else "").splitlines():
             if (m := _MTREE.match(line)) and m.group(3) in ids:
                 lowest[m.group(3)] = min(lowest.get(m.group(3), 1 << 64), int(m.group(1), 16))
         nodes = {mid: n for n, mid in enumerate(sorted(lowest, key=lambda i: lowest[i]))}
