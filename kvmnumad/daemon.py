@@ -33,6 +33,7 @@ from pathlib import Path
 from dbus_fast.aio import MessageBus
 
 from kvmnumad import __version__, handover, persist, quotas, sdnotify
+from kvmnumad.adopt.records import AdoptionRecords
 from kvmnumad.adopt.watch import ExitWatcher
 from kvmnumad.bus.auth import Authorizer, make_authorizer
 from kvmnumad.bus.service import connect, start_service
@@ -134,6 +135,9 @@ async def serve(args: argparse.Namespace) -> int:
             known = await asyncio.to_thread(persist.restore, manager, store, crash, frozenset(resumed))
             crash.finish(manager)
             manager.subscribe(persist.Persister(manager, store, known))
+            adoptions = AdoptionRecords(manager, state_dir)  # processes adopted before, if still there
+            await asyncio.to_thread(adoptions.reattach)
+            manager.subscribe(adoptions)
             restored = [vm.name for vm in manager.list_vms()]
             if restored:
                 log.info("restored VMs: %s", ", ".join(restored))

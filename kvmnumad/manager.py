@@ -427,7 +427,7 @@ class Manager:
                     raise errors.AlreadyExists(f"a VM named {name!r} exists already", vm=name)
                 self._creating.add(name)
             policy = options.policy or Policy.MANUAL
-            vm = AdoptedVm(name, found, pidfd, self.topology, owner=owner, policy=policy)
+            vm = AdoptedVm(name, found, pidfd, self.topology, owner=owner, policy=policy, options=options)
             before = vm.vcpu_affinity()
             try:
                 if declared is not None:

@@ -28,6 +28,7 @@ from tests.busfixtures import (
     DaemonProcess,
     busctl,
     daemon_process,
+    start_bus_daemon,
 )
 from tests.observe import taskset_affinity, thread_affinity
 from tests.waiting import wait_until
@@ -245,3 +246,39 @@ def test_thread_names_of_other_vmms(client: BusClient, kind: str) -> None:
             assert Path(f"/proc/{p.pid}/task/{tid}/comm").read_text().strip() == pattern.format(i)
         client.vm(path, "SetVcpuAffinity", "uau", 1, [0])
         assert taskset_affinity(threads[1]) == {0}
+
+
+def test_adoptions_are_reattached_after_a_restart_while_the_process_lives(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    # a bus of its own: the module's daemon owns org.kvmnuma1 on the shared one
+    with start_bus_daemon() as bus_daemon, qemu("keep", smp=2) as q, qemu("lost", smp=2) as lost:
+        tids = vcpu_tids(q.pid)
+        (tmp_path / "first").mkdir()
+        (tmp_path / "second").mkdir()
+        with daemon_process("kvmnumad", tmp_path / "first", "--bus", bus_daemon.address,
+                            "--state-dir", str(state)) as d:
+            c = BusClient(d.address)
+            try:
+                path = adopt(c, q.pid)
+                adopt(c, lost.pid)
+                c.vm(path, "SetVcpuAffinity", "uau", 1, [0])
+            finally:
+                c.close()
+        # the daemon is gone; the threads stay where it put them, one process ends, and
+        # someone else moves the pinned thread meanwhile
+        assert taskset_affinity(tids[1]) == {0}
+        lost.kill()
+        lost.wait()
+        subprocess.run(["taskset", "-pc", "0-1", str(tids[1])], check=True, capture_output=True)
+        with daemon_process("kvmnumad", tmp_path / "second", "--bus", bus_daemon.address,
+                            "--state-dir", str(state)) as d:
+            c = BusClient(d.address)
+            try:
+                assert c.manager("ListVMs")[0] == [["keep", "running", path]]
+                got = c.get_all(path, VM_IFACE)
+                assert (got["Adopted"], got["ProcessId"]) == (True, q.pid)
+                assert got["DeclaredVcpuAffinity"] == [[0, []], [1, [0]]]
+                assert taskset_affinity(tids[1]) == {0}  # the declared pin, applied again
+            finally:
+                c.close()
+        assert sorted(p.name for p in (state / "adopted").glob("*.json")) == ["keep.json"]

@@ -34,7 +34,8 @@ def test_unprivileged_caller_is_denied_adoption(system_service: RunningService, 
     list_vms = ("call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListVMs")
     with qemu("pk", smp=2) as q:
         adopt = ("--method", f"{MANAGER_IFACE}.AdoptProcess", str(q.pid), "{}")
-        out = u.run("gdbus", "call", "--address", a, "--dest", BUS_NAME, "--object-path", MANAGER_PATH, *adopt)
+        out = u.run("gdbus", "call", "--address", a, "--dest", BUS_NAME, "--object-path", MANAGER_PATH,
+                    *adopt)
         assert out.returncode != 0 and f"GDBus.Error:{DENIED}" in out.stderr, out.stderr
         assert busctl(a, *list_vms)["data"] == [[]]
         # the place and manage actions do not open adoption: it has an action of its own

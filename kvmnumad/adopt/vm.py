@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from kvmnumad import cpulist, errors, placement
 from kvmnumad.adopt import procfs
-from kvmnumad.adopt.discovery import Discovery, Region
+from kvmnumad.adopt.discovery import AdoptOptions, Discovery, Region
 from kvmnumad.events import Aspect, Event, VmChanged
 from kvmnumad.journal import log_event
 from kvmnumad.model import MemoryRegionInfo, Policy, VcpuStats, VmState, VmStats
@@ -56,8 +56,9 @@ class AdoptedVm:
 
     def __init__(self, name: str, found: Discovery, pidfd: int, topology: Callable[[], HostTopology], *,
                  owner: int = 0, policy: Policy = Policy.MANUAL,
-                 node_map: Sequence[int] | None = None) -> None:
+                 node_map: Sequence[int] | None = None, options: AdoptOptions | None = None) -> None:
         self.name = name
+        self.options = options or AdoptOptions()  # what it was adopted with: a restart re-adopts with it
         self.owner = owner
         self.policy = policy
         self.found = found
@@ -294,6 +295,32 @@ class AdoptedVm:
         if moves:
             self._changed(Aspect.VCPU_PLACEMENT)
         return moves
+
+    def placement(self) -> tuple[list[int], list[tuple[int, list[int] | None, int | None]]]:
+        """(node map, per vCPU (index, declared CPUs, bound guest node)): what a restart restores."""
+        with self._lock:
+            return list(self.numa.node_map), [
+                (v.index, None if v.declared is None else sorted(v.declared), v.bound_node)
+                for v in self.vcpus]
+
+    def restore_placement(self, node_map: Sequence[int],
+                          vcpus: Sequence[tuple[int, list[int] | None, int | None]]) -> None:
+        """Declare again what placement() gave, on the CPUs online now."""
+        topo = self._topology()
+        GuestNuma.check(self.numa.nodes, node_map, topo)
+        online = topo.online_cpus()
+        with self._lock:
+            self.numa.node_map = list(node_map)
+            for index, cpus, bound in vcpus:
+                v = self._vcpu(index)
+                if bound is not None:
+                    self.numa.require(bound)
+                    self._declare(v, self.numa.host_cpus(bound, topo), bound)
+                elif cpus:
+                    declared = frozenset(cpus)
+                    self._apply(v, declared & online or _nearest_online(topo, declared))
+                    v.declared, v.bound_node = declared, None
+        self._changed(Aspect.VCPU_PLACEMENT)
 
     # ------------------------------------------------------------------ views
     @property

@@ -75,7 +75,8 @@ class ExitWatcher:
     async def _release(self, name: str, vm: AdoptedVm) -> None:
         def release() -> None:
             with contextlib.suppress(errors.NoSuchVM):
-                if self._manager.get_vm(name) is vm:  # not one adopted anew under the name
+                current: object = self._manager.get_vm(name)
+                if current is vm:  # not one adopted anew under the name
                     self._manager.release_vm(name, reason="exited")
 
         try:
