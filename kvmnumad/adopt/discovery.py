@@ -98,6 +98,11 @@ def _from_options(pid: int, began: int, name: str, vmm: str, vcpus: dict[int, in
             raise errors.InvalidArgument(f"vcpu_nodes has {len(options.vcpu_nodes)} entries, the process "
                                          f"has {n} vCPUs", vcpus=n)
         vcpu_nodes = dict(zip(sorted(vcpus), options.vcpu_nodes, strict=True))
+    if not mappings and vmm == "qemu":
+        ram = qemu_ram_size(procfs.cmdline(pid))
+        anonymous = procfs.anonymous_mappings(pid, ram) if ram else []
+        if len(anonymous) == 1:  # -m without a memory backend: QEMU's pc.ram, anonymous memory
+            mappings = [procfs.Mapping(anonymous[0].start, anonymous[0].end, 0, "pc.ram")]
     mem_nodes = list(options.memory_nodes) if options.memory_nodes is not None else [0] * len(mappings)
     if len(mem_nodes) != len(mappings):
         raise errors.InvalidArgument(f"memory_nodes has {len(mem_nodes)} entries, the process has "
@@ -118,19 +123,25 @@ def _from_qmp(pid: int, began: int, name: str, layout: qmp.QmpLayout,
     by_inode = {m.inode: m for m in mappings}
     by_path = {m.path: m for m in mappings}
     memfds = [ino for _fd, ino in procfs.memfd_fds(pid) if ino in by_inode]
-    memfd_devs = [d for d in layout.memdevs if d.mem_path is None and d.ram_offset is not None]
+    memfd_devs = [d for d in layout.memdevs if d.mem_path is None and d.share and d.ram_offset is not None]
     regions = []
     for d in layout.memdevs:
-        if d.guest_node is None:
+        guest_node = d.guest_node
+        if guest_node is None and d.id == "pc.ram" and len(layout.memdevs) == 1:
+            guest_node = 0  # plain -m: one backend, the whole guest (no -numa node names it)
+        if guest_node is None:
             continue
         if d.mem_path is not None:
             m = by_path.get(d.mem_path)
+        elif not d.share:  # memory-backend-ram: anonymous memory of its size
+            anonymous = procfs.anonymous_mappings(pid, d.size)
+            m = anonymous[0] if len(anonymous) == 1 else None
         elif len(memfds) == len(memfd_devs):  # RAM block order = memfd creation order (qmp.py)
             m = by_inode[memfds[memfd_devs.index(d)]]
         else:
             m = None
         if m is not None and m.size == d.size:
-            regions.append(Region(m.start, m.size, d.guest_node, d.id))
+            regions.append(Region(m.start, m.size, guest_node, d.id))
     nodes = max([c.node for c in layout.vcpus] + [r.guest_node for r in regions] + [0]) + 1
     host_nodes = {d.guest_node: d.host_nodes for d in layout.memdevs if d.guest_node is not None}
     return Discovery(pid, began, "qemu", name, vcpus, {c.index: c.node for c in layout.vcpus}, nodes,
@@ -153,3 +164,18 @@ def default_name(found: Discovery) -> str:
             if name:
                 return _NAME_CHARS.sub("_", name)[:64].lstrip(".") or f"pid-{found.pid}"
     return _NAME_CHARS.sub("_", f"{found.comm}-{found.pid}")[:64].lstrip(".")
+
+
+_SIZE = re.compile(r"(\d+)([KMGT]?)B?", re.IGNORECASE)
+
+
+def qemu_ram_size(args: list[str]) -> int:
+    """Bytes of QEMU's ``-m`` (``256``, ``1G``, ``size=512M,...``; the unit is MiB by default); 0 if none."""
+    for flag, value in itertools.pairwise(args):
+        if flag in ("-m", "--m"):
+            for part in value.split(","):
+                m = _SIZE.fullmatch(part.removeprefix("size="))
+                if m:
+                    shift = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+                    return int(m.group(1)) << shift
+    return 0

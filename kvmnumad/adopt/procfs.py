@@ -143,6 +143,20 @@ def guest_mappings(pid: int) -> list[Mapping]:
     return out
 
 
+def anonymous_mappings(pid: int, size: int) -> list[Mapping]:
+    """Private anonymous read-write mappings of exactly ``size`` bytes: where
+    QEMU keeps a memory-backend-ram (``-m`` without a memdev is one, pc.ram)."""
+    out = []
+    for line in _read(_proc(pid) / "maps").splitlines():
+        parts = line.split()
+        if len(parts) != 5 or parts[1] != "rw-p":
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if hi - lo == size:
+            out.append(Mapping(lo, hi, 0, ""))
+    return out
+
+
 def memfd_fds(pid: int) -> list[tuple[int, int]]:
     """(fd, inode) of every memfd the process holds, by fd number: QEMU makes
     one per memory backend, in the order it creates the backends."""

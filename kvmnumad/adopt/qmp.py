@@ -109,6 +109,7 @@ class QmpMemdev:
     policy: str
     host_nodes: tuple[int, ...]
     guest_node: int | None  # None: not guest RAM of a node (e.g. a DIMM's backend)
+    share: bool
     ram_offset: int | None  # QEMU's RAM block offset: the order backends were made in
     mem_path: str | None
 
@@ -151,6 +152,7 @@ def read_layout(path: str) -> QmpLayout:
                 mem_path = None  # memfd and ram backends have none
             out.append(QmpMemdev(mid, int(m["size"]), str(m.get("policy", "default")),
                                  tuple(int(h) for h in m.get("host-nodes", [])), nodes.get(mid),
+                                 bool(m.get("share", False)),
                                  offsets.get(mid), str(mem_path) if mem_path else None))
         out.sort(key=lambda m: (m.ram_offset is None, m.ram_offset or 0))
         return QmpLayout(version, vcpus, tuple(out))
