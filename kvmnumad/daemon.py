@@ -33,6 +33,8 @@ from pathlib import Path
 from dbus_fast.aio import MessageBus
 
 from kvmnumad import __version__, handover, persist, quotas, sdnotify
+from kvmnumad.adopt import autoadopt
+from kvmnumad.adopt.autoadopt import AutoAdopter
 from kvmnumad.adopt.records import AdoptionRecords
 from kvmnumad.adopt.watch import ExitWatcher
 from kvmnumad.bus.auth import Authorizer, make_authorizer
@@ -106,6 +108,7 @@ async def serve(args: argparse.Namespace) -> int:
     bus: MessageBus | None = None
     hotplug = None
     exits: ExitWatcher | None = None
+    adopter: AutoAdopter | None = None
     repins = RepinQueue(lambda reason: manager_ref[0].on_topology_changed(reason) if manager_ref else None)
     try:
         sdnotify.notify("STATUS=starting")
@@ -146,6 +149,7 @@ async def serve(args: argparse.Namespace) -> int:
         bus = await connect(bus_spec)
         service = await start_service(manager, bus, await _authorizer(bus, args.bus))
         service.on_reexec = request_reexec
+        adopter = await _start_auto_adopt(manager, args.config_dir, loop)
         if args.demo:
             await asyncio.to_thread(create_demo, manager)
         if args.address_file:
@@ -171,6 +175,8 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("stopping")
         return 0
     finally:
+        if adopter is not None:
+            adopter.stop()
         if exits is not None:
             exits.close()
         if hotplug is not None:
@@ -199,6 +205,25 @@ async def serve(args: argparse.Namespace) -> int:
             saved.close()
         if private is not None:
             private.close()
+
+
+async def _start_auto_adopt(manager: Manager, config_dir: Path,
+                            loop: asyncio.AbstractEventLoop) -> AutoAdopter | None:
+    """Auto-adopt (kvmnumad/adopt/autoadopt.py) when adopt.conf asks for it."""
+    try:
+        config = await asyncio.to_thread(autoadopt.load, config_dir)
+    except (OSError, ValueError) as e:
+        log.error("auto-adopt off: %s", e)
+        return None
+    if not config.enabled:
+        return None
+    adopter = AutoAdopter(manager, config)
+    try:
+        adopter.start(loop)
+    except OSError as e:  # no CAP_NET_ADMIN: the proc connector refuses
+        log.warning("auto-adopt off: the proc connector refused (%s)", e)
+        return None
+    return adopter
 
 
 def _on_sighup(manager_ref: list[Manager], config_dir: Path) -> None:
