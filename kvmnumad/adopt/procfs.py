@@ -196,3 +196,20 @@ def cmdline(pid: int) -> list[str]:
     except FileNotFoundError:
         raise ProcessLookupError(f"no process {pid}") from None
     return [a.decode(errors="replace") for a in data.split(b"\0") if a]
+
+
+def numa_maps_pages(pid: int) -> dict[int, dict[int, int]]:
+    """Mapping start -> resident pages per node, as the kernel counts them in
+    /proc/PID/numa_maps: one read for every mapping, where move_pages(2)
+    would take a call per page (100 ms for 256 MiB here)."""
+    out: dict[int, dict[int, int]] = {}
+    for line in _read(_proc(pid) / "numa_maps").splitlines():
+        fields = line.split()
+        counts = {}
+        for f in fields[2:]:
+            if f[0] == "N" and "=" in f:
+                node, pages = f[1:].split("=", 1)
+                if node.isdigit() and pages.isdigit():
+                    counts[int(node)] = int(pages)
+        out[int(fields[0], 16)] = counts
+    return out

@@ -81,12 +81,13 @@ class AdoptedVm:
         """Guest node -> the host node holding most of its pages now (what the
         VMM did), else its backend's host-nodes, else the planner's default."""
         default = placement.wrap_node_map(self.found.numa_nodes, topo.node_ids())
+        resident = self._resident()
         out = []
         for g in range(self.found.numa_nodes):
             counts: dict[int, int] = {}
             for r in self.memory.regions:
                 if r.guest_node == g:
-                    for n, c in self._pages(r).items():
+                    for n, c in resident.get(r.start, {}).items():
                         counts[n] = counts.get(n, 0) + c
             hinted = [h for h in self.found.host_nodes.get(g, ()) if h in topo.nodes]
             if counts:
@@ -95,10 +96,11 @@ class AdoptedVm:
                 out.append(hinted[0] if hinted else default[g])
         return out
 
-    def _pages(self, r: Region) -> dict[int, int]:
+    def _resident(self) -> dict[int, dict[int, int]]:
+        """Mapping start -> pages per node (the kernel's numa_maps)."""
         try:
-            return numa_memory.pages_per_node(r.start, r.size, pid=self.pid)
-        except OSError:
+            return procfs.numa_maps_pages(self.pid)
+        except (ProcessLookupError, PermissionError):
             return {}  # the process went away: its removal follows from the pidfd
 
     def publish(self, emit: Callable[[Event], None]) -> None:
@@ -386,14 +388,15 @@ class AdoptedVm:
 
     def stats(self) -> VmStats:
         """Per-thread CPU time and CPU from /proc; pages per host node from
-        move_pages on the process.  Exit counts are the VMM's (none here)."""
+        the process's numa_maps.  Exit counts are the VMM's (none here)."""
         with self._lock:
             self._alive()
             per_vcpu = tuple(VcpuStats(v.index, v.tid, procfs.task_cpu_time_ns(self.pid, v.tid),
                                        procfs.task_current_cpu(self.pid, v.tid), {}, 0) for v in self.vcpus)
             pages: dict[int, int] = {}
+            resident = self._resident()
             for r in self.memory.regions:
-                for n, c in self._pages(r).items():
+                for n, c in resident.get(r.start, {}).items():
                     pages[n] = pages.get(n, 0) + c
             return VmStats({}, per_vcpu, pages, 0)
 
