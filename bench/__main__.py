@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import bench.adopt
 from bench import affinity, busrtt, hotplug, idle, lifecycle, migrate, placement, rawkvm, scale, vmcreate
 from bench import handover as handover_bench
 from bench.report import Row, table
@@ -28,8 +29,8 @@ from kvmnumad.manager import Manager
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("idle", "lifecycle", "stop", "affinity", "dbus", "create", "scale", "hotplug", "placement",
-         "migrate", "handover")
-GUEST = ("hotplug", "placement", "migrate")  # need 2+ host nodes (4 for placement)
+         "migrate", "handover", "adopt", "adopt-repair")
+GUEST = ("hotplug", "placement", "migrate", "adopt-repair")  # need 2+ host nodes (4 for placement)
 
 
 def _host() -> str:
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         ("placement", lambda: placement.placement(manager, kvm_fd, 3 if q else 15)),
         ("migrate", lambda: migrate.migrate(manager, 1 if q else 3)),
         ("handover", lambda: handover_bench.handover(1 if q else 7, 1 if q else 3)),
+        ("adopt", lambda: bench.adopt.adopt_to_pinned(3 if q else 20)),
+        ("adopt-repair", lambda: bench.adopt.repair_vs_numad(1 if q else 3)),
     ]
     rows: list[Row] = []
     started = time.monotonic()

@@ -24,7 +24,7 @@ from tests.numa_guest.launcher import newest_kernel
 from tests.numa_guest.topology import TOPOLOGIES
 
 REPO = Path(__file__).resolve().parents[1]
-GUEST_FIGURES = ("hotplug", "placement", "migrate")
+GUEST_FIGURES = ("hotplug", "placement", "migrate", "adopt-repair")
 
 # udev loads kvm_amd from the CPU's modalias in the guest: wait for it rather than race it.
 GUEST_SCRIPT = """exec 2>&1
