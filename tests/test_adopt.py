@@ -121,7 +121,9 @@ def test_adopted_qemu_is_placed_from_outside_and_never_stopped(daemon: DaemonPro
         got = client.get_all(path, VM_IFACE)
         assert (got["Adopted"], got["Vmm"], got["ProcessId"], got["Vcpus"]) == (True, "qemu", q.pid, 4)
         assert sorted(map(tuple, got["VcpuThreads"])) == sorted(tids.items())
+        assert got["MemoryBytes"] == 256 << 20  # QEMU's pc.ram: its anonymous mapping of -m's size
         before = {i: taskset_affinity(t) for i, t in tids.items()}
+        cgroups = {t: Path(f"/proc/{q.pid}/task/{t}/cgroup").read_text() for t in tids.values()}
 
         # pinning vCPU 2 is seen by taskset on QEMU's "CPU 2/KVM" thread, and only there
         client.vm(path, "SetVcpuAffinity", "uau", 2, [1])
@@ -130,6 +132,8 @@ def test_adopted_qemu_is_placed_from_outside_and_never_stopped(daemon: DaemonPro
         assert {i: taskset_affinity(t) for i, t in tids.items() if i != 2} == {
             i: c for i, c in before.items() if i != 2}
         assert busctl(a, "get-property", BUS_NAME, path, VM_IFACE, "VcpuAffinity")["data"][2] == [2, [1]]
+        # no thread of the VMM was moved between cgroups (libvirt's machine.slice is libvirt's)
+        assert {t: Path(f"/proc/{q.pid}/task/{t}/cgroup").read_text() for t in tids.values()} == cgroups
 
         # statistics: per-thread CPU time and pages per node of QEMU's guest memory, as busctl prints them
         stats = busctl(a, "call", BUS_NAME, path, VM_IFACE, "GetStats")["data"]
