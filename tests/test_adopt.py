@@ -286,3 +286,4 @@ def test_adoptions_are_reattached_after_a_restart_while_the_process_lives(tmp_pa
             finally:
                 c.close()
         assert sorted(p.name for p in (state / "adopted").glob("*.json")) == ["keep.json"]
+        assert not list(state.glob("*.json"))  # not a VM definition kvmnumad would try to make

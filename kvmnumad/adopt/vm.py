@@ -16,6 +16,7 @@ so the pid cannot be reused under the adoption; watch.py waits on it.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ from kvmnumad.numa import memory as numa_memory
 from kvmnumad.numa.topology import HostTopology
 from kvmnumad.vm.numa import GuestNuma
 from kvmnumad.vm.vcpus import Repin, _nearest_online
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -245,6 +248,7 @@ class AdoptedVm:
             topo.node(host_node)
             old = self.numa.host_of(node)
             moved = []
+            done: list[Region] = []
             for slot, r in enumerate(self.memory.regions):
                 if r.guest_node != node:
                     continue
@@ -254,8 +258,10 @@ class AdoptedVm:
                     raise errors.NoSuchVM(f"VM {self.name!r}: its process {self.pid} is gone",
                                           vm=self.name) from None
                 except OSError as e:
+                    self._move_back(done, old)
                     raise errors.InsufficientMemory(f"moving {r.name} of adopted VM {self.name!r} to host "
                                                     f"node {host_node}: {e}", node=host_node) from e
+                done.append(r)
                 moved.append((slot, pages))
                 log_event("migrate", f"adopted VM {self.name} guest node {node} ({r.name}, {pages} pages) "
                           f"moved from host node {old} to {host_node}", vm=self.name, node=host_node,
@@ -268,6 +274,15 @@ class AdoptedVm:
                     v.declared = cpus
         self._changed(Aspect.NUMA_LAYOUT, Aspect.MEMORY, Aspect.VCPU_PLACEMENT)
         return moved
+
+    def _move_back(self, regions: list[Region], node: int) -> None:
+        """A move that failed half-way: what moved goes back, as far as the kernel lets it."""
+        for r in regions:
+            try:
+                numa_memory.migrate_range(r.start, r.size, node, pid=self.pid)
+            except OSError as e:
+                log.error("adopted VM %s: %s could not be moved back to host node %d: %s", self.name, r.name,
+                          node, e)
 
     def apply_declared(self, vcpu: int, cpus: frozenset[int] | None, bound_node: int | None) -> None:
         with self._lock:
