@@ -413,34 +413,38 @@ class Manager:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             raise errors.InvalidArgument(f"no process {pid}", pid=pid) from None
-        name = None
+        name: str | None = None  # set once reserved in _creating
         try:
             found = discovery.discover(pid, options)
-            name = check_vm_name(options.name or discovery.default_name(found))
+            wanted = check_vm_name(options.name or discovery.default_name(found))
             with self._lock:
                 for other in self._vms.values():
                     if isinstance(other, AdoptedVm) and (other.pid, other.start_time) == (
                             pid, found.start_time):
                         raise errors.AlreadyExists(f"process {pid} is adopted already, as VM {other.name!r}",
                                                    vm=other.name, pid=pid)
-                if name in self._vms or name in self._creating:
-                    raise errors.AlreadyExists(f"a VM named {name!r} exists already", vm=name)
-                self._creating.add(name)
+                if wanted in self._vms or wanted in self._creating:
+                    raise errors.AlreadyExists(f"a VM named {wanted!r} exists already", vm=wanted)
+                self._creating.add(wanted)
+                name = wanted
             policy = options.policy or Policy.MANUAL
-            vm = AdoptedVm(name, found, pidfd, self.topology, owner=owner, policy=policy, options=options)
-            before = vm.vcpu_affinity()
-            try:
-                if declared is not None:
-                    declared(vm)
-                elif policy != Policy.MANUAL:
-                    vm.bind_all()
-            except BaseException:
-                for (_i, cpus), v in zip(before, vm.vcpus, strict=True):
-                    with contextlib.suppress(OSError):
-                        os.sched_setaffinity(v.tid, cpus)
-                raise
-            with self._lock:
-                self._vms[name] = vm  # type: ignore[assignment]  # an AdoptedVm answers as a Vm does
+            # Held to the owner's quotas like a VM of its own (it counts in usage() from then on)
+            size = sum(r.size for r in found.regions)
+            with self._admit(owner, Usage(1, len(found.vcpus), size, len(found.regions))):
+                vm = AdoptedVm(name, found, pidfd, self.topology, owner=owner, policy=policy, options=options)
+                before = vm.vcpu_affinity()
+                try:
+                    if declared is not None:
+                        declared(vm)
+                    elif policy != Policy.MANUAL:
+                        vm.bind_all()
+                except BaseException:
+                    for (_i, cpus), v in zip(before, vm.vcpus, strict=True):
+                        with contextlib.suppress(OSError):
+                            os.sched_setaffinity(v.tid, cpus)
+                    raise
+                with self._lock:
+                    self._vms[name] = vm  # type: ignore[assignment]  # an AdoptedVm answers as a Vm does
         except BaseException:
             os.close(pidfd)
             raise

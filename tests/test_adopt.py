@@ -287,3 +287,21 @@ def test_adoptions_are_reattached_after_a_restart_while_the_process_lives(tmp_pa
                 c.close()
         assert sorted(p.name for p in (state / "adopted").glob("*.json")) == ["keep.json"]
         assert not list(state.glob("*.json"))  # not a VM definition kvmnumad would try to make
+
+
+def test_adoption_is_held_to_the_owners_quota() -> None:
+    from kvmnumad import errors, quotas  # noqa: PLC0415
+    from kvmnumad.adopt.discovery import AdoptOptions  # noqa: PLC0415
+    from kvmnumad.manager import Manager  # noqa: PLC0415
+
+    manager = Manager(cpusets=False)
+    manager.set_quotas(quotas.parse("[uid:4321]\nvms = 1\n", "test"))
+    try:
+        with qemu("q1", smp=1) as first, qemu("q2", smp=1) as second:
+            manager.adopt_process(first.pid, AdoptOptions(), owner=4321)
+            with pytest.raises(errors.QuotaExceeded, match="vms quota"):
+                manager.adopt_process(second.pid, AdoptOptions(), owner=4321)
+            assert [vm.name for vm in manager.list_vms()] == ["q1"]
+            manager.adopt_process(second.pid, AdoptOptions(), owner=0)  # root: unlimited
+    finally:
+        manager.shutdown()
