@@ -36,7 +36,9 @@ def test_a_configured_executable_is_adopted_when_it_appears(daemon: DaemonProces
         with running(["sleep", "30"]) as sleeper, qemu("auto", smp=2) as q:
             rows = wait_until(lambda: c.manager("ListVMs")[0], "the QEMU adopted", timeout=20)
             assert rows == [["auto", "running", "/org/kvmnuma1/vm/auto"]]
-            got = c.get_all("/org/kvmnuma1/vm/auto", VM_IFACE)
+            # the core has it; GetVM waits for its object to be exported (the adoption was no bus call)
+            (path,) = c.manager("GetVM", "s", "auto")
+            got = c.get_all(path, VM_IFACE)
             assert (got["Adopted"], got["ProcessId"], got["Policy"]) == (True, q.pid, "local-first")
             # local-first: every vCPU thread on its guest node's host CPUs (one node here: all of them)
             for tid in vcpu_tids(q.pid).values():
