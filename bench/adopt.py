@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.report import Row, median, percentile, table
 from kvmnumad.adopt.discovery import AdoptOptions
+from kvmnumad.adopt.qmp import QmpClient
 from kvmnumad.manager import Manager
 from kvmnumad.model import Policy
 
@@ -130,6 +131,8 @@ def _misplaced_qemu(sock: Path, cpu_node: int, mem_node: int, mib: int) -> subpr
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("QEMU did not start")
         time.sleep(0.1)
+    with QmpClient(str(sock)) as qmp:  # the guest runs (vCPU 0 in KVM_RUN on the BIOS): numad sees CPU use
+        qmp.execute("cont")
     return proc
 
 
@@ -169,15 +172,16 @@ def repair_vs_numad(runs: int, mib: int = 320) -> list[Row]:
             q = _misplaced_qemu(sock, 1, 0, mib)
             try:
                 t0 = time.perf_counter()
-                subprocess.run(["numad", "-S", "0", "-p", str(q.pid), "-i", "1", "-l", "7"],
-                               capture_output=True, timeout=30, check=False)
+                started = subprocess.run(["numad", "-S", "0", "-p", str(q.pid), "-i", "1", "-l", "7"],
+                                         capture_output=True, text=True, timeout=30, check=False)
                 while time.perf_counter() - t0 < NUMAD_WAIT and not _repaired(q.pid, node_cpus):
                     time.sleep(0.25)
                 if _repaired(q.pid, node_cpus):
                     theirs.append((time.perf_counter() - t0) * 1e3)
                 else:
-                    what_numad_did = (f"numad did not repair it in {NUMAD_WAIT:.0f} s: "
-                                      f"pages {_backend_pages(q.pid)}, log: {_numad_log_tail()}")
+                    what_numad_did = (f"numad (exit {started.returncode}, {started.stderr.strip()[:80]!r}) "
+                                      f"did not repair it in {NUMAD_WAIT:.0f} s: pages "
+                                      f"{_backend_pages(q.pid)}, log: {_numad_log_tail()}")
             finally:
                 subprocess.run(["numad", "-i", "0"], capture_output=True, timeout=30, check=False)
                 q.kill()
