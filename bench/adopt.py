@@ -46,7 +46,7 @@ def _by_hand_tids(pid: int) -> list[int]:
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
             continue
         if comm.startswith("CPU ") and comm.rstrip().endswith("/KVM"):
             tids.append(int(tid))

@@ -112,8 +112,8 @@ def threads(pid: int) -> list[Thread]:
     for tid in tids:
         try:
             found.append(Thread(tid, (tasks / str(tid) / "comm").read_text().strip()))
-        except FileNotFoundError:
-            continue  # a thread that ended meanwhile
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile (ENOENT, or ESRCH while it is being reaped)
     return found
 
 
@@ -178,14 +178,14 @@ def memfd_fds(pid: int) -> list[tuple[int, int]]:
 def task_cpu_time_ns(pid: int, tid: int) -> int:
     try:
         return int((_proc(pid) / "task" / str(tid) / "schedstat").read_text().split()[0])
-    except (FileNotFoundError, IndexError, ValueError):
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
         return 0
 
 
 def task_current_cpu(pid: int, tid: int) -> int:
     try:
         stat = (_proc(pid) / "task" / str(tid) / "stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return -1
     return int(stat[stat.rindex(")") + 2:].split()[36])  # field 39, "processor"
 
