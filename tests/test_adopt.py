@@ -50,7 +50,10 @@ def vcpu_tids(pid: int) -> dict[int, int]:
     """vCPU index -> tid, read here from the thread names QEMU gives them."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
         if comm.startswith("CPU ") and comm.endswith("/KVM"):
             out[int(comm[4:-4])] = int(tid)
     return out
