@@ -31,6 +31,7 @@ from kvmnumad.model import MemoryRegionInfo, Policy, VcpuStats, VmState, VmStats
 from kvmnumad.numa import memory as numa_memory
 from kvmnumad.numa.topology import HostTopology
 from kvmnumad.vm.numa import GuestNuma
+from kvmnumad.vm.saved import Recovery
 from kvmnumad.vm.vcpus import Repin, _nearest_online
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class AdoptedMemory:
 
 class AdoptedVm:
     adopted = True
+    recovery = Recovery.NONE  # a daemon restart re-attaches it (records.py), it is never re-made
 
     def __init__(self, name: str, found: Discovery, pidfd: int, topology: Callable[[], HostTopology], *,
                  owner: int = 0, policy: Policy = Policy.MANUAL,
