@@ -144,6 +144,12 @@ class AdoptedVm:
     def setup_numa_memory(self, node: int, size: int, gpa: int, **kw: object) -> int:
         raise self._not_ours("add memory to")
 
+    def definition(self) -> None:
+        """Not a VM kvmnumad can make: a Reexec handover (handover.py) leaves it out, and the new
+        process re-attaches it from its record (records.py), its VMM having run on meanwhile."""
+        raise errors.Busy(f"VM {self.name!r} is adopted ({self.vmm or 'VMM'} process {self.pid}): nothing to "
+                          "hand over, it is re-attached from its adoption record", vm=self.name)
+
     def release(self) -> None:
         """Let go: threads and pages stay where they are; only the pidfd closes."""
         with self._lock:
