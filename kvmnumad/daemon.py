@@ -33,6 +33,10 @@ from pathlib import Path
 from dbus_fast.aio import MessageBus
 
 from kvmnumad import __version__, handover, persist, quotas, sdnotify
+from kvmnumad.adopt import autoadopt
+from kvmnumad.adopt.autoadopt import AutoAdopter
+from kvmnumad.adopt.records import AdoptionRecords
+from kvmnumad.adopt.watch import ExitWatcher
 from kvmnumad.bus.auth import Authorizer, make_authorizer
 from kvmnumad.bus.service import connect, start_service
 from kvmnumad.demo import create_demo
@@ -103,6 +107,8 @@ async def serve(args: argparse.Namespace) -> int:
     service = None
     bus: MessageBus | None = None
     hotplug = None
+    exits: ExitWatcher | None = None
+    adopter: AutoAdopter | None = None
     repins = RepinQueue(lambda reason: manager_ref[0].on_topology_changed(reason) if manager_ref else None)
     try:
         sdnotify.notify("STATUS=starting")
@@ -132,13 +138,18 @@ async def serve(args: argparse.Namespace) -> int:
             known = await asyncio.to_thread(persist.restore, manager, store, crash, frozenset(resumed))
             crash.finish(manager)
             manager.subscribe(persist.Persister(manager, store, known))
+            adoptions = AdoptionRecords(manager, state_dir)  # processes adopted before, if still there
+            await asyncio.to_thread(adoptions.reattach)
+            manager.subscribe(adoptions)
             restored = [vm.name for vm in manager.list_vms()]
             if restored:
                 log.info("restored VMs: %s", ", ".join(restored))
         inherited.release_rest()  # memory of VMs whose definition is gone: freed, not leaked
+        exits = ExitWatcher(manager, loop)  # adopted VMs go when their processes do
         bus = await connect(bus_spec)
         service = await start_service(manager, bus, await _authorizer(bus, args.bus))
         service.on_reexec = request_reexec
+        adopter = await _start_auto_adopt(manager, args.config_dir, loop)
         if args.demo:
             await asyncio.to_thread(create_demo, manager)
         if args.address_file:
@@ -164,6 +175,10 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("stopping")
         return 0
     finally:
+        if adopter is not None:
+            adopter.stop()
+        if exits is not None:
+            exits.close()
         if hotplug is not None:
             hotplug.stop()
         await repins.drain()
@@ -190,6 +205,25 @@ async def serve(args: argparse.Namespace) -> int:
             saved.close()
         if private is not None:
             private.close()
+
+
+async def _start_auto_adopt(manager: Manager, config_dir: Path,
+                            loop: asyncio.AbstractEventLoop) -> AutoAdopter | None:
+    """Auto-adopt (kvmnumad/adopt/autoadopt.py) when adopt.conf asks for it."""
+    try:
+        config = await asyncio.to_thread(autoadopt.load, config_dir)
+    except (OSError, ValueError) as e:
+        log.error("auto-adopt off: %s", e)
+        return None
+    if not config.enabled:
+        return None
+    adopter = AutoAdopter(manager, config)
+    try:
+        adopter.start(loop)
+    except OSError as e:  # no CAP_NET_ADMIN: the proc connector refuses
+        log.warning("auto-adopt off: the proc connector refused (%s)", e)
+        return None
+    return adopter
 
 
 def _on_sighup(manager_ref: list[Manager], config_dir: Path) -> None:

@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 
 import psutil
 
 from kvmnumad import __version__, cpulist, errors, placement, report
+from kvmnumad.adopt import discovery
+from kvmnumad.adopt.vm import AdoptedVm, is_adopted
 from kvmnumad.cgroups import CpusetBackend
 from kvmnumad.events import DefaultPolicyChanged, Event, TopologyChanged, VcpuRepinned, VmAdded, VmRemoved
 from kvmnumad.journal import log_event
@@ -30,7 +33,7 @@ from kvmnumad.kvm.system import Kvm
 from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.numa.topology import HostTopology, read_free_memory, read_topology, with_free_memory
 from kvmnumad.quotas import Quotas, Usage
-from kvmnumad.request import Limits, validate_request
+from kvmnumad.request import Limits, check_vm_name, validate_request
 from kvmnumad.vm import Vm
 from kvmnumad.vm.definition import VmDefinition
 from kvmnumad.vm.layout import GUEST_RAM_BASE, MAX_PAYLOAD
@@ -348,6 +351,8 @@ class Manager:
     def destroy_vm(self, name: str) -> None:
         with self._lock:
             vm = self.get_vm(name)
+            if is_adopted(vm):
+                vm.refuse_destroy()  # type: ignore[attr-defined]  # (raises Busy: not ours to destroy)
             del self._vms[name]
         vm.destroy()
         log_event("vm-destroyed", f"VM {name} destroyed", vm=name, reason="api")
@@ -394,3 +399,76 @@ class Manager:
             self._kvm = None
         if self.cpusets is not None:
             self.cpusets.close()
+
+    # ------------------------------------------------------------------ adopted processes
+    def adopt_process(self, pid: int, options: discovery.AdoptOptions, owner: int = 0,
+                      declared: Callable[[AdoptedVm], None] | None = None) -> AdoptedVm:
+        """Adopt a running VMM process as a VM (kvmnumad/adopt/).  The pidfd
+        is opened first, so the pid cannot be reused under the discovery;
+        every refusal comes before anything of the process was changed, and
+        a placement that fails half-way restores the affinities it found.
+        ``declared``: a placement to apply instead of the policy's (restore)."""
+        discovery.check_adoptable(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise errors.InvalidArgument(f"no process {pid}", pid=pid) from None
+        name: str | None = None  # set once reserved in _creating
+        try:
+            found = discovery.discover(pid, options)
+            wanted = check_vm_name(options.name or discovery.default_name(found))
+            with self._lock:
+                for other in self._vms.values():
+                    if isinstance(other, AdoptedVm) and (other.pid, other.start_time) == (
+                            pid, found.start_time):
+                        raise errors.AlreadyExists(f"process {pid} is adopted already, as VM {other.name!r}",
+                                                   vm=other.name, pid=pid)
+                if wanted in self._vms or wanted in self._creating:
+                    raise errors.AlreadyExists(f"a VM named {wanted!r} exists already", vm=wanted)
+                self._creating.add(wanted)
+                name = wanted
+            policy = options.policy or Policy.MANUAL
+            # Held to the owner's quotas like a VM of its own (it counts in usage() from then on)
+            size = sum(r.size for r in found.regions)
+            with self._admit(owner, Usage(1, len(found.vcpus), size, len(found.regions))):
+                vm = AdoptedVm(name, found, pidfd, self.topology, owner=owner, policy=policy, options=options)
+                before = vm.vcpu_affinity()
+                try:
+                    if declared is not None:
+                        declared(vm)
+                    elif policy != Policy.MANUAL:
+                        vm.bind_all()
+                except BaseException:
+                    for (_i, cpus), v in zip(before, vm.vcpus, strict=True):
+                        with contextlib.suppress(OSError):
+                            os.sched_setaffinity(v.tid, cpus)
+                    raise
+                with self._lock:
+                    self._vms[name] = vm  # type: ignore[assignment]  # an AdoptedVm answers as a Vm does
+        except BaseException:
+            os.close(pidfd)
+            raise
+        finally:
+            if name is not None:
+                with self._lock:
+                    self._creating.discard(name)
+        vm.publish(self._emit)
+        log_event("vm-created", f"VM {name} adopted: {found.vmm or 'VMM'} process {pid} ({found.comm}), "
+                  f"{len(found.vcpus)} vCPUs, {vm.memory_bytes} bytes in {len(found.regions)} mapping(s), "
+                  f"{found.numa_nodes} guest nodes (layout from {found.source}), policy {policy}",
+                  vm=name, reason="adopt")
+        self._emit(VmAdded(name))
+        return vm
+
+    def release_vm(self, name: str, reason: str = "api") -> None:
+        """Let an adopted VM go, leaving its threads and memory where they are."""
+        with self._lock:
+            vm = self.get_vm(name)
+            if not isinstance(vm, AdoptedVm):
+                raise errors.InvalidArgument(f"VM {name!r} is kvmnumad's own, not adopted: DestroyVM ends it",
+                                             vm=name)
+            del self._vms[name]
+        vm.release()
+        log_event("vm-destroyed", f"adopted VM {name} released ({reason}): {vm.vmm or 'VMM'} process "
+                  f"{vm.pid}", vm=name, reason=reason)
+        self._emit(VmRemoved(name))

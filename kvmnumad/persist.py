@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 
 from kvmnumad import errors
+from kvmnumad.adopt.vm import is_adopted
 from kvmnumad.events import Event, VmAdded, VmChanged, VmRemoved
 from kvmnumad.manager import Manager
 from kvmnumad.state import StateStore
@@ -42,7 +43,10 @@ class Persister:
 
     def _save(self, name: str) -> None:
         try:
-            definition = self._manager.get_vm(name).definition()
+            vm = self._manager.get_vm(name)
+            if is_adopted(vm):
+                return  # not a VM we can make: kvmnumad/adopt/records.py keeps adoptions
+            definition = vm.definition()
         except errors.NoSuchVM:
             return  # destroyed meanwhile: its VmRemoved follows
         with self._lock:

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from dbus_fast.aio import MessageBus
 
-from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE, BusAuthorizer, PolkitChecker
+from kvmnumad.bus.auth import (
+    ACTION_ADOPT,
+    ACTION_MANAGE,
+    ACTION_MIGRATE,
+    ACTION_PLACE,
+    BusAuthorizer,
+    PolkitChecker,
+)
 from kvmnumad.bus.service import BUS_NAME
 from tests.busfixtures import (
     MANAGER_IFACE,
@@ -194,8 +201,10 @@ CONTRACT: dict[str, tuple[str, str] | None] = {
     "BindVcpuToNumaNode": (ACTION_PLACE, "bind-vcpu"),
     "MapNumaNode": (ACTION_MIGRATE, "map-numa-node"),
     "GetVcpuAffinity": None, "GetVcpuNumaNode": None, "GetStats": None,
+    "AdoptProcess": (ACTION_ADOPT, "adopt"),  # about a process, not a VM: no vm detail
+    "ReleaseVM": (ACTION_ADOPT, "release"),
 }
-NO_VM = {"Reexec"}  # about the daemon, not a VM
+NO_VM = {"Reexec", "AdoptProcess"}  # about the daemon, or a process: not a VM
 BUSCTL_ARGS = {"s": ["target"], "u": ["0"], "t": ["0"], "b": ["false"], "au": ["1", "0"], "a{sv}": ["0"]}
 # a policy argument is checked before authorization: empty (DefaultPolicy) gets that far
 MEMBER_ARGS = {"CreateVMSimple": ["target", "1", "0", "0", "", "false"], "PlanVMSimple": ["1", "0", "0", ""]}

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 ACTION_MANAGE = "org.kvmnuma1.manage"  # create, destroy, start, stop
 ACTION_PLACE = "org.kvmnuma1.place"  # affinity, binding, guest NUMA, NUMA memory, DefaultPolicy
 ACTION_MIGRATE = "org.kvmnuma1.migrate-memory"  # MapNumaNode (it moves the node's memory, if any)
+ACTION_ADOPT = "org.kvmnuma1.adopt"  # AdoptProcess, ReleaseVM: another process's guest (admin only)
 
 # What the owner of a VM may do to it without polkit: action -> verbs (None: all)
 OWNER_MAY: dict[str, frozenset[str] | None] = {

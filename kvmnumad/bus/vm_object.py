@@ -205,3 +205,15 @@ class VmObject(BusObject):
     @dbus_property(access=PropertyAccess.READ)
     def Recovery(self) -> "s":
         return self._props["Recovery"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Adopted(self) -> "b":
+        return self._props["Adopted"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Vmm(self) -> "s":
+        return self._props["Vmm"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ProcessId(self) -> "u":
+        return self._props["ProcessId"]
