@@ -66,6 +66,10 @@ class Manager:
         self._lock = threading.RLock()
         self._vms: dict[str, Vm] = {}
         self._creating: set[str] = set()
+        # name -> [lock, holders]: create, restore and destroy of one name run one
+        # at a time, each through to its event (which persistence turns into the
+        # state file), so no two of them interleave their files (finding 7)
+        self._names: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._subscribers: list[Callable[[Event], None]] = []
         self._default_policy = Policy.MANUAL
         self._quotas = Quotas()
@@ -226,8 +230,24 @@ class Manager:
         validate_request(self.topology(), self.limits(), name=name, vcpus=vcpus, memory_bytes=memory_bytes,
                          options=options)
         regions = max(options.numa_nodes, 1) if memory_bytes else 0
-        with self._admit(owner, Usage(1, vcpus, memory_bytes, regions)):
+        with self._admit(owner, Usage(1, vcpus, memory_bytes, regions)), self._name_held(name):
             return self._create(name, vcpus, memory_bytes, options, owner)
+
+    @contextlib.contextmanager
+    def _name_held(self, name: str) -> Iterator[None]:
+        """The one lifecycle call of ``name`` in progress; others of the same
+        name wait for it (at most as long as it takes), other names do not."""
+        with self._lock:
+            lock, holders = self._names.setdefault(name, (threading.Lock(), [0]))
+            holders[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                holders[0] -= 1
+                if not holders[0]:
+                    del self._names[name]  # bounded by the calls in flight
 
     def _create(self, name: str, vcpus: int, memory_bytes: int, options: CreateOptions, owner: int) -> Vm:
         payload = None
@@ -337,6 +357,11 @@ class Manager:
             if d.running:
                 vm.start()
 
+        with self._name_held(d.name):
+            return self._restore(d, memory, payload, setup)
+
+    def _restore(self, d: VmDefinition, memory: int, payload: bytes | None,
+                 setup: Callable[[Vm], None]) -> Vm:
         vm = self._build(d.name, d.vcpus, owner=d.owner, policy=d.policy, passes=d.passes, payload=payload,
                          setup=setup, resume=resume)
         log_event("vm-created", f"VM {d.name} restored: {d.vcpus} vCPUs, {memory} bytes, "
@@ -346,12 +371,26 @@ class Manager:
         return vm
 
     def destroy_vm(self, name: str) -> None:
-        with self._lock:
-            vm = self.get_vm(name)
-            del self._vms[name]
-        vm.destroy()
-        log_event("vm-destroyed", f"VM {name} destroyed", vm=name, reason="api")
-        self._emit(VmRemoved(name))
+        """Off the API, released, and announced (persistence removes the
+        definition) as one step of this name: a release that fails half-way
+        still ends in VmRemoved, so a VM gone from the API never comes back
+        after a restart; the failure is then reported as Internal."""
+        with self._name_held(name):
+            with self._lock:
+                vm = self.get_vm(name)
+                del self._vms[name]
+            failure: Exception | None = None
+            try:
+                vm.destroy()
+            except Exception as e:  # everything else was released (Vm.destroy); say what was not
+                log.exception("releasing VM %s", name)
+                failure = e
+            failed = f", its release failed: {failure}" if failure is not None else ""
+            log_event("vm-destroyed", f"VM {name} destroyed{failed}", vm=name, reason="api")
+            self._emit(VmRemoved(name))
+        if failure is not None:
+            raise errors.Internal(f"VM {name!r} is destroyed and its definition removed, but its release "
+                                  f"failed: {failure}", vm=name) from failure
 
     # ------------------------------------------------------------------ hotplug
     def on_topology_changed(self, reason: str) -> list[tuple[str, int, list[int]]]:

@@ -42,10 +42,16 @@ class Persister:
 
     def _save(self, name: str) -> None:
         try:
-            definition = self._manager.get_vm(name).definition()
+            vm = self._manager.get_vm(name)
+            definition = vm.definition()
         except errors.NoSuchVM:
             return  # destroyed meanwhile: its VmRemoved follows
         with self._lock:
+            try:
+                if self._manager.get_vm(name) is not vm:
+                    return  # destroyed and made anew meanwhile: the new VM's own events save it
+            except errors.NoSuchVM:
+                return  # destroyed meanwhile: writing now would bring it back after a restart
             written = self._written.get(name)
             if written == definition:
                 return
