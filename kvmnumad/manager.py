@@ -283,7 +283,10 @@ class Manager:
             self._creating.add(name)
         try:
             kvm = self._kvm_handle()
-            cpuset = self.cpusets.vm_cpuset(name) if self.cpusets is not None else None
+            try:
+                cpuset = self.cpusets.vm_cpuset(name) if self.cpusets is not None else None
+            except OSError as e:
+                raise errors.Busy(f"VM {name!r}: its cpuset cgroup cannot be made: {e}", vm=name) from e
             try:
                 vm = Vm(name, kvm, vcpus, self.topology, lambda event: None, owner=owner, policy=policy,
                         payload=payload, passes=passes, max_slots=kvm.check_extension(Cap.NR_MEMSLOTS) or 32,

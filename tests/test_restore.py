@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from kvmnumad import errors, persist
 from kvmnumad.manager import Manager
-from kvmnumad.model import CreateOptions
+from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.state import StateStore
 from kvmnumad.vm.vcpus import Vcpus
 
@@ -187,3 +188,41 @@ def test_a_create_racing_a_destroy_of_its_name_keeps_its_definition(tmp_path: Pa
         created.set()
         manager.shutdown()
     assert _restored_names(store) == {"race"}
+
+
+def test_a_destroy_whose_cgroup_stays_busy_still_removes_the_vm_and_its_definition(tmp_path: Path) -> None:
+    """A real release failure: a foreign process (sleep) joins the VM's vcpu0 cpuset, so the
+    kernel refuses to remove it.  The destroy answers Internal with the VM gone from the
+    API and from disk; a create of the name is refused (Busy) while the old cgroup is held,
+    leaving nothing, and succeeds once the process is gone."""
+    store = StateStore(tmp_path)
+    manager = Manager()
+    if manager.cpusets is None or manager.cpusets.version != 1:
+        manager.shutdown()
+        pytest.skip("needs a cgroup v1 cpuset hierarchy (a foreign process cannot join a v2 threaded cgroup)")
+    _persisted(manager, store)
+    pinned = CreateOptions(policy=Policy.LOCAL_FIRST, start=True, passes=1)  # vCPU 0 gets its cgroup
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        vm = manager.create_vm("held", 1, 4 << 20, pinned)
+        assert vm.cpuset is not None
+        vcpu0 = vm.cpuset.path / "vcpu0"
+        (vcpu0 / "tasks").write_text(str(sleeper.pid))
+        with pytest.raises(errors.Internal, match="release failed"):
+            manager.destroy_vm("held")
+        assert manager.list_vms() == [] and not (tmp_path / "held.json").exists()
+        assert vcpu0.is_dir()  # the cgroup the kernel would not remove
+        with pytest.raises(errors.Busy):
+            manager.create_vm("held", 1, 4 << 20, pinned)
+        assert manager.list_vms() == [] and not (tmp_path / "held.json").exists()
+        assert _memfd_mappings("held") == []
+        sleeper.kill()
+        sleeper.wait()
+        manager.create_vm("held", 1, 4 << 20, pinned)
+        assert (tmp_path / "held.json").is_file()
+        manager.destroy_vm("held")
+        assert not vcpu0.parent.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        manager.shutdown()

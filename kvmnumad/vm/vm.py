@@ -160,10 +160,14 @@ class Vm(VmViews):
             try:
                 self.vcpus.close()
             finally:
-                if self.cpuset is not None:
-                    self.cpuset.remove()
                 self._vm.close()
                 self.memory.close()
+                # Last: KVM's per-VM worker (kvm-nx-lpage-recovery, Linux 6.13+) is
+                # started by the first vCPU thread to run, so it sits in that vCPU's
+                # cgroup until the VM's last fd is closed; removed before that, the
+                # directory stayed behind (EBUSY) and broke the next VM of the name.
+                if self.cpuset is not None:
+                    self.cpuset.remove()
 
     # ------------------------------------------------------------------ guest NUMA and memory
     def enable_numa(self, nodes: int, node_map: Sequence[int] | None = None) -> None:
