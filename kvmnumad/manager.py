@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import psutil
 
-from kvmnumad import __version__, cpulist, errors, placement, report
+from kvmnumad import __version__, cpulist, crashpoints, errors, placement, report
 from kvmnumad.cgroups import CpusetBackend
 from kvmnumad.events import DefaultPolicyChanged, Event, TopologyChanged, VcpuRepinned, VmAdded, VmRemoved
 from kvmnumad.journal import log_event
@@ -260,6 +260,7 @@ class Manager:
                 raise errors.InvalidArgument(f"payload: {why}") from e
         policy = options.policy or self._default_policy
         plan = self._plan(vcpus, memory_bytes, options)  # refused here, before any kernel object exists
+        crashpoints.reached("create.planned")
 
         def build(vm: Vm) -> None:
             self._apply_plan(vm, plan, memory_bytes, options)
@@ -300,6 +301,7 @@ class Manager:
             except BaseException:
                 vm.destroy()
                 raise
+            crashpoints.reached("create.built")
             with self._lock:
                 self._vms[name] = vm
         finally:
@@ -382,9 +384,11 @@ class Manager:
             with self._lock:
                 vm = self.get_vm(name)
                 del self._vms[name]
+            crashpoints.reached("destroy.unlisted")
             failure: Exception | None = None
             try:
                 vm.destroy()
+                crashpoints.reached("destroy.released")
             except Exception as e:  # everything else was released (Vm.destroy); say what was not
                 log.exception("releasing VM %s", name)
                 failure = e

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 
-from kvmnumad import cpulist, errors, headroom
+from kvmnumad import cpulist, crashpoints, errors, headroom
 from kvmnumad.cgroups import VmCpuset
 from kvmnumad.events import Aspect, Event, VmChanged
 from kvmnumad.journal import log_event
@@ -234,6 +234,7 @@ class Vm(VmViews):
             if old == host_node:
                 return []
             moved = self.memory.move(self.memory.of_guest_node(node), host_node)
+            crashpoints.reached("migrate.moved")
             self.numa.node_map[node] = host_node
             self._sync_cpuset_mems()
             for slot, pages in moved:
