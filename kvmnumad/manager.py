@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import psutil
 
-from kvmnumad import __version__, cpulist, crashpoints, errors, placement, report
+from kvmnumad import __version__, cpulist, crashpoints, errors, headroom, placement, report
 from kvmnumad.cgroups import CpusetBackend
 from kvmnumad.events import DefaultPolicyChanged, Event, TopologyChanged, VcpuRepinned, VmAdded, VmRemoved
 from kvmnumad.journal import log_event
@@ -27,7 +27,9 @@ from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.errors import KvmError
 from kvmnumad.kvm.ioctls import Cap
 from kvmnumad.kvm.system import Kvm
+from kvmnumad.libc import PAGE_SIZE
 from kvmnumad.model import CreateOptions, Policy
+from kvmnumad.numa.memory import pages_per_node
 from kvmnumad.numa.topology import HostTopology, read_free_memory, read_topology, with_free_memory
 from kvmnumad.quotas import Quotas, Usage
 from kvmnumad.request import Limits, validate_request
@@ -189,7 +191,17 @@ class Manager:
 
     def admit_memory(self, uid: int, size: int) -> contextlib.AbstractContextManager[None]:
         """For a VM adding a region after creation (SetupNumaMemory)."""
+        headroom.check_memory(f"a region of {size} bytes", size, self._untouched_bytes())
         return self._admit(uid, Usage(memory=size, regions=1))
+
+    def _untouched_bytes(self) -> int:
+        """Guest memory promised to VMs and not resident yet.  Read without the
+        VMs' locks, as usage() does: the caller holds one VM's lock already."""
+        total = 0
+        for vm in self.list_vms():
+            for r in list(vm.memory.regions):
+                total += r.size - sum(pages_per_node(r.mem.hva, r.size).values()) * PAGE_SIZE
+        return total
 
     # ------------------------------------------------------------------ VMs
     def get_vm(self, name: str) -> Vm:
@@ -215,7 +227,10 @@ class Manager:
             # existing VMs were promised and have not touched yet (measure_load).
             topo = with_free_memory(topo, self._read_free_memory())
         busy = psutil.cpu_percent(percpu=True, interval=None)  # since the previous plan; idle at first
-        return placement.plan(topo, report.measure_load(topo, self.list_vms(), busy), req)
+        load = report.measure_load(topo, self.list_vms(), busy)
+        # the daemon's memory cgroup (MemoryMax=) may be tighter than the nodes
+        headroom.check_memory(f"a VM of {memory_bytes} bytes", memory_bytes, sum(load.node_bytes.values()))
+        return placement.plan(topo, load, req)
 
     def plan_vm(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> placement.Plan:
         """What create_vm would do with the same request, making nothing."""
