@@ -226,3 +226,36 @@ def test_a_destroy_whose_cgroup_stays_busy_still_removes_the_vm_and_its_definiti
         sleeper.kill()
         sleeper.wait()
         manager.shutdown()
+
+
+def test_a_change_saved_while_its_vm_is_destroyed_does_not_bring_the_file_back(tmp_path: Path,
+                                                                                monkeypatch: Any) -> None:
+    """A pin's event reads the VM's definition; the VM is destroyed (file removed) before the
+    Persister writes it.  The real definition() is only held back until the destroy is done."""
+    store = StateStore(tmp_path)
+    manager = Manager(cpusets=False)
+    _persisted(manager, store)
+    read, destroyed = threading.Event(), threading.Event()
+    try:
+        vm = manager.create_vm("late", 1, 4 << 20, CreateOptions(start=True, passes=1))
+        real_definition = vm.definition
+
+        def held_definition() -> Any:
+            d = real_definition()
+            read.set()
+            destroyed.wait(5)
+            return d
+
+        monkeypatch.setattr(vm, "definition", held_definition)
+        pinner = threading.Thread(target=vm.set_vcpu_affinity, args=(0, [0]))
+        pinner.start()
+        assert read.wait(10)
+        manager.destroy_vm("late")
+        assert not (tmp_path / "late.json").exists()
+        destroyed.set()
+        pinner.join(10)
+        assert not (tmp_path / "late.json").exists()
+    finally:
+        destroyed.set()
+        manager.shutdown()
+    assert _restored_names(store) == set()
