@@ -377,18 +377,14 @@ class Manager:
             if d.running:
                 vm.start()
 
-        with self._name_held(d.name):
-            return self._restore(d, memory, payload, setup)
-
-    def _restore(self, d: VmDefinition, memory: int, payload: bytes | None,
-                 setup: Callable[[Vm], None]) -> Vm:
-        vm = self._build(d.name, d.vcpus, owner=d.owner, policy=d.policy, passes=d.passes, payload=payload,
-                         setup=setup, resume=resume)
-        log_event("vm-created", f"VM {d.name} restored: {d.vcpus} vCPUs, {memory} bytes, "
-                  f"{d.numa_nodes} guest nodes, policy {d.policy}"
-                  + (f", {recovery}" if recovery else ""), vm=d.name, reason="restore")
-        self._emit(VmAdded(d.name))
-        return vm
+        with self._name_held(d.name):  # through to VmAdded, which persistence may turn into a file
+            vm = self._build(d.name, d.vcpus, owner=d.owner, policy=d.policy, passes=d.passes,
+                             payload=payload, setup=setup, resume=resume)
+            log_event("vm-created", f"VM {d.name} restored: {d.vcpus} vCPUs, {memory} bytes, "
+                      f"{d.numa_nodes} guest nodes, policy {d.policy}"
+                      + (f", {recovery}" if recovery else ""), vm=d.name, reason="restore")
+            self._emit(VmAdded(d.name))
+            return vm
 
     def destroy_vm(self, name: str) -> None:
         """Off the API, released, and announced (persistence removes the
