@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import psutil
 
-from kvmnumad import __version__, cpulist, errors, placement, report
+from kvmnumad import __version__, cpulist, crashpoints, errors, headroom, placement, report
 from kvmnumad.adopt import discovery
 from kvmnumad.adopt.vm import AdoptedVm, is_adopted
 from kvmnumad.cgroups import CpusetBackend
@@ -30,7 +30,9 @@ from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.errors import KvmError
 from kvmnumad.kvm.ioctls import Cap
 from kvmnumad.kvm.system import Kvm
+from kvmnumad.libc import PAGE_SIZE
 from kvmnumad.model import CreateOptions, Policy
+from kvmnumad.numa.memory import pages_per_node
 from kvmnumad.numa.topology import HostTopology, read_free_memory, read_topology, with_free_memory
 from kvmnumad.quotas import Quotas, Usage
 from kvmnumad.request import Limits, check_vm_name, validate_request
@@ -69,6 +71,10 @@ class Manager:
         self._lock = threading.RLock()
         self._vms: dict[str, Vm] = {}
         self._creating: set[str] = set()
+        # name -> [lock, holders]: create, restore and destroy of one name run one
+        # at a time, each through to its event (which persistence turns into the
+        # state file), so no two of them interleave their files (finding 7)
+        self._names: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._subscribers: list[Callable[[Event], None]] = []
         self._default_policy = Policy.MANUAL
         self._quotas = Quotas()
@@ -188,7 +194,17 @@ class Manager:
 
     def admit_memory(self, uid: int, size: int) -> contextlib.AbstractContextManager[None]:
         """For a VM adding a region after creation (SetupNumaMemory)."""
+        headroom.check_memory(f"a region of {size} bytes", size, self._untouched_bytes())
         return self._admit(uid, Usage(memory=size, regions=1))
+
+    def _untouched_bytes(self) -> int:
+        """Guest memory promised to VMs and not resident yet.  Read without the
+        VMs' locks, as usage() does: the caller holds one VM's lock already."""
+        total = 0
+        for vm in self.list_vms():
+            for r in list(vm.memory.regions):
+                total += r.size - sum(pages_per_node(r.mem.hva, r.size).values()) * PAGE_SIZE
+        return total
 
     # ------------------------------------------------------------------ VMs
     def get_vm(self, name: str) -> Vm:
@@ -214,7 +230,10 @@ class Manager:
             # existing VMs were promised and have not touched yet (measure_load).
             topo = with_free_memory(topo, self._read_free_memory())
         busy = psutil.cpu_percent(percpu=True, interval=None)  # since the previous plan; idle at first
-        return placement.plan(topo, report.measure_load(topo, self.list_vms(), busy), req)
+        load = report.measure_load(topo, self.list_vms(), busy)
+        # the daemon's memory cgroup (MemoryMax=) may be tighter than the nodes
+        headroom.check_memory(f"a VM of {memory_bytes} bytes", memory_bytes, sum(load.node_bytes.values()))
+        return placement.plan(topo, load, req)
 
     def plan_vm(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> placement.Plan:
         """What create_vm would do with the same request, making nothing."""
@@ -229,8 +248,24 @@ class Manager:
         validate_request(self.topology(), self.limits(), name=name, vcpus=vcpus, memory_bytes=memory_bytes,
                          options=options)
         regions = max(options.numa_nodes, 1) if memory_bytes else 0
-        with self._admit(owner, Usage(1, vcpus, memory_bytes, regions)):
+        with self._admit(owner, Usage(1, vcpus, memory_bytes, regions)), self._name_held(name):
             return self._create(name, vcpus, memory_bytes, options, owner)
+
+    @contextlib.contextmanager
+    def _name_held(self, name: str) -> Iterator[None]:
+        """The one lifecycle call of ``name`` in progress; others of the same
+        name wait for it (at most as long as it takes), other names do not."""
+        with self._lock:
+            lock, holders = self._names.setdefault(name, (threading.Lock(), [0]))
+            holders[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                holders[0] -= 1
+                if not holders[0]:
+                    del self._names[name]  # bounded by the calls in flight
 
     def _create(self, name: str, vcpus: int, memory_bytes: int, options: CreateOptions, owner: int) -> Vm:
         payload = None
@@ -243,6 +278,7 @@ class Manager:
                 raise errors.InvalidArgument(f"payload: {why}") from e
         policy = options.policy or self._default_policy
         plan = self._plan(vcpus, memory_bytes, options)  # refused here, before any kernel object exists
+        crashpoints.reached("create.planned")
 
         def build(vm: Vm) -> None:
             self._apply_plan(vm, plan, memory_bytes, options)
@@ -266,7 +302,10 @@ class Manager:
             self._creating.add(name)
         try:
             kvm = self._kvm_handle()
-            cpuset = self.cpusets.vm_cpuset(name) if self.cpusets is not None else None
+            try:
+                cpuset = self.cpusets.vm_cpuset(name) if self.cpusets is not None else None
+            except OSError as e:
+                raise errors.Busy(f"VM {name!r}: its cpuset cgroup cannot be made: {e}", vm=name) from e
             try:
                 vm = Vm(name, kvm, vcpus, self.topology, lambda event: None, owner=owner, policy=policy,
                         payload=payload, passes=passes, max_slots=kvm.check_extension(Cap.NR_MEMSLOTS) or 32,
@@ -280,6 +319,7 @@ class Manager:
             except BaseException:
                 vm.destroy()
                 raise
+            crashpoints.reached("create.built")
             with self._lock:
                 self._vms[name] = vm
         finally:
@@ -340,23 +380,40 @@ class Manager:
             if d.running:
                 vm.start()
 
-        vm = self._build(d.name, d.vcpus, owner=d.owner, policy=d.policy, passes=d.passes, payload=payload,
-                         setup=setup, resume=resume)
-        log_event("vm-created", f"VM {d.name} restored: {d.vcpus} vCPUs, {memory} bytes, "
-                  f"{d.numa_nodes} guest nodes, policy {d.policy}"
-                  + (f", {recovery}" if recovery else ""), vm=d.name, reason="restore")
-        self._emit(VmAdded(d.name))
-        return vm
+        with self._name_held(d.name):  # through to VmAdded, which persistence may turn into a file
+            vm = self._build(d.name, d.vcpus, owner=d.owner, policy=d.policy, passes=d.passes,
+                             payload=payload, setup=setup, resume=resume)
+            log_event("vm-created", f"VM {d.name} restored: {d.vcpus} vCPUs, {memory} bytes, "
+                      f"{d.numa_nodes} guest nodes, policy {d.policy}"
+                      + (f", {recovery}" if recovery else ""), vm=d.name, reason="restore")
+            self._emit(VmAdded(d.name))
+            return vm
 
     def destroy_vm(self, name: str) -> None:
-        with self._lock:
-            vm = self.get_vm(name)
-            if is_adopted(vm):
-                vm.refuse_destroy()  # type: ignore[attr-defined]  # (raises Busy: not ours to destroy)
-            del self._vms[name]
-        vm.destroy()
-        log_event("vm-destroyed", f"VM {name} destroyed", vm=name, reason="api")
-        self._emit(VmRemoved(name))
+        """Off the API, released, and announced (persistence removes the
+        definition) as one step of this name: a release that fails half-way
+        still ends in VmRemoved, so a VM gone from the API never comes back
+        after a restart; the failure is then reported as Internal."""
+        with self._name_held(name):
+            with self._lock:
+                vm = self.get_vm(name)
+                if is_adopted(vm):
+                    vm.refuse_destroy()  # type: ignore[attr-defined]  # (raises Busy: not ours to destroy)
+                del self._vms[name]
+            crashpoints.reached("destroy.unlisted")
+            failure: Exception | None = None
+            try:
+                vm.destroy()
+                crashpoints.reached("destroy.released")
+            except Exception as e:  # everything else was released (Vm.destroy); say what was not
+                log.exception("releasing VM %s", name)
+                failure = e
+            failed = f", its release failed: {failure}" if failure is not None else ""
+            log_event("vm-destroyed", f"VM {name} destroyed{failed}", vm=name, reason="api")
+            self._emit(VmRemoved(name))
+        if failure is not None:
+            raise errors.Internal(f"VM {name!r} is destroyed and its definition removed, but its release "
+                                  f"failed: {failure}", vm=name) from failure
 
     # ------------------------------------------------------------------ hotplug
     def on_topology_changed(self, reason: str) -> list[tuple[str, int, list[int]]]:

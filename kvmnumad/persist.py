@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from kvmnumad import errors
+from kvmnumad import crashpoints, errors
 from kvmnumad.adopt.vm import is_adopted
 from kvmnumad.events import Event, VmAdded, VmChanged, VmRemoved
 from kvmnumad.manager import Manager
@@ -40,6 +40,7 @@ class Persister:
             with self._lock:
                 self._written.pop(event.vm, None)
                 self._store.remove(event.vm)
+            crashpoints.reached("persist.removed")
 
     def _save(self, name: str) -> None:
         try:
@@ -50,6 +51,11 @@ class Persister:
         except errors.NoSuchVM:
             return  # destroyed meanwhile: its VmRemoved follows
         with self._lock:
+            try:
+                if self._manager.get_vm(name) is not vm:
+                    return  # destroyed and made anew meanwhile: the new VM's own events save it
+            except errors.NoSuchVM:
+                return  # destroyed meanwhile: writing now would bring it back after a restart
             written = self._written.get(name)
             if written == definition:
                 return
@@ -62,6 +68,7 @@ class Persister:
                 log.exception("could not save the definition of VM %s", name)
                 return
             self._written[name] = definition
+        crashpoints.reached("persist.saved")
 
 
     def _save_payload(self, name: str, sha256: str) -> None:
@@ -99,6 +106,7 @@ def restore(manager: Manager, store: StateStore,
         try:
             payload = store.load_payload(d.name) if d.payload_sha256 is not None else None
             manager.restore_vm(d, payload, resume)
+            crashpoints.reached("restore.restored")
         except Exception as e:
             level = logging.WARNING if isinstance(e, errors.KvmnumaError) else logging.ERROR
             log.log(level, "could not restore VM %s (its definition is kept): %s", d.name, e,

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 
-from kvmnumad import cpulist, errors, headroom
+from kvmnumad import cpulist, crashpoints, errors, headroom
 from kvmnumad.cgroups import VmCpuset
 from kvmnumad.events import Aspect, Event, VmChanged
 from kvmnumad.journal import log_event
@@ -160,10 +160,14 @@ class Vm(VmViews):
             try:
                 self.vcpus.close()
             finally:
-                if self.cpuset is not None:
-                    self.cpuset.remove()
                 self._vm.close()
                 self.memory.close()
+                # Last: KVM's per-VM worker (kvm-nx-lpage-recovery, Linux 6.13+) is
+                # started by the first vCPU thread to run, so it sits in that vCPU's
+                # cgroup until the VM's last fd is closed; removed before that, the
+                # directory stayed behind (EBUSY) and broke the next VM of the name.
+                if self.cpuset is not None:
+                    self.cpuset.remove()
 
     # ------------------------------------------------------------------ guest NUMA and memory
     def enable_numa(self, nodes: int, node_map: Sequence[int] | None = None) -> None:
@@ -230,6 +234,7 @@ class Vm(VmViews):
             if old == host_node:
                 return []
             moved = self.memory.move(self.memory.of_guest_node(node), host_node)
+            crashpoints.reached("migrate.moved")
             self.numa.node_map[node] = host_node
             self._sync_cpuset_mems()
             for slot, pages in moved:
