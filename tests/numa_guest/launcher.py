@@ -46,6 +46,12 @@ _COUNT_RE = re.compile(r"(\d+) (\w+)")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _KERNEL_RE = re.compile(r"^\[\s*\d+\.\d+\]")  # a printk line: "[   12.345678] ..."
 # kernel lines that also go to our output, not only to the kept console file
+# The kernel's own verdict that the guest is stuck.  A soft lockup has been seen
+# with the heartbeat still coming (one CPU stuck in kvm_swap_active_memslots,
+# the others in int3 text patching), so silence alone would wait for the whole
+# timeout: such a line is a freeze at once.
+_LOCKUP_RE = re.compile(r"BUG: soft lockup|watchdog: BUG|hard LOCKUP|blocked for more than \d+ seconds|"
+                        r"rcu_\w+ (self-)?detected (stalls?|expedited stalls)")
 _KERNEL_ALARM_RE = re.compile(r"BUG:|soft lockup|hard LOCKUP|blocked for more than|hung_task|Call Trace|"
                               r"RIP:|Kernel panic|\bOops\b|WARNING:|rcu.*stall|Out of memory|\bkvm")
 
@@ -106,7 +112,22 @@ def newest_kernel() -> Path:
     return kernels[-1]
 
 
-def vng_command(topology: Topology, venv: Path, kernel: Path, pytest_args: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class Accel:
+    """How QEMU emulates the guest; a knob so each freeze mitigation can be measured."""
+
+    tcg_thread: str = "multi"  # QEMU 7.2's default for an x86 guest on an x86 host
+    kernel_args: tuple[str, ...] = ()
+
+    def vng_args(self) -> list[str]:
+        args = [f"--qemu-opts=-accel tcg,thread={self.tcg_thread}"]  # the "=" form: numa-guest.md
+        for arg in self.kernel_args:
+            args.append(f"--append={arg}")
+        return args
+
+
+def vng_command(topology: Topology, venv: Path, kernel: Path, pytest_args: list[str],
+                accel: Accel | None = None) -> list[str]:
     python = str(venv / "bin" / "python")
     guest_cmd = shlex.join(
         ["/bin/sh", str(GUEST_SCRIPT), topology.name, python, str(REPO / "tests" / "numa"), *pytest_args]
@@ -117,6 +138,7 @@ def vng_command(topology: Topology, venv: Path, kernel: Path, pytest_args: list[
         "--run", str(kernel),
         "--name", f"numa-{topology.name}",
         *topology.vng_args(),
+        *(accel or Accel()).vng_args(),
         "--force-9p",
         "--verbose",  # the kernel's console (lockup reports, stacks) on our pipe; without it: /dev/null
         "--rwdir", str(REPO),  # gotcha 1: only rwdirs reach the host
@@ -163,16 +185,18 @@ def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
-def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: IO[str]) -> GuestRun:
+def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: IO[str],
+              accel: Accel | None = None) -> GuestRun:
     """Boot one guest, stream its output, and always take its whole process group down with it."""
     venv = Path(sys.prefix)
-    cmd = vng_command(topology, venv, newest_kernel(), pytest_args)
+    cmd = vng_command(topology, venv, newest_kernel(), pytest_args, accel)
     env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")  # gotcha 4
     prefix = f"[numa-guest {topology.name}] "
     run = GuestRun(topology.name, returncode=1)
     guest_rc: int | None = None
     timed_out = threading.Event()
     silent = threading.Event()
+    locked_up: list[str] = []  # the kernel line that said so
     start = time.monotonic()
     CONSOLE_DIR.mkdir(exist_ok=True)
     run.console = CONSOLE_DIR / f"{topology.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
@@ -240,6 +264,15 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
             if run.boot_s is None and plain.startswith(_BOOT_MARK):
                 run.boot_s = time.monotonic() - start
                 out.write(f"{prefix}boot took {run.boot_s:.1f} s\n")
+            if not locked_up and _LOCKUP_RE.search(plain):
+                locked_up.append(plain)
+                timed_out.set()
+                out.write(f"{prefix}the guest kernel reports a lockup: frozen, killing it\n")
+                out.flush()
+                kill(signal.SIGTERM)
+                escalate_lockup = threading.Timer(KILL_GRACE, kill, (signal.SIGKILL,))
+                escalate_lockup.daemon = True
+                escalate_lockup.start()
             if m := _STATUS_RE.search(plain):
                 guest_rc = int(m.group(1))
             if m := _SUMMARY_RE.match(plain):
@@ -265,7 +298,10 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
         run.total_s = time.monotonic() - start
 
     vng_rc = proc.returncode
-    if silent.is_set():
+    if locked_up:
+        run.returncode = EXIT_TIMEOUT
+        run.problem = f"frozen (kernel: {locked_up[0][:160]}), qemu killed"
+    elif silent.is_set():
         run.returncode = EXIT_TIMEOUT
         run.problem = f"frozen (no output for {SILENCE_LIMIT:.0f} s), qemu killed"
     elif timed_out.is_set():
@@ -302,6 +338,10 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument(
         "--keep-going", action="store_true", help="with several topologies, boot the rest after a failure"
     )
+    p.add_argument("--tcg-thread", choices=("single", "multi"), default=Accel.tcg_thread,
+                   help=f"QEMU's TCG threading (default {Accel.tcg_thread}, see Accel)")
+    p.add_argument("--append", action="append", default=[], metavar="ARG",
+                   help="an extra guest kernel command-line option (repeatable), for measuring mitigations")
     args = p.parse_args(argv)
     names: list[str] = []
     for item in args.topology:
@@ -320,21 +360,25 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupted)
     runs: list[GuestRun] = []
+    accel = Accel(args.tcg_thread, tuple(args.append))
+    freezes = 0
     try:
         ensure_host_tools(Path(sys.prefix))
         for name in args.topology:
-            run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout)
+            run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout, accel)
             if run.returncode == EXIT_TIMEOUT:
                 # A whole TCG guest has been seen to freeze (no output, no
                 # heartbeat) under heavy host load, with nested vCPUs running.
                 # One fresh boot, said out loud; a second freeze or timeout
                 # fails the run like any other failure.  The console of the
                 # frozen one stays in CONSOLE_DIR for the post-mortem.
+                freezes += 1
                 print(f"numa-guest {name}: guest {run.problem}, booting it once more", flush=True)
                 print(run.summary(), flush=True)
                 first = run
-                run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout)
+                run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout, accel)
                 run.note = f"second boot: the first guest {first.problem} (console: {first.console})"
+            freezes += run.returncode == EXIT_TIMEOUT
             runs.append(run)
             print(run.summary(), flush=True)
             if run.returncode != 0 and not args.keep_going:
@@ -353,5 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = sum(r.counts.get("failed", 0) + r.counts.get("error", 0) + r.counts.get("errors", 0)
                  for r in runs)
     failed += sum(1 for r in runs if r.returncode != 0 and not r.counts.get("failed"))  # a dead guest
+    if freezes:
+        print(f"numa-guest: {freezes} guest(s) froze or timed out in this run", flush=True)
     print(f"numa-guests: {passed} passed, {failed} failed", flush=True)
     return next((r.returncode for r in runs if r.returncode != 0), 0)
