@@ -53,7 +53,7 @@ _KERNEL_RE = re.compile(r"^\[\s*\d+\.\d+\]")  # a printk line: "[   12.345678] .
 _LOCKUP_RE = re.compile(r"BUG: soft lockup|watchdog: BUG|hard LOCKUP|blocked for more than \d+ seconds|"
                         r"rcu_\w+ (self-)?detected (stalls?|expedited stalls)")
 _KERNEL_ALARM_RE = re.compile(r"BUG:|soft lockup|hard LOCKUP|blocked for more than|hung_task|Call Trace|"
-                              r"RIP:|Kernel panic|\bOops\b|WARNING:|rcu.*stall|Out of memory|\bkvm")
+                              r"RIP:|Kernel panic|\bOops\b|WARNING:|rcu.*stall|Out of memory|\bkvm|numa-storm:")
 
 
 class GuestUnavailable(RuntimeError):
@@ -126,12 +126,11 @@ class Accel:
         return args
 
 
-def vng_command(topology: Topology, venv: Path, kernel: Path, pytest_args: list[str],
-                accel: Accel | None = None) -> list[str]:
+def vng_command(topology: Topology, venv: Path, kernel: Path, pytest_args: list[str], *,
+                accel: Accel | None = None, target: Path | None = None) -> list[str]:
     python = str(venv / "bin" / "python")
-    guest_cmd = shlex.join(
-        ["/bin/sh", str(GUEST_SCRIPT), topology.name, python, str(REPO / "tests" / "numa"), *pytest_args]
-    )
+    target = target or REPO / "tests" / "numa"
+    guest_cmd = shlex.join(["/bin/sh", str(GUEST_SCRIPT), topology.name, python, str(target), *pytest_args])
     return [
         str(venv / "bin" / "vng"),
         "--disable-kvm",  # QEMU with KVM hangs early on this nested host; TCG works
@@ -185,11 +184,11 @@ def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
-def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: IO[str],
-              accel: Accel | None = None) -> GuestRun:
+def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: IO[str], *,
+              accel: Accel | None = None, target: Path | None = None) -> GuestRun:
     """Boot one guest, stream its output, and always take its whole process group down with it."""
     venv = Path(sys.prefix)
-    cmd = vng_command(topology, venv, newest_kernel(), pytest_args, accel)
+    cmd = vng_command(topology, venv, newest_kernel(), pytest_args, accel=accel, target=target)
     env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")  # gotcha 4
     prefix = f"[numa-guest {topology.name}] "
     run = GuestRun(topology.name, returncode=1)
@@ -342,6 +341,8 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help=f"QEMU's TCG threading (default {Accel.tcg_thread}, see Accel)")
     p.add_argument("--append", action="append", default=[], metavar="ARG",
                    help="an extra guest kernel command-line option (repeatable), for measuring mitigations")
+    p.add_argument("--repro", type=float, metavar="SECONDS",
+                   help="run freeze_repro.py for SECONDS instead of the tests (measuring freeze fixes)")
     args = p.parse_args(argv)
     names: list[str] = []
     for item in args.topology:
@@ -362,10 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[GuestRun] = []
     accel = Accel(args.tcg_thread, tuple(args.append))
     freezes = 0
+    if args.repro is not None:
+        run = run_guest(TOPOLOGIES[args.topology[0]], args.timeout, [str(args.repro)], sys.stdout,
+                        accel=accel, target=Path(__file__).resolve().with_name("freeze_repro.py"))
+        print(run.summary(), flush=True)
+        return run.returncode
     try:
         ensure_host_tools(Path(sys.prefix))
         for name in args.topology:
-            run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout, accel)
+            run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout, accel=accel)
             if run.returncode == EXIT_TIMEOUT:
                 # A whole TCG guest has been seen to freeze (no output, no
                 # heartbeat) under heavy host load, with nested vCPUs running.
@@ -376,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"numa-guest {name}: guest {run.problem}, booting it once more", flush=True)
                 print(run.summary(), flush=True)
                 first = run
-                run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout, accel)
+                run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout,
+                                accel=accel)
                 run.note = f"second boot: the first guest {first.problem} (console: {first.console})"
             freezes += run.returncode == EXIT_TIMEOUT
             runs.append(run)
