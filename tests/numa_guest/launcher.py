@@ -118,7 +118,25 @@ def newest_kernel() -> Path:
 
 @dataclass(frozen=True)
 class Accel:
-    """How QEMU emulates the guest; a knob so each freeze mitigation can be measured."""
+    """How QEMU emulates the guest; a knob so each freeze mitigation can be measured.
+
+    What is known of the freezes (shared/numa-guest.md, "Freezes"): they come
+    with nested vCPUs and a loaded host; one console showed a CPU stuck in
+    kvm_swap_active_memslots (a memslot swap waits for an expedited SRCU grace
+    period, i.e. for every nested vCPU to leave its read section) while the
+    others sat in int3 text patching (a vCPU made without an in-kernel irqchip
+    flips the kvm_has_noapic_vcpu static key, and text_poke_bp waits for an IPI
+    answer from every guest CPU).  Both wait for all four guest CPUs at once,
+    and under MTTCG each guest CPU is a host thread the loaded host may leave
+    unscheduled, so every such all-CPU wait costs the slowest thread's delay.
+    Every boot also shows "tsc: Marking TSC unstable due to TSCs unsynchronized"
+    and switches to the hpet clocksource (each clock read an MMIO exit under
+    QEMU's big lock).  None of this is proven to be the cause: in the runs of
+    2026-12-01 (host load 6-19 on 2 CPUs) no guest froze, so no mitigation
+    could be shown to help, and the defaults stay QEMU's.  What is in place:
+    a kernel lockup report counts as a freeze at once (_LOCKUP_RE), and
+    freeze_repro.py / soak.py with these knobs measure a candidate.
+    """
 
     tcg_thread: str = "multi"  # QEMU 7.2's default for an x86 guest on an x86 host
     kernel_args: tuple[str, ...] = ()
