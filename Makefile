@@ -80,6 +80,15 @@ test-numa-memonly: deps
 test-systemd: deps
 	$(VPY) -m tests.systemd_guest
 
+# The freeze acceptance: 20 guest runs in a row beside two `stress-ng --cpu 1`, topologies rotated
+# (tests/numa_guest/soak.py); not part of `make test`: it takes about an hour.
+SOAK_APT_PACKAGES := stress-ng
+.PHONY: test-numa-soak
+
+test-numa-soak: deps
+	$(call apt_install,$(SOAK_APT_PACKAGES))
+	$(VPY) -m tests.numa_guest.soak --runs 20 --load 2
+
 # Debian packages only the full benchmark needs (numad, the peer of the hotplug and placement figures);
 # installed by `make bench`, not by `make test` (bench-quick runs host-only figures without them).
 BENCH_APT_PACKAGES := numad
