@@ -19,7 +19,7 @@ APT_PACKAGES := dbus dbus-daemon dbus-bin polkitd util-linux numactl libnuma1 li
 # the systemd guest's root image (tests/systemd_guest/build-root.sh)
 APT_PACKAGES += mmdebstrap e2fsprogs
 
-.PHONY: all deps run test lint test-host test-numa test-numa-2 test-numa-4 test-numa-memonly bench bench-quick bench-deps deb rpm clean fuzz
+.PHONY: all deps run test lint test-host test-numa test-numa-storm test-numa-2 test-numa-4 test-numa-memonly bench bench-quick bench-deps deb rpm clean fuzz
 
 # $(call apt_install,PACKAGES): install those of PACKAGES that dpkg does not have (one apt-get run).
 define apt_install
@@ -64,6 +64,10 @@ fuzz: deps
 # One guest boot per topology; both run even when the first fails, one summary at the end.
 test-numa: deps
 	$(VPY) -m tests.numa_guest --topology 2node,4node,memonly --keep-going
+
+# The hotplug storm of issue 12 at full length: 200 offline/online cycles under 8 VMs, 2 and 4 nodes.
+test-numa-storm: deps
+	$(VPY) -m tests.numa_guest --topology 2node,4node --keep-going -- -k hotplug_storm --storm-cycles 200
 
 test-numa-2: deps
 	$(VPY) -m tests.numa_guest --topology 2node

@@ -59,7 +59,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_addoption(parser: pytest.Parser) -> None:
     # the guest does not inherit the host's environment, so a knob is a pytest option
     parser.addoption("--storm-cycles", type=int, default=0,
-                     help="offline/online cycles of the hotplug storm (default: 200, 20 on memonly)")
+                     help="offline/online cycles of the hotplug storm "
+                          "(default 40, memonly 20; 200: make test-numa-storm)")
 
 
 @pytest.fixture(scope="session")
