@@ -1,0 +1,163 @@
+"""One sample of every VM the daemon holds, per guest node and per vCPU, and
+of every host node.
+
+``Sampler.take`` is the only stateful part: it keeps the previous CPU times
+(the busy fraction is a difference) and, per vCPU thread, the figures of the
+last full read.  A vCPU whose CPU time has not moved since then has not run,
+so it cannot have changed CPU or migrated: only its schedstat is read again.
+That keeps a sample of idle VMs at one small read per vCPU (bench/sampling.py).
+The aggregation below is pure: (facts read) -> figures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psutil
+
+from kvmnumad.model import MemoryRegionInfo
+from kvmnumad.numa.topology import HostTopology, read_free_memory
+from kvmnumad.optimizer import probe
+from kvmnumad.optimizer.model import HostNodeSample, Residency, Sample, VcpuSample, VmSample
+
+
+class SampledVm(Protocol):
+    """What a sample reads of a VM (kvmnumad.vm.Vm has it)."""
+
+    name: str
+
+    @property
+    def numa_enabled(self) -> bool: ...
+
+    @property
+    def node_map(self) -> list[int]: ...
+
+    def vcpu_threads(self) -> list[tuple[int, int]]: ...
+
+    def guest_node_of_vcpu(self, vcpu: int) -> int: ...
+
+    def memory_regions(self) -> list[MemoryRegionInfo]: ...
+
+    def vcpu_nodes(self) -> list[tuple[int, bool, int]]: ...
+
+
+@dataclass(frozen=True)
+class _Seen:
+    cpu_time_ns: int
+    cpu: int
+    migrations: int
+    affinity: frozenset[int]
+
+
+def residency(regions: Sequence[MemoryRegionInfo], node_map: Sequence[int], numa_enabled: bool,
+              pages_at: Mapping[int, Mapping[int, int]]) -> tuple[Residency, ...]:
+    """Per guest node: its regions' resident pages per host node.  The mapped
+    node is the guest node's entry in the node map (NUMA on), else the node
+    its first region is bound to."""
+    per_guest: dict[int, dict[int, int]] = {}
+    home: dict[int, int] = {}
+    for r in regions:
+        pages = per_guest.setdefault(r.guest_node, {})
+        for node, n in pages_at.get(r.hva, {}).items():
+            pages[node] = pages.get(node, 0) + n
+        if numa_enabled and r.guest_node < len(node_map):
+            home[r.guest_node] = node_map[r.guest_node]
+        else:
+            home.setdefault(r.guest_node, r.host_node)
+    return tuple(Residency(g, home[g], dict(sorted(per_guest[g].items()))) for g in sorted(per_guest))
+
+
+def busy_fractions(before: Sequence[Any] | None, after: Sequence[Any]) -> dict[int, float]:
+    """Busy share per CPU between two psutil.cpu_times(percpu=True) readings
+    (since boot without ``before``): 1 - (idle + iowait) / total."""
+    out: dict[int, float] = {}
+    for cpu, now in enumerate(after):
+        then = before[cpu] if before is not None and cpu < len(before) else None
+        total = float(sum(now)) - (float(sum(then)) if then is not None else 0.0)
+        idle = _idle(now) - (_idle(then) if then is not None else 0.0)
+        out[cpu] = min(1.0, max(0.0, 1.0 - idle / total)) if total > 0 else 0.0
+    return out
+
+
+def _idle(t: object) -> float:
+    return float(getattr(t, "idle", 0.0)) + float(getattr(t, "iowait", 0.0))
+
+
+def host_nodes(topo: HostTopology, busy: Mapping[int, float], free: Mapping[int, int],
+               vms: Sequence[VmSample],
+               numastat: Callable[[int], dict[str, int]]) -> tuple[HostNodeSample, ...]:
+    pages: dict[int, int] = {}
+    vcpus: dict[int, int] = {}
+    for vm in vms:
+        for r in vm.residency:
+            for node, n in r.pages.items():
+                pages[node] = pages.get(node, 0) + n
+        for v in vm.vcpus:
+            if v.node >= 0:
+                vcpus[v.node] = vcpus.get(v.node, 0) + 1
+    out = []
+    for nid in topo.node_ids():
+        online = topo.nodes[nid].online_cpus
+        load = sum(busy.get(c, 0.0) for c in online) / len(online) if online else 0.0
+        out.append(HostNodeSample(nid, frozenset(online), load, free.get(nid, topo.nodes[nid].mem_free),
+                                  pages.get(nid, 0), vcpus.get(nid, 0), numastat(nid)))
+    return tuple(out)
+
+
+class Sampler:
+    """See the module docstring.  Not thread-safe: one taker at a time (the timer)."""
+
+    def __init__(self) -> None:
+        self._cpu_times: list[Any] | None = None
+        self._seen: dict[int, _Seen] = {}
+
+    def take(self, vms: Sequence[SampledVm], topo: HostTopology) -> Sample:
+        started = time.thread_time()
+        seen: dict[int, _Seen] = {}
+        vm_samples = {vm.name: self._vm(vm, topo, seen) for vm in vms}
+        self._seen = seen  # threads of VMs gone are forgotten here
+        after = list(psutil.cpu_times(percpu=True))
+        busy = busy_fractions(self._cpu_times, after)
+        self._cpu_times = after
+        nodes = host_nodes(topo, busy, read_free_memory(), list(vm_samples.values()), probe.numastat)
+        return Sample(time.time(), vm_samples, nodes, time.thread_time() - started)
+
+    def _vm(self, vm: SampledVm, topo: HostTopology, seen: dict[int, _Seen]) -> VmSample:
+        return measure_vm(vm, topo, self._seen, seen)
+
+
+def measure_vm(vm: SampledVm, topo: HostTopology, previous: Mapping[int, _Seen] | None = None,
+               seen: dict[int, _Seen] | None = None) -> VmSample:
+    """One VM now (stateless without ``previous``: every figure read)."""
+    regions = vm.memory_regions()
+    node_map = tuple(vm.node_map)
+    numa = vm.numa_enabled
+    pages_at = probe.numa_maps([r.hva for r in regions]) if regions else {}
+    bound = {v: g for v, is_bound, g in vm.vcpu_nodes() if is_bound} if numa else {}
+    vcpus = []
+    for index, tid in vm.vcpu_threads():
+        guest = vm.guest_node_of_vcpu(index)
+        vcpus.append(_vcpu(index, tid, guest, topo, previous=previous or {}, seen=seen))
+    nodes = residency(regions, node_map, numa, pages_at)
+    return VmSample(vm.name, numa, node_map, nodes, tuple(vcpus), bound)
+
+
+def _vcpu(index: int, tid: int, guest_node: int, topo: HostTopology, *, previous: Mapping[int, _Seen],
+          seen: dict[int, _Seen] | None) -> VcpuSample:
+    stat = probe.schedstat(tid)
+    cpu_ns, delay_ns = stat if stat is not None else (0, 0)
+    last = previous.get(tid)
+    if last is not None and stat is not None and last.cpu_time_ns == cpu_ns:
+        # Not run since: the kernel cannot have moved it (a sleeping task
+        # changes CPU only when it wakes, and then it runs).
+        now = _Seen(cpu_ns, last.cpu, last.migrations, probe.affinity(tid))
+    else:
+        now = _Seen(cpu_ns, probe.last_cpu(tid), probe.migrations(tid), probe.affinity(tid))
+    if seen is not None and stat is not None:
+        seen[tid] = now
+    node = topo.cpus[now.cpu].node if now.cpu in topo.cpus else -1
+    return VcpuSample(index, tid, guest_node, cpu_ns, delay_ns, now.cpu, node, max(0, now.migrations),
+                      now.affinity)
