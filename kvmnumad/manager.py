@@ -30,7 +30,7 @@ from kvmnumad.kvm.system import Kvm
 from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.numa.topology import HostTopology, read_free_memory, read_topology, with_free_memory
 from kvmnumad.optimizer import explain, sample, suggest
-from kvmnumad.optimizer.model import Sample
+from kvmnumad.optimizer.model import HostNodeSample, Sample
 from kvmnumad.quotas import Quotas, Usage
 from kvmnumad.request import Limits, validate_request
 from kvmnumad.vm import Vm
@@ -377,10 +377,10 @@ class Manager:
     # ------------------------------------------------------------------ reports
     def report(self) -> str:
         cpusets = self.cpusets.describe() if self.cpusets else "not available (no writable cpuset cgroup)"
-        return report.report(self.version, self.topology(), cpusets, self.list_vms())
+        return report.report(self.version, self.topology(), cpusets, self.list_vms(), self.measure_now())
 
     def suggestions(self) -> list[tuple[str, str, str]]:
-        return report.suggestions(self.topology(), self.list_vms())
+        return report.suggestions(self.topology(), self.list_vms(), self.suggested_actions())
 
     def shutdown(self) -> None:
         """Stop and release every VM without announcing removals: their
@@ -406,6 +406,14 @@ class Manager:
         if not vms:
             return None
         return self._sampler.take(vms, self.topology())
+
+    def measure_now(self) -> Sample:
+        """Every VM and host node now, for a reader (the report): the timer's Sampler keeps its state."""
+        return sample.Sampler().take(self.list_vms(), self.topology())
+
+    def measure_host_nodes(self) -> tuple[HostNodeSample, ...]:
+        """The host nodes now, busy fractions since boot (no previous sample to diff)."""
+        return sample.Sampler().take(self.list_vms(), self.topology()).nodes
 
     def suggested_actions(self) -> list[suggest.Suggestion]:
         """Read now, not from the last sample: a caller who applied one sees it gone."""

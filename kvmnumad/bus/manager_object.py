@@ -26,6 +26,7 @@ from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject, current_call
 from kvmnumad.bus.fds import PassedFd
 from kvmnumad.bus.paths import MANAGER_INTERFACE, MANAGER_PATH, vm_path
+from kvmnumad.bus.samples import action_rows
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.placement import Plan
@@ -177,3 +178,13 @@ class ManagerObject(BusObject):
     @signal()
     def VcpuRepinned(self, vm: str, vcpu: int, cpus: list[int], reason: str) -> "suaus":
         return [vm, vcpu, cpus, reason]
+
+    # ------------------------------------------------- optimizer (issue 14)
+    @method()
+    @read_only
+    async def GetSuggestedActions(self) -> "a(sssosavdd)":
+        return action_rows(await asyncio.to_thread(self._context.manager.suggested_actions))
+
+    @dbus_property(access=PropertyAccess.READ)
+    def HostNodeUsage(self) -> "a(uaudttua(st))":
+        return self._props["HostNodeUsage"]
