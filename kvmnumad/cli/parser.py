@@ -17,6 +17,7 @@ from kvmnumad.cli.commands import (
     Command,
     cmd_create,
     cmd_destroy,
+    cmd_explain,
     cmd_list,
     cmd_memory,
     cmd_numa,
@@ -181,4 +182,5 @@ def build_parser() -> argparse.ArgumentParser:
     add("report", cmd_report, "the daemon's placement report")
     add("suggestions", cmd_suggestions, "the daemon's placement suggestions")
     add("monitor", cmd_monitor, "print the service's signals as they come, until Ctrl-C")
+    _vm_arg(add("explain", cmd_explain, "why each pin and memory binding of a VM is what it is"))
     return parser
