@@ -20,14 +20,26 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import affinity, busrtt, hotplug, idle, lifecycle, migrate, placement, rawkvm, scale, vmcreate
+from bench import (
+    affinity,
+    busrtt,
+    hotplug,
+    idle,
+    lifecycle,
+    migrate,
+    placement,
+    rawkvm,
+    sampling,
+    scale,
+    vmcreate,
+)
 from bench.report import Row, table
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("idle", "lifecycle", "stop", "affinity", "dbus", "create", "scale", "hotplug", "placement",
-         "migrate")
+         "migrate", "sampling")
 GUEST = ("hotplug", "placement", "migrate")  # need 2+ host nodes (4 for placement)
 
 
@@ -79,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         ("hotplug", lambda: hotplug.hotplug(3 if q else 20, 5 if q else 30)),
         ("placement", lambda: placement.placement(manager, kvm_fd, 3 if q else 15)),
         ("migrate", lambda: migrate.migrate(manager, 1 if q else 3)),
+        ("sampling", lambda: sampling.sampling(manager, 10 if q else 50)),
     ]
     rows: list[Row] = []
     started = time.monotonic()

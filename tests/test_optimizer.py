@@ -281,15 +281,15 @@ def test_suggestion_moves_a_remote_vcpu_to_its_memory() -> None:
     res = Residency(0, 0, {0: 990, 1: 10})
     far = VcpuSample(0, 100, 0, 1, 0, 2, 1, 0, frozenset({2, 3}))
     near = VcpuSample(1, 101, 0, 1, 0, 0, 0, 0, frozenset({0, 1}))
-    vm = VmSample("web", True, (0,), (res,), (far, near), {})
+    vm = VmSample("web", True, (0,), (res,), (far, near))
     (s,) = suggest.suggest([vm], topo)
     assert (s.method, s.args) == ("BindVcpuToNumaNode", (("u", 0), ("u", 0)))
     assert s.locality_now == pytest.approx(0.01) and s.locality_expected == pytest.approx(0.99)
     assert "BindVcpuToNumaNode(0, 0)" in s.text() and "1% -> 99%" in s.text()
     # Guest NUMA off (or the guest node mapped elsewhere): pin to the memory's node instead.
-    (s,) = suggest.suggest([VmSample("web", False, (), (Residency(0, 1, {0: 5}),), (far,), {})], topo)
+    (s,) = suggest.suggest([VmSample("web", False, (), (Residency(0, 1, {0: 5}),), (far,))], topo)
     assert (s.method, s.args) == ("SetVcpuAffinity", (("u", 0), ("au", [0, 1])))
-    assert suggest.suggest([VmSample("web", True, (0,), (res,), (near,), {})], topo) == []
+    assert suggest.suggest([VmSample("web", True, (0,), (res,), (near,))], topo) == []
 
 
 def test_busy_fractions_from_cpu_times() -> None:

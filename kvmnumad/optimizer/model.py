@@ -4,7 +4,7 @@ report, the metrics and the suggestions read the same numbers."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,6 @@ class VmSample:
     node_map: tuple[int, ...]
     residency: tuple[Residency, ...]
     vcpus: tuple[VcpuSample, ...]
-    bound: Mapping[int, int] = field(default_factory=dict)  # vCPU -> guest node it is bound to
 
 
 @dataclass(frozen=True)
@@ -72,3 +71,4 @@ class Sample:
     vms: Mapping[str, VmSample]
     nodes: tuple[HostNodeSample, ...]
     cost_s: float = 0.0  # CPU time the sample cost this thread
+    residency_read: bool = True  # numa_maps read for this sample (else the last read's figures still hold)

@@ -111,3 +111,12 @@ def numastat(node: int) -> dict[str, int]:
         if value.strip().isdigit():
             out[key] = int(value)
     return out
+
+
+def rss_shmem() -> int:
+    """RssShmem of this process in kB (guest memory is shmem), -1 if the kernel has no such line."""
+    raw = _read("/proc/self/status") or b""
+    at = raw.find(b"RssShmem:")
+    if at < 0:
+        return -1
+    return int(raw[at + 9:raw.find(b"kB", at)])
