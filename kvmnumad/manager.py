@@ -418,11 +418,7 @@ class Manager:
     def suggested_actions(self) -> list[suggest.Suggestion]:
         """Read now, not from the last sample: a caller who applied one sees it gone."""
         topo = self.topology()
-        measured = []
-        for vm in self.list_vms():
-            with contextlib.suppress(errors.NoSuchVM):
-                measured.append(sample.measure_vm(vm, topo))
-        return suggest.suggest(measured, topo)
+        return suggest.suggest(list(self.measure_now().vms.values()), topo)
 
     def explain(self, name: str) -> list[explain.Decision]:
         self.get_vm(name)

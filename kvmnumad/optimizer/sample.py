@@ -11,6 +11,7 @@ The aggregation below is pure: (facts read) -> figures.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from kvmnumad.errors import NoSuchVM
 from kvmnumad.model import MemoryRegionInfo
 from kvmnumad.numa.topology import HostTopology, read_free_memory
 from kvmnumad.optimizer import probe
@@ -124,11 +126,19 @@ class Sampler:
     def take(self, vms: Sequence[SampledVm], topo: HostTopology) -> Sample:
         started = time.thread_time()
         seen: dict[int, _Seen] = {}
-        regions = {vm.name: vm.memory_regions() for vm in vms}
+        regions = {}
+        for vm in vms:
+            with contextlib.suppress(NoSuchVM):
+                regions[vm.name] = vm.memory_regions()
+        vms = [vm for vm in vms if vm.name in regions]
         pages_at = self._pages_at(regions)
-        vm_samples = {vm.name: measure_vm(vm, topo, self._seen, seen, regions=regions[vm.name],
-                                          pages_at=pages_at)
-                      for vm in vms}
+        vm_samples = {}
+        for vm in vms:
+            try:
+                vm_samples[vm.name] = measure_vm(vm, topo, self._seen, seen, regions=regions[vm.name],
+                                                 pages_at=pages_at)
+            except NoSuchVM:
+                continue  # destroyed under the sample: its removal is an event of its own
         self._seen = seen  # threads of VMs gone are forgotten here
         after = list(psutil.cpu_times(percpu=True))
         busy = busy_fractions(self._cpu_times, after)
