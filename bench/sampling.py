@@ -73,11 +73,13 @@ def sampling(manager: Manager, runs: int) -> list[Row]:
     shape = f"{VMS} VMs x {VCPUS} vCPUs x {NODES} guest nodes ({len(tids)} vCPU threads)"
     mean = sum(idle) / len(idle)
     return [
-        Row("optimizer sample, idle VMs (the timer's steady case), CPU", median(idle), median(floor_vcpus), "ms",
+        Row("optimizer sample, idle VMs (the timer's steady case), CPU", median(idle), median(floor_vcpus),
+            "ms",
             f"{shape}; mean {mean:.2f} ms with a numa_maps read every {RESIDENCY_EVERY}th sample, p99 "
             f"{percentile(idle, 99):.2f} ms (goal: under 5 ms); {runs} samples; baseline: one bare read of "
             "each vCPU's schedstat"),
-        Row("optimizer sample, every figure read (numa_maps included), CPU", median(fresh), median(floor), "ms",
+        Row("optimizer sample, every figure read (numa_maps included), CPU", median(fresh), median(floor),
+            "ms",
             f"{shape}; p99 {percentile(fresh, 99):.2f} ms; baseline: one bare read of each schedstat and of "
             "numa_maps, the floor of the same figures (numa_maps alone grows with all the process's "
             "mappings: a stack, guard and kvm_run per vCPU thread)"),

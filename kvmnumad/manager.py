@@ -427,6 +427,8 @@ class Manager:
     def _record_plan(self, name: str, plan: placement.Plan) -> None:
         rule = str(plan.policy)
         for n in plan.nodes:
+            if not n.bytes:
+                continue  # no memory, nothing bound
             self.decisions.record(explain.Decision(
                 name, explain.node_subject(n.guest_node), explain.Kind.POLICY, rule,
                 f"host node(s) {cpulist.describe(n.host_nodes)} ({n.mempolicy.name.lower()})", n.why,

@@ -311,3 +311,35 @@ def test_plan_says_why_with_its_numbers() -> None:
     assert node.why.startswith("host node 1: 3.0 GiB free >= 1.0 GiB needed")
     assert "node 0: 4.0 GiB free, busy 0.93, pressure 0.93" in node.why
     assert all(v.why == "follows guest node 0 to host node 1: its CPUs 2-3" for v in p.vcpus)
+
+
+def test_hotplug_repins_record_their_rule_and_the_declared_pin_returns() -> None:
+    """A CPU going offline as the topology reader says (the real one needs the
+    multi-node guest: tests/numa/test_numa_hotplug.py); the re-pin is real
+    (taskset), and so must be its decision."""
+    from kvmnumad.manager import Manager  # noqa: PLC0415
+    from kvmnumad.model import CreateOptions  # noqa: PLC0415
+
+    shapes = {"up": synthetic({0: [0, 1]}), "down": synthetic({0: [0, 1]}, offline={1})}
+    now = ["up"]
+    m = Manager(topology_reader=lambda: shapes[now[0]])
+    try:
+        vm = m.create_vm("hot", 1, 0, CreateOptions(policy=Policy.MANUAL))
+        vm.set_vcpu_affinity(0, [1])
+        (tid,) = (t for _, t in vm.vcpu_threads())
+        assert [(d.subject, d.rule) for d in m.explain("hot")] == [("vcpu 0", "caller-pin")]
+        now[0] = "down"
+        m.on_topology_changed("test: cpu1 offline")
+        (d,) = m.explain("hot")
+        assert (d.kind, d.rule, d.placement) == ("hotplug", "hotplug-nearest-node", "CPUs 0")
+        assert "declared CPUs 1" in d.reason and "cpu1 offline" in d.reason
+        assert taskset_affinity(tid) == {0}
+        now[0] = "up"
+        m.on_topology_changed("test: cpu1 online")
+        (d,) = m.explain("hot")
+        assert (d.rule, d.placement) == ("hotplug-declared-online", "CPUs 1")
+        assert taskset_affinity(tid) == {1}
+        m.destroy_vm("hot")
+        assert m.decisions.of_vm("hot") == []
+    finally:
+        m.shutdown()
