@@ -193,6 +193,7 @@ CONTRACT: dict[str, tuple[str, str] | None] = {
     "BindVcpuToNumaNode": (ACTION_PLACE, "bind-vcpu"),
     "MapNumaNode": (ACTION_MIGRATE, "map-numa-node"),
     "GetVcpuAffinity": None, "GetVcpuNumaNode": None, "GetStats": None,
+    "GetDecisions": None, "GetSuggestedActions": None,
 }
 BUSCTL_ARGS = {"s": ["target"], "u": ["0"], "t": ["0"], "b": ["false"], "au": ["1", "0"], "a{sv}": ["0"]}
 # a policy argument is checked before authorization: empty (DefaultPolicy) gets that far
