@@ -14,8 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import psutil
 
@@ -46,8 +45,7 @@ class SampledVm(Protocol):
     def memory_regions(self) -> list[MemoryRegionInfo]: ...
 
 
-@dataclass(frozen=True)
-class _Seen:
+class _Seen(NamedTuple):
     cpu_time_ns: int
     cpu: int
     migrations: int
