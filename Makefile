@@ -16,8 +16,10 @@ APT_PACKAGES := dbus dbus-daemon dbus-bin polkitd util-linux numactl libnuma1 li
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools dpkg-dev rpm \
 	python3-dbus-fast python3-pyudev python3-psutil python3-systemd bash-completion strace \
 	qtbase5-dev-tools qtbase5-dev g++ python3-gi gir1.2-glib-2.0 python3-prometheus-client
+# the systemd guest's root image (tests/systemd_guest/build-root.sh)
+APT_PACKAGES += mmdebstrap e2fsprogs
 
-.PHONY: all deps run test lint test-host test-numa test-numa-2 test-numa-4 test-numa-memonly bench bench-quick bench-deps deb rpm clean fuzz
+.PHONY: all deps run test lint test-host test-numa test-numa-storm test-numa-2 test-numa-4 test-numa-memonly bench bench-quick bench-deps deb rpm clean fuzz
 
 # $(call apt_install,PACKAGES): install those of PACKAGES that dpkg does not have (one apt-get run).
 define apt_install
@@ -49,7 +51,7 @@ lint: deps
 	$(VENV)/bin/mypy kvmnumad
 	$(VENV)/bin/mypy --strict bench
 
-test: deps lint test-host bench-quick test-numa  # the guests last: their closing line "N passed, N failed" ends the run
+test: deps lint test-host bench-quick test-numa test-systemd  # the guests last: their closing line "N passed, N failed" ends the run
 
 test-host: deps
 	$(VPY) -m pytest -m "not numa" tests
@@ -63,6 +65,10 @@ fuzz: deps
 test-numa: deps
 	$(VPY) -m tests.numa_guest --topology 2node,4node,memonly --keep-going
 
+# The hotplug storm of issue 12 at full length: 200 offline/online cycles under 8 VMs, 2 and 4 nodes.
+test-numa-storm: deps
+	$(VPY) -m tests.numa_guest --topology 2node,4node --keep-going -- -k hotplug_storm --storm-cycles 200
+
 test-numa-2: deps
 	$(VPY) -m tests.numa_guest --topology 2node
 
@@ -71,6 +77,21 @@ test-numa-4: deps
 
 test-numa-memonly: deps
 	$(VPY) -m tests.numa_guest --topology memonly
+
+# systemd as PID 1 in a guest: the .deb installed with dpkg -i, started, restarted, watchdog-killed,
+# stopped and D-Bus activated there (~3-4 min; its root image is cached in /var/cache/kvmnumad-tests).
+.PHONY: test-systemd
+test-systemd: deps
+	$(VPY) -m tests.systemd_guest
+
+# The freeze acceptance: 20 guest runs in a row beside two `stress-ng --cpu 1`, topologies rotated
+# (tests/numa_guest/soak.py); not part of `make test`: it takes about an hour.
+SOAK_APT_PACKAGES := stress-ng
+.PHONY: test-numa-soak
+
+test-numa-soak: deps
+	$(call apt_install,$(SOAK_APT_PACKAGES))
+	$(VPY) -m tests.numa_guest.soak --runs 20 --load 2
 
 # Debian packages only the full benchmark needs (numad, the peer of the hotplug and placement figures);
 # installed by `make bench`, not by `make test` (bench-quick runs host-only figures without them).

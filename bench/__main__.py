@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import bench.adopt
 from bench import (
     affinity,
     busrtt,
@@ -33,14 +34,16 @@ from bench import (
     scale,
     vmcreate,
 )
+from bench import handover as handover_bench
 from bench.report import Row, table
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("idle", "lifecycle", "stop", "affinity", "dbus", "create", "scale", "hotplug", "placement",
-         "migrate", "sampling")
-GUEST = ("hotplug", "placement", "migrate")  # need 2+ host nodes (4 for placement)
+         "migrate", "sampling", "handover", "adopt")
+EXTRA = ("adopt-repair",)  # only when asked (--only): about 5 min in the guest, numad's 60 s wait per run
+GUEST = ("hotplug", "placement", "migrate", "adopt-repair")  # need 2+ host nodes (4 for placement)
 
 
 def _host() -> str:
@@ -51,7 +54,7 @@ def _host() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--only", action="append", choices=NAMES, help="run only these (repeatable)")
+    p.add_argument("--only", action="append", choices=NAMES + EXTRA, help="run only these (repeatable)")
     p.add_argument("--quick", action="store_true", help="fewer runs and short idle windows (a smoke run)")
     p.add_argument("--no-guest", action="store_true", help="do not boot the multi-node guest")
     p.add_argument("--scale", type=int, default=1024, help="VMs of the scale figure (default 1024)")
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         ("placement", lambda: placement.placement(manager, kvm_fd, 3 if q else 15)),
         ("migrate", lambda: migrate.migrate(manager, 1 if q else 3)),
         ("sampling", lambda: sampling.sampling(manager, 10 if q else 50)),
+        ("handover", lambda: handover_bench.handover(1 if q else 7, 1 if q else 3)),
+        ("adopt", lambda: bench.adopt.adopt_to_pinned(3 if q else 20)),
+        ("adopt-repair", lambda: bench.adopt.repair_vs_numad(1 if q else 3)),
     ]
     rows: list[Row] = []
     started = time.monotonic()

@@ -25,6 +25,7 @@ from tests.numa_guest.topology import TOPOLOGIES
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_FIGURES = ("hotplug", "placement", "migrate")
+EXTRA_FIGURES = ("adopt-repair",)  # only with --only
 
 # udev loads kvm_amd from the CPU's modalias in the guest: wait for it rather than race it.
 GUEST_SCRIPT = """exec 2>&1
@@ -45,7 +46,7 @@ def _kill_group(pgid: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.guest", description=__doc__)
     p.add_argument("--topology", default="4node", choices=sorted(TOPOLOGIES))
-    p.add_argument("--only", action="append", choices=GUEST_FIGURES,
+    p.add_argument("--only", action="append", choices=GUEST_FIGURES + EXTRA_FIGURES,
                    help="the figures to run (repeatable; default all three)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rows-json", type=Path, default=None, help="also write the rows here, as JSON")

@@ -34,6 +34,7 @@ import errno
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -44,6 +45,11 @@ log = logging.getLogger(__name__)
 TOP = "kvmnumad"
 VM_PREFIX = "vm-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+# How long a VM's cgroup removal retries EBUSY: a task that ended a moment ago
+# may still count as a member (KVM's per-VM worker ends when the VM's last fd
+# is closed, just before the removal: vm/vm.py Vm.destroy).  No event says when
+# (v1 has none): short sleeps, then the failure is the caller's.
+RMDIR_PATIENCE = 1.0
 
 
 def cpulist(cpus: Iterable[int]) -> str:
@@ -191,21 +197,38 @@ class CpusetBackend:
                 removed.append(inst.name)
         return removed
 
-    def _rmtree(self, directory: Path) -> None:
+    def _rmtree(self, directory: Path, patience: float = 0.0, strict: bool = False) -> None:
         """Depth-first rmdir (cgroup directories hold only kernel files).
         Tolerates a concurrent remover: another daemon's start may be
-        cleaning the same stale instance."""
+        cleaning the same stale instance.  ``patience``: seconds an EBUSY
+        directory is retried (see RMDIR_PATIENCE); ``strict``: a directory
+        left raises its OSError instead of a warning."""
         try:
             children = [c for c in directory.iterdir() if c.is_dir()]
         except FileNotFoundError:
             return
         for child in children:
-            self._rmtree(child)
-        try:
-            directory.rmdir()
-        except OSError as e:
-            if e.errno != errno.ENOENT:
+            self._rmtree(child, patience, strict)
+        start = time.monotonic()
+        deadline, pause = start + patience, 0.0005
+        while True:
+            try:
+                directory.rmdir()
+                if pause > 0.0005:
+                    log.debug("cgroup %s removed after %.1f ms of EBUSY", directory,
+                              (time.monotonic() - start) * 1000)
+                return
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.02)
+                    continue
+                if strict:
+                    raise
                 log.warning("could not remove cgroup %s: %s", directory, e)
+                return
 
     def close(self) -> None:
         """v1: remove this instance's directory.  v2: the process itself lives
@@ -241,6 +264,7 @@ class VmCpuset:
         self._written: dict[Path, str] = {}
         self._placed: dict[int, tuple[int, frozenset[int], frozenset[int]]] = {}
         self._ensured = False
+        self._ensured_once = False
         self._ensure()
 
     def forget(self) -> None:
@@ -259,6 +283,12 @@ class VmCpuset:
         if self._ensured:
             return
         backend = self.backend
+        if not self._ensured_once and self.path.exists():
+            # Left by an earlier VM of this name whose release failed: its vcpuN
+            # children hold the old CPUs, and v1 refuses (EBUSY) to narrow this
+            # directory below them.  Gone, or this VM is refused (OSError).
+            backend._rmtree(self.path, RMDIR_PATIENCE, strict=True)
+        self._ensured_once = True
         if backend.version == 1:
             backend.widen_ancestors()
             if not self.path.exists():
@@ -343,10 +373,11 @@ class VmCpuset:
             return False
 
     def remove(self) -> None:
-        """After the vCPU threads have ended: the directories are empty."""
+        """After the vCPU threads have ended: the directories are empty, or
+        soon (RMDIR_PATIENCE); OSError when one is still busy after that."""
         self._vcpus.clear()
         self.forget()
-        self.backend._rmtree(self.path)
+        self.backend._rmtree(self.path, RMDIR_PATIENCE, strict=True)
 
 
 def _make_threaded(directory: Path) -> None:

@@ -9,7 +9,13 @@ Order matters here and is the reason this file exists:
    only once the name is owned: a client activated by the name never sees a
    half-started daemon;
 4. on SIGTERM: STOPPING=1, the name is released first (no new calls), then
-   the VMs are stopped and every fd closed.
+   the VMs are stopped and every fd closed;
+5. guests outlive the process (kvmnumad/handover.py): fds inherited from an
+   earlier process are taken before anything else opens fds, each VM comes
+   back on its memory before the name is requested, and what nobody claims
+   is released.  Under systemd every memfd is in the fd store from its
+   creation on, and SIGTERM pauses and saves every VM there; Reexec() does the
+   same across an exec of this very process.
 """
 
 from __future__ import annotations
@@ -29,7 +35,11 @@ from typing import TYPE_CHECKING
 
 from dbus_fast.aio import MessageBus
 
-from kvmnumad import __version__, persist, quotas, sdnotify
+from kvmnumad import __version__, handover, persist, quotas, sdnotify
+from kvmnumad.adopt import autoadopt
+from kvmnumad.adopt.autoadopt import AutoAdopter
+from kvmnumad.adopt.records import AdoptionRecords
+from kvmnumad.adopt.watch import ExitWatcher
 from kvmnumad.bus.auth import Authorizer, make_authorizer
 from kvmnumad.bus.service import connect, start_service
 from kvmnumad.demo import create_demo
@@ -117,11 +127,24 @@ async def serve(args: argparse.Namespace) -> int:
     # It re-reads the quotas (quotas.conf in --config-dir).
     manager_ref: list[Manager] = []
     loop.add_signal_handler(signal.SIGHUP, _on_sighup, manager_ref, args.config_dir)
+    reexec_wanted: list[bool] = []
+
+    def request_reexec() -> None:
+        reexec_wanted.append(True)
+        stop.set()
+
+    # First, before any other fd is opened: what an earlier process left.
+    inherited = handover.Inherited.from_environ()
+    record = inherited.take_record()
+    under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
 
     private = None
     bus_spec = args.bus
     if bus_spec == "private":
-        private = PrivateBus()
+        if record is not None and record.private_bus is not None:
+            private = PrivateBus.adopt(**record.private_bus)  # our own bus, kept across Reexec
+        else:
+            private = PrivateBus()
         bus_spec = private.address
     state_dir = args.state_dir
     if state_dir is None and args.bus == "system":
@@ -133,6 +156,8 @@ async def serve(args: argparse.Namespace) -> int:
     hotplug = None
     sampler: SamplingTimer | None = None
     metrics: Metrics | None = None  # (the type only: imported when configured)
+    exits: ExitWatcher | None = None
+    adopter: AutoAdopter | None = None
     repins = RepinQueue(lambda reason: manager_ref[0].on_topology_changed(reason) if manager_ref else None)
     try:
         sdnotify.notify("STATUS=starting")
@@ -145,19 +170,36 @@ async def serve(args: argparse.Namespace) -> int:
         manager = Manager(args.kvm)
         _load_quotas(manager, args.config_dir)  # before any caller can create a VM
         manager_ref.append(manager)
+        if under_systemd:
+            # Before the first VM exists (restored ones included): a crash at
+            # any later point finds every memfd in the store.
+            manager.subscribe(handover.FdStore(manager))
+        resumed: list[str] = []
+        if record is not None:
+            # A paused handover: each VM continues on its memory with its vCPU state.
+            resumed = await asyncio.to_thread(handover.restore_record, manager, record, inherited)
         if state_dir is not None:
             # Saved VMs come back before the name is requested: a client that
             # finds org.kvmnuma1 finds every VM it had.  Persistence is wired
             # only after restore, so a failed restore rewrites nothing.
             store = StateStore(state_dir)
-            known = await asyncio.to_thread(persist.restore, manager, store)
+            crash = handover.CrashResume(inherited)  # memfds kept by the fd store through a crash
+            known = await asyncio.to_thread(persist.restore, manager, store, crash, frozenset(resumed))
+            crash.finish(manager)
             manager.subscribe(persist.Persister(manager, store, known))
+            adoptions = AdoptionRecords(manager, state_dir)  # processes adopted before, if still there
+            await asyncio.to_thread(adoptions.reattach)
+            manager.subscribe(adoptions)
             restored = [vm.name for vm in manager.list_vms()]
             if restored:
                 log.info("restored VMs: %s", ", ".join(restored))
+        inherited.release_rest()  # memory of VMs whose definition is gone: freed, not leaked
+        exits = ExitWatcher(manager, loop)  # adopted VMs go when their processes do
         bus = await connect(bus_spec)
         service = await start_service(manager, bus, await _authorizer(bus, args.bus))
         sampler, metrics = _start_sampling(loop, manager, service.publish_sample, args)
+        service.on_reexec = request_reexec
+        adopter = await _start_auto_adopt(manager, args.config_dir, loop)
         if args.demo:
             await asyncio.to_thread(create_demo, manager)
         if args.address_file:
@@ -170,7 +212,11 @@ async def serve(args: argparse.Namespace) -> int:
             _print_howto(private.address)
         lost = await _until_stopped_or_lost(stop, bus)
         watchdog.stop()
-        sdnotify.notify("STOPPING=1", "STATUS=stopping" if lost is None else f"STATUS=bus lost: {lost}")
+        if reexec_wanted and lost is None:
+            log.info("re-executing in place, keeping %d VM(s)", len(manager.list_vms()))
+            sdnotify.notify("RELOADING=1", "STATUS=re-executing, VMs paused")
+        else:
+            sdnotify.notify("STOPPING=1", "STATUS=stopping" if lost is None else f"STATUS=bus lost: {lost}")
         if lost is not None:
             # Unreachable is not alive: exit non-zero so that systemd's
             # Restart=on-failure brings the daemon (and its saved VMs) back.
@@ -183,6 +229,10 @@ async def serve(args: argparse.Namespace) -> int:
             sampler.close()
         if metrics is not None:
             metrics.close()
+        if adopter is not None:
+            adopter.stop()
+        if exits is not None:
+            exits.close()
         if hotplug is not None:
             hotplug.stop()
         await repins.drain()
@@ -192,8 +242,21 @@ async def serve(args: argparse.Namespace) -> int:
             bus.disconnect()  # before its private dbus-daemon goes away
             with contextlib.suppress(Exception):
                 await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        saved = None
+        if manager is not None and (reexec_wanted or under_systemd):
+            # The name is gone already: pause and save each VM only now, so
+            # that its pause is as short as the hand-over itself.
+            saved = await asyncio.to_thread(handover.prepare, manager)
+            if not reexec_wanted:
+                handover.to_fd_store(saved)  # systemctl restart: the next process resumes them
         if manager is not None:
             await asyncio.to_thread(manager.shutdown)
+        if saved is not None and reexec_wanted:
+            if private is not None:
+                saved.record.private_bus = private.describe()
+            handover.reexec(saved)  # does not return
+        if saved is not None:
+            saved.close()
         if private is not None:
             private.close()
 
@@ -219,6 +282,25 @@ def _start_sampling(loop: asyncio.AbstractEventLoop, manager: Manager, publish: 
     manager.subscribe(lambda event: timer.wake() if isinstance(event, VmAdded) else None)
     timer.start()
     return timer, metrics
+
+
+async def _start_auto_adopt(manager: Manager, config_dir: Path,
+                            loop: asyncio.AbstractEventLoop) -> AutoAdopter | None:
+    """Auto-adopt (kvmnumad/adopt/autoadopt.py) when adopt.conf asks for it."""
+    try:
+        config = await asyncio.to_thread(autoadopt.load, config_dir)
+    except (OSError, ValueError) as e:
+        log.error("auto-adopt off: %s", e)
+        return None
+    if not config.enabled:
+        return None
+    adopter = AutoAdopter(manager, config)
+    try:
+        adopter.start(loop)
+    except OSError as e:  # no CAP_NET_ADMIN: the proc connector refuses
+        log.warning("auto-adopt off: the proc connector refused (%s)", e)
+        return None
+    return adopter
 
 
 def _on_sighup(manager_ref: list[Manager], config_dir: Path) -> None:

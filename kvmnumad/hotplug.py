@@ -16,9 +16,13 @@ from collections.abc import Callable
 
 import pyudev
 
+from kvmnumad import errors
+
 log = logging.getLogger(__name__)
 
 SUBSYSTEMS = ("cpu", "memory", "node")
+# Re-runs of a re-pin that met a CPU going offline under it, before that counts as a failure.
+RACE_RETRIES = 3
 _INTERESTING = {"online", "offline", "add", "remove", "change"}
 
 
@@ -105,11 +109,24 @@ class RepinQueue:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        raced = 0
         while self._pending:
             reason = ", ".join(dict.fromkeys(self._pending))
             self._pending.clear()
             try:
                 await asyncio.to_thread(self._handler, reason)
+                raced = 0
+            except errors.CpuOffline as e:
+                # The topology moved between the re-pin's read and its write (the
+                # hotplug storm: a second CPU going offline in the same burst, its
+                # uevent not yet read).  Not a failure: read the topology again.
+                raced += 1
+                if raced > RACE_RETRIES:
+                    log.error("re-pinning after %s kept meeting CPUs going offline: %s", reason, e)
+                    raced = 0
+                else:
+                    log.info("re-pinning after %s raced CPU hotplug (%s); re-reading the topology", reason, e)
+                    self._pending.append(reason)
             except Exception:
                 log.exception("re-pinning after %s failed", reason)
 

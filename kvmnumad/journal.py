@@ -34,6 +34,8 @@ vm-stopped        e9cfd7dd410f45c1adfd40af2c3bf078  vCPUs stopped
 topology-changed  c52c477987f24cd5bceb6a08d0ad144c  host CPUs went on/offline
 state-corrupt     2c4bccf95d774fbf80f7427fa5979669  a saved VM definition was unreadable
 decision          8bf6b4d99a53451088e33cb752e8230a  a placement decided, with its rule and numbers
+vm-resumed        af1e4d4f20744d998027136df341d1cf  VM continued after a restart: same memory, same vCPU state
+vm-restarted      41b5e153033f4100bdb27b09a7760262  vCPUs from entry on kept memory (after a crash)
 ================  ================================  =================================
 
 Without a journal (a terminal, a container) the same fields are appended to
@@ -69,6 +71,8 @@ class EventKind(enum.StrEnum):
     TOPOLOGY_CHANGED = "topology-changed"
     STATE_CORRUPT = "state-corrupt"
     DECISION = "decision"
+    VM_RESUMED = "vm-resumed"
+    VM_RESTARTED = "vm-restarted"
 
 
 MESSAGE_IDS: dict[EventKind, str] = {
@@ -81,6 +85,8 @@ MESSAGE_IDS: dict[EventKind, str] = {
     EventKind.VM_STARTED: "47d912bc9faf4383888ec1f7a810afe8",
     EventKind.VM_STOPPED: "e9cfd7dd410f45c1adfd40af2c3bf078",
     EventKind.TOPOLOGY_CHANGED: "c52c477987f24cd5bceb6a08d0ad144c",
+    EventKind.VM_RESUMED: "af1e4d4f20744d998027136df341d1cf",
+    EventKind.VM_RESTARTED: "41b5e153033f4100bdb27b09a7760262",
     EventKind.STATE_CORRUPT: "2c4bccf95d774fbf80f7427fa5979669",
     EventKind.DECISION: "8bf6b4d99a53451088e33cb752e8230a",
 }

@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 
 import psutil
 
-from kvmnumad import __version__, cpulist, errors, placement, report
+from kvmnumad import __version__, cpulist, crashpoints, errors, headroom, placement, report
+from kvmnumad.adopt import discovery
+from kvmnumad.adopt.vm import AdoptedVm, is_adopted
 from kvmnumad.cgroups import CpusetBackend
 from kvmnumad.events import DefaultPolicyChanged, Event, TopologyChanged, VcpuRepinned, VmAdded, VmRemoved
 from kvmnumad.journal import log_event
@@ -27,15 +30,18 @@ from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.errors import KvmError
 from kvmnumad.kvm.ioctls import Cap
 from kvmnumad.kvm.system import Kvm
+from kvmnumad.libc import PAGE_SIZE
 from kvmnumad.model import CreateOptions, Policy
+from kvmnumad.numa.memory import pages_per_node
 from kvmnumad.numa.topology import HostTopology, read_free_memory, read_topology, with_free_memory
 from kvmnumad.optimizer import explain, sample, suggest
 from kvmnumad.optimizer.model import HostNodeSample, Sample
 from kvmnumad.quotas import Quotas, Usage
-from kvmnumad.request import Limits, validate_request
+from kvmnumad.request import Limits, check_vm_name, validate_request
 from kvmnumad.vm import Vm
 from kvmnumad.vm.definition import VmDefinition
 from kvmnumad.vm.layout import GUEST_RAM_BASE, MAX_PAYLOAD
+from kvmnumad.vm.saved import Recovery, Resume
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,10 @@ class Manager:
         self._lock = threading.RLock()
         self._vms: dict[str, Vm] = {}
         self._creating: set[str] = set()
+        # name -> [lock, holders]: create, restore and destroy of one name run one
+        # at a time, each through to its event (which persistence turns into the
+        # state file), so no two of them interleave their files (finding 7)
+        self._names: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._subscribers: list[Callable[[Event], None]] = []
         self._default_policy = Policy.MANUAL
         self._quotas = Quotas()
@@ -188,7 +198,17 @@ class Manager:
 
     def admit_memory(self, uid: int, size: int) -> contextlib.AbstractContextManager[None]:
         """For a VM adding a region after creation (SetupNumaMemory)."""
+        headroom.check_memory(f"a region of {size} bytes", size, self._untouched_bytes())
         return self._admit(uid, Usage(memory=size, regions=1))
+
+    def _untouched_bytes(self) -> int:
+        """Guest memory promised to VMs and not resident yet.  Read without the
+        VMs' locks, as usage() does: the caller holds one VM's lock already."""
+        total = 0
+        for vm in self.list_vms():
+            for r in list(vm.memory.regions):
+                total += r.size - sum(pages_per_node(r.mem.hva, r.size).values()) * PAGE_SIZE
+        return total
 
     # ------------------------------------------------------------------ VMs
     def get_vm(self, name: str) -> Vm:
@@ -214,7 +234,10 @@ class Manager:
             # existing VMs were promised and have not touched yet (measure_load).
             topo = with_free_memory(topo, self._read_free_memory())
         busy = psutil.cpu_percent(percpu=True, interval=None)  # since the previous plan; idle at first
-        return placement.plan(topo, report.measure_load(topo, self.list_vms(), busy), req)
+        load = report.measure_load(topo, self.list_vms(), busy)
+        # the daemon's memory cgroup (MemoryMax=) may be tighter than the nodes
+        headroom.check_memory(f"a VM of {memory_bytes} bytes", memory_bytes, sum(load.node_bytes.values()))
+        return placement.plan(topo, load, req)
 
     def plan_vm(self, vcpus: int, memory_bytes: int, options: CreateOptions) -> placement.Plan:
         """What create_vm would do with the same request, making nothing."""
@@ -229,8 +252,24 @@ class Manager:
         validate_request(self.topology(), self.limits(), name=name, vcpus=vcpus, memory_bytes=memory_bytes,
                          options=options)
         regions = max(options.numa_nodes, 1) if memory_bytes else 0
-        with self._admit(owner, Usage(1, vcpus, memory_bytes, regions)):
+        with self._admit(owner, Usage(1, vcpus, memory_bytes, regions)), self._name_held(name):
             return self._create(name, vcpus, memory_bytes, options, owner)
+
+    @contextlib.contextmanager
+    def _name_held(self, name: str) -> Iterator[None]:
+        """The one lifecycle call of ``name`` in progress; others of the same
+        name wait for it (at most as long as it takes), other names do not."""
+        with self._lock:
+            lock, holders = self._names.setdefault(name, (threading.Lock(), [0]))
+            holders[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                holders[0] -= 1
+                if not holders[0]:
+                    del self._names[name]  # bounded by the calls in flight
 
     def _create(self, name: str, vcpus: int, memory_bytes: int, options: CreateOptions, owner: int) -> Vm:
         payload = None
@@ -243,6 +282,7 @@ class Manager:
                 raise errors.InvalidArgument(f"payload: {why}") from e
         policy = options.policy or self._default_policy
         plan = self._plan(vcpus, memory_bytes, options)  # refused here, before any kernel object exists
+        crashpoints.reached("create.planned")
 
         def build(vm: Vm) -> None:
             self._apply_plan(vm, plan, memory_bytes, options)
@@ -258,7 +298,7 @@ class Manager:
         return vm
 
     def _build(self, name: str, vcpus: int, *, owner: int, policy: Policy, passes: int,
-               payload: bytes | None, setup: Callable[[Vm], None]) -> Vm:
+               payload: bytes | None, setup: Callable[[Vm], None], resume: Resume | None = None) -> Vm:
         """Make, set up and register a VM, all or nothing: a failure anywhere
         releases every kernel object and cgroup made for it."""
         with self._lock:
@@ -267,11 +307,14 @@ class Manager:
             self._creating.add(name)
         try:
             kvm = self._kvm_handle()
-            cpuset = self.cpusets.vm_cpuset(name) if self.cpusets is not None else None
+            try:
+                cpuset = self.cpusets.vm_cpuset(name) if self.cpusets is not None else None
+            except OSError as e:
+                raise errors.Busy(f"VM {name!r}: its cpuset cgroup cannot be made: {e}", vm=name) from e
             try:
                 vm = Vm(name, kvm, vcpus, self.topology, lambda event: None, owner=owner, policy=policy,
                         payload=payload, passes=passes, max_slots=kvm.check_extension(Cap.NR_MEMSLOTS) or 32,
-                        cpuset=cpuset)
+                        cpuset=cpuset, adopt=resume.memfds if resume is not None else None)
             except BaseException:
                 if cpuset is not None:
                     cpuset.remove()
@@ -281,6 +324,7 @@ class Manager:
             except BaseException:
                 vm.destroy()
                 raise
+            crashpoints.reached("create.built")
             with self._lock:
                 self._vms[name] = vm
         finally:
@@ -308,12 +352,14 @@ class Manager:
             bound = v.guest_node if guest_nodes and v.cpus == self.topology().cpus_of_node(host) else None
             vm.apply_declared(v.vcpu, frozenset(v.cpus), bound)
 
-    def restore_vm(self, d: VmDefinition, payload: bytes | None = None) -> Vm:
+    def restore_vm(self, d: VmDefinition, payload: bytes | None = None, resume: Resume | None = None) -> Vm:
         """Recreate a saved VM with its layout, regions and declared placement,
         all or nothing, held to the same rules as a new request.  ``payload``:
         the VM's own flat binary as saved; it must be the one the definition
         names (its SHA-256), else the VM is not restored rather than run with
-        other code than it had."""
+        other code than it had.  ``resume``: the memfds (and vCPU states) of
+        the same VM in an earlier process of the daemon (vm/saved.py)."""
+        recovery = resume.recovery if resume is not None else Recovery.NONE
         memory = sum(r.size for r in d.regions)
         validate_request(self.topology(), self.limits(), name=d.name, vcpus=d.vcpus, memory_bytes=0,
                          options=CreateOptions(policy=d.policy, passes=d.passes))
@@ -335,25 +381,47 @@ class Manager:
             for p in d.vcpu_placement:
                 cpus = frozenset(p.declared or ()) & online or None  # what is left online; None: unpinned
                 vm.apply_declared(p.vcpu, cpus, p.bound_node)
+            if resume is not None:
+                vm.resume_vcpus(resume.vcpus or [], recovery)
             if d.running:
                 vm.start()
 
-        vm = self._build(d.name, d.vcpus, owner=d.owner, policy=d.policy, passes=d.passes, payload=payload,
-                         setup=setup)
-        log_event("vm-created", f"VM {d.name} restored: {d.vcpus} vCPUs, {memory} bytes, "
-                  f"{d.numa_nodes} guest nodes, policy {d.policy}", vm=d.name, reason="restore")
-        self._record_restore(vm)
-        self._emit(VmAdded(d.name))
-        return vm
+        with self._name_held(d.name):  # through to VmAdded, which persistence may turn into a file
+            vm = self._build(d.name, d.vcpus, owner=d.owner, policy=d.policy, passes=d.passes,
+                             payload=payload, setup=setup, resume=resume)
+            log_event("vm-created", f"VM {d.name} restored: {d.vcpus} vCPUs, {memory} bytes, "
+                      f"{d.numa_nodes} guest nodes, policy {d.policy}"
+                      + (f", {recovery}" if recovery else ""), vm=d.name, reason="restore")
+            self._record_restore(vm)
+            self._emit(VmAdded(d.name))
+            return vm
 
     def destroy_vm(self, name: str) -> None:
-        with self._lock:
-            vm = self.get_vm(name)
-            del self._vms[name]
-        vm.destroy()
-        self.decisions.forget(name)
-        log_event("vm-destroyed", f"VM {name} destroyed", vm=name, reason="api")
-        self._emit(VmRemoved(name))
+        """Off the API, released, and announced (persistence removes the
+        definition) as one step of this name: a release that fails half-way
+        still ends in VmRemoved, so a VM gone from the API never comes back
+        after a restart; the failure is then reported as Internal."""
+        with self._name_held(name):
+            with self._lock:
+                vm = self.get_vm(name)
+                if is_adopted(vm):
+                    vm.refuse_destroy()  # type: ignore[attr-defined]  # (raises Busy: not ours to destroy)
+                del self._vms[name]
+            crashpoints.reached("destroy.unlisted")
+            failure: Exception | None = None
+            try:
+                vm.destroy()
+                crashpoints.reached("destroy.released")
+            except Exception as e:  # everything else was released (Vm.destroy); say what was not
+                log.exception("releasing VM %s", name)
+                failure = e
+            self.decisions.forget(name)
+            failed = f", its release failed: {failure}" if failure is not None else ""
+            log_event("vm-destroyed", f"VM {name} destroyed{failed}", vm=name, reason="api")
+            self._emit(VmRemoved(name))
+        if failure is not None:
+            raise errors.Internal(f"VM {name!r} is destroyed and its definition removed, but its release "
+                                  f"failed: {failure}", vm=name) from failure
 
     # ------------------------------------------------------------------ hotplug
     def on_topology_changed(self, reason: str) -> list[tuple[str, int, list[int]]]:
@@ -397,6 +465,80 @@ class Manager:
             self._kvm = None
         if self.cpusets is not None:
             self.cpusets.close()
+
+    # ------------------------------------------------------------------ adopted processes
+    def adopt_process(self, pid: int, options: discovery.AdoptOptions, owner: int = 0,
+                      declared: Callable[[AdoptedVm], None] | None = None) -> AdoptedVm:
+        """Adopt a running VMM process as a VM (kvmnumad/adopt/).  The pidfd
+        is opened first, so the pid cannot be reused under the discovery;
+        every refusal comes before anything of the process was changed, and
+        a placement that fails half-way restores the affinities it found.
+        ``declared``: a placement to apply instead of the policy's (restore)."""
+        discovery.check_adoptable(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise errors.InvalidArgument(f"no process {pid}", pid=pid) from None
+        name: str | None = None  # set once reserved in _creating
+        try:
+            found = discovery.discover(pid, options)
+            wanted = check_vm_name(options.name or discovery.default_name(found))
+            with self._lock:
+                for other in self._vms.values():
+                    if isinstance(other, AdoptedVm) and (other.pid, other.start_time) == (
+                            pid, found.start_time):
+                        raise errors.AlreadyExists(f"process {pid} is adopted already, as VM {other.name!r}",
+                                                   vm=other.name, pid=pid)
+                if wanted in self._vms or wanted in self._creating:
+                    raise errors.AlreadyExists(f"a VM named {wanted!r} exists already", vm=wanted)
+                self._creating.add(wanted)
+                name = wanted
+            policy = options.policy or Policy.MANUAL
+            # Held to the owner's quotas like a VM of its own (it counts in usage() from then on)
+            size = sum(r.size for r in found.regions)
+            with self._admit(owner, Usage(1, len(found.vcpus), size, len(found.regions))):
+                vm = AdoptedVm(name, found, pidfd, self.topology, owner=owner, policy=policy, options=options)
+                before = vm.vcpu_affinity()
+                try:
+                    if declared is not None:
+                        declared(vm)
+                    elif policy != Policy.MANUAL:
+                        vm.bind_all()
+                except BaseException:
+                    for (_i, cpus), v in zip(before, vm.vcpus, strict=True):
+                        with contextlib.suppress(OSError):
+                            os.sched_setaffinity(v.tid, cpus)
+                    raise
+                with self._lock:
+                    self._vms[name] = vm  # type: ignore[assignment]  # an AdoptedVm answers as a Vm does
+        except BaseException:
+            os.close(pidfd)
+            raise
+        finally:
+            if name is not None:
+                with self._lock:
+                    self._creating.discard(name)
+        vm.publish(self._emit)
+        log_event("vm-created", f"VM {name} adopted: {found.vmm or 'VMM'} process {pid} ({found.comm}), "
+                  f"{len(found.vcpus)} vCPUs, {vm.memory_bytes} bytes in {len(found.regions)} mapping(s), "
+                  f"{found.numa_nodes} guest nodes (layout from {found.source}), policy {policy}",
+                  vm=name, reason="adopt")
+        self._emit(VmAdded(name))
+        return vm
+
+    def release_vm(self, name: str, reason: str = "api") -> None:
+        """Let an adopted VM go, leaving its threads and memory where they are."""
+        with self._lock:
+            vm = self.get_vm(name)
+            if not isinstance(vm, AdoptedVm):
+                raise errors.InvalidArgument(f"VM {name!r} is kvmnumad's own, not adopted: DestroyVM ends it",
+                                             vm=name)
+            del self._vms[name]
+        vm.release()
+        self.decisions.forget(name)
+        log_event("vm-destroyed", f"adopted VM {name} released ({reason}): {vm.vmm or 'VMM'} process "
+                  f"{vm.pid}", vm=name, reason=reason)
+        self._emit(VmRemoved(name))
 
     # ------------------------------------------------------------------ optimizer
     def take_sample(self) -> Sample | None:

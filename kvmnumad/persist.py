@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 
-from kvmnumad import errors
+from kvmnumad import crashpoints, errors
+from kvmnumad.adopt.vm import is_adopted
 from kvmnumad.events import Event, VmAdded, VmChanged, VmRemoved
 from kvmnumad.manager import Manager
 from kvmnumad.state import StateStore
 from kvmnumad.vm.definition import VmDefinition
+from kvmnumad.vm.saved import Resume
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +40,22 @@ class Persister:
             with self._lock:
                 self._written.pop(event.vm, None)
                 self._store.remove(event.vm)
+            crashpoints.reached("persist.removed")
 
     def _save(self, name: str) -> None:
         try:
-            definition = self._manager.get_vm(name).definition()
+            vm = self._manager.get_vm(name)
+            if is_adopted(vm):
+                return  # not a VM we can make: kvmnumad/adopt/records.py keeps adoptions
+            definition = vm.definition()
         except errors.NoSuchVM:
             return  # destroyed meanwhile: its VmRemoved follows
         with self._lock:
+            try:
+                if self._manager.get_vm(name) is not vm:
+                    return  # destroyed and made anew meanwhile: the new VM's own events save it
+            except errors.NoSuchVM:
+                return  # destroyed meanwhile: writing now would bring it back after a restart
             written = self._written.get(name)
             if written == definition:
                 return
@@ -56,6 +68,7 @@ class Persister:
                 log.exception("could not save the definition of VM %s", name)
                 return
             self._written[name] = definition
+        crashpoints.reached("persist.saved")
 
 
     def _save_payload(self, name: str, sha256: str) -> None:
@@ -66,11 +79,15 @@ class Persister:
         self._store.save_payload(name, payload)
 
 
-def restore(manager: Manager, store: StateStore) -> dict[str, VmDefinition]:
+def restore(manager: Manager, store: StateStore,
+            resume_of: Callable[[VmDefinition], Resume | None] | None = None,
+            skip: frozenset[str] = frozenset()) -> dict[str, VmDefinition]:
     """Recreate every saved VM; returns every definition read (restored or
     not), which is what is on disk.  A definition that cannot be parsed is
     moved aside by the store; one that cannot be restored now (a host node
-    short of memory, a CPU gone) is logged and its file left as it was."""
+    short of memory, a CPU gone) is logged and its file left as it was.
+    ``resume_of``: what an earlier process of the daemon left of a VM (its
+    memfds, kvmnumad/handover.py); ``skip``: VMs already back by other means."""
     known: dict[str, VmDefinition] = {}
     for raw in store.load_all():
         try:
@@ -83,8 +100,13 @@ def restore(manager: Manager, store: StateStore) -> dict[str, VmDefinition]:
                           raw.get("name"), e, aside)
             continue
         known[d.name] = d
+        if d.name in skip:
+            continue
+        resume = resume_of(d) if resume_of is not None else None
         try:
-            manager.restore_vm(d, store.load_payload(d.name) if d.payload_sha256 is not None else None)
+            payload = store.load_payload(d.name) if d.payload_sha256 is not None else None
+            manager.restore_vm(d, payload, resume)
+            crashpoints.reached("restore.restored")
         except Exception as e:
             level = logging.WARNING if isinstance(e, errors.KvmnumaError) else logging.ERROR
             log.log(level, "could not restore VM %s (its definition is kept): %s", d.name, e,

@@ -127,6 +127,22 @@ class PrivateBus:
         self.address = out.stdout.strip().splitlines()[0]
         self.pid = int(out.stderr.strip().splitlines()[-1])
 
+    @classmethod
+    def adopt(cls, address: str, pid: int, directory: str) -> PrivateBus:
+        """The bus an earlier exec of this daemon started (Reexec): served on
+        again, and closed by this process in the end, as if it had made it."""
+        bus = cls.__new__(cls)
+        bus._own_dir = True
+        bus.dir = Path(directory)
+        bus.socket = bus.dir / "bus.sock"
+        bus.address = address
+        bus.pid = pid
+        return bus
+
+    def describe(self) -> dict[str, str | int]:
+        """What adopt() needs."""
+        return {"address": self.address, "pid": self.pid, "directory": str(self.dir)}
+
     def close(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import os
@@ -57,6 +58,28 @@ def notify(*lines: str) -> bool:
             sock.sendto(payload, addr)
     except OSError as e:
         log.warning("sd_notify to %s failed: %s", raw, e)
+        return False
+    return True
+
+
+def notify_with_fds(lines: tuple[str, ...] | list[str], fds: list[int]) -> bool:
+    """sd_pid_notify_with_fds(3): one datagram with ``fds`` as SCM_RIGHTS,
+    for FDSTORE=1 (systemd keeps a dup of each until FDSTOREREMOVE=1 or the
+    unit is stopped for good).  Never raises, like notify()."""
+    raw = os.environ.get("NOTIFY_SOCKET")
+    if not raw:
+        return False
+    addr = _address(raw)
+    if addr is None:
+        log.warning("NOTIFY_SOCKET=%s: unsupported address kind", raw)
+        return False
+    payload = "\n".join(lines).encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                         if fds else [], 0, addr)
+    except OSError as e:
+        log.warning("sd_notify with %d fd(s) to %s failed: %s", len(fds), raw, e)
         return False
     return True
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvmnumad import crashpoints
 from kvmnumad.errors import InvalidArgument
 from kvmnumad.journal import EventKind, log_event
 from kvmnumad.request import check_vm_name
@@ -75,6 +76,7 @@ class StateStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            crashpoints.reached("state.written")
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -187,19 +187,21 @@ class WorkerPool(concurrent.futures.ThreadPoolExecutor):
         while True:
             with self._cond:
                 item = self._take()
+                # Idle since now: a wake-up that brings no item (another thread
+                # ending, a submit taken by a sibling) does not restart the
+                # clock, or a burst's threads would outlive it by one
+                # idle_timeout per thread.
+                idle_until = time.monotonic() + self.idle_timeout
                 while item is None:
-                    if self._closed:
+                    left = idle_until - time.monotonic()
+                    if self._closed or left <= 0:
                         self._nthreads -= 1
                         self._cond.notify_all()
                         return
                     self._nidle += 1
-                    signalled = self._cond.wait(self.idle_timeout)
+                    self._cond.wait(left)
                     self._nidle -= 1
                     item = self._take()
-                    if item is None and not signalled:
-                        self._nthreads -= 1
-                        self._cond.notify_all()
-                        return
                 # Another thread for what is still runnable, if none is idle.
                 if self._nidle == 0 and self._nthreads < self.max_workers + self.reserve and self._runnable():
                     self._start_thread()

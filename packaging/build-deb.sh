@@ -25,7 +25,7 @@ mkdir "$tree"
 # The working tree without what a developer's machine adds to it.
 tar -C "$src" --exclude=./.git --exclude=./.venv --exclude=./dist --exclude=./build \
     --exclude=__pycache__ --exclude='*.egg-info' --exclude=.mypy_cache --exclude=.ruff_cache \
-    --exclude=.pytest_cache -cf - . | tar -C "$tree" -xf -
+    --exclude=.pytest_cache --exclude=./.numa-guest --exclude=./.systemd-guest -cf - . | tar -C "$tree" -xf -
 cp -r "$src/packaging/debian" "$tree/debian"
 # pyproject.toml names README.md as the long description; setuptools refuses to build without it.
 [ -f "$tree/README.md" ] || echo "kvmnumad: KVM virtual machines with NUMA-aware placement" > "$tree/README.md"

@@ -23,6 +23,15 @@ STRUCTS: dict[type[ctypes.Structure], str] = {
     ioctls.KvmSregs: "kvm_sregs",
     ioctls.KvmUserspaceMemoryRegion: "kvm_userspace_memory_region",
     ioctls.KvmDirtyLog: "kvm_dirty_log",
+    ioctls.KvmFpu: "kvm_fpu",
+    ioctls.KvmXsave: "kvm_xsave",
+    ioctls.KvmXcr: "kvm_xcr",
+    ioctls.KvmXcrs: "kvm_xcrs",
+    ioctls.KvmMsrEntry: "kvm_msr_entry",
+    ioctls.KvmMsrs: "kvm_msrs",
+    ioctls.KvmLapicState: "kvm_lapic_state",
+    ioctls.KvmMpState: "kvm_mp_state",
+    ioctls.KvmVcpuEvents: "kvm_vcpu_events",
 }
 # kvm_run members inside its exit union: (Python sub-struct, C member prefix)
 RUN_EXITS: dict[str, type[ctypes.Structure]] = {

@@ -120,6 +120,7 @@ def test_unit_contract() -> None:
         "LimitNOFILE": ["524288"],
         "OOMPolicy": ["stop"],
         "ExecReload": ["/bin/kill -HUP $MAINPID"],
+        "FileDescriptorStoreMax": ["8192"],  # guest memfds kept through a restart (issue 13)
     }
     assert {k: s.get(k) for k in expected} == expected
     assert "PrivateDevices" not in s  # a private /dev has no /dev/kvm

@@ -20,21 +20,21 @@ must never pass because an earlier one did.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from kvmnumad.errors import AccessDenied, Internal, NoSuchVM
+from kvmnumad.errors import AccessDenied, Internal
+from kvmnumad.vm import Vm
 
 log = logging.getLogger(__name__)
 
 ACTION_MANAGE = "org.kvmnuma1.manage"  # create, destroy, start, stop
 ACTION_PLACE = "org.kvmnuma1.place"  # affinity, binding, guest NUMA, NUMA memory, DefaultPolicy
 ACTION_MIGRATE = "org.kvmnuma1.migrate-memory"  # MapNumaNode (it moves the node's memory, if any)
+ACTION_ADOPT = "org.kvmnuma1.adopt"  # AdoptProcess, ReleaseVM: another process's guest (admin only)
 
 # What the owner of a VM may do to it without polkit: action -> verbs (None: all)
 OWNER_MAY: dict[str, frozenset[str] | None] = {
@@ -42,6 +42,19 @@ OWNER_MAY: dict[str, frozenset[str] | None] = {
     ACTION_MIGRATE: None,  # the owner's memory, moved between nodes
     ACTION_MANAGE: frozenset({"start", "stop"}),
 }
+
+
+class VmDetails(NamedTuple):
+    """What a polkit rule may ask of the VM a call is about."""
+
+    owner: int
+    vcpus: int
+    memory_bytes: int
+
+    @classmethod
+    def of(cls, vm: Vm) -> VmDetails:
+        """Blocking (memory_bytes takes the VM's lock): run off the loop."""
+        return cls(vm.owner, vm.vcpu_count, vm.memory_bytes)
 
 
 class PolkitChecker(Protocol):
@@ -68,10 +81,13 @@ class Authorizer(Protocol):
         owner: int | None = None,
         *,
         uid: int | None = None,
+        vm: VmDetails | None = None,
     ) -> None:
         """Return if allowed, raise kvmnumad.errors.AccessDenied if not.
         ``owner`` is the uid owning the VM concerned (None: no VM yet);
-        ``uid`` the caller's, when the caller knows it already (None: asked)."""
+        ``uid`` the caller's, when the caller knows it already (None: asked);
+        ``vm`` the facts of the VM concerned, as the caller read them when it
+        looked the VM up (None: no VM yet)."""
 
 
 def owner_may(action_id: str, verb: str | None) -> bool:
@@ -114,6 +130,7 @@ class BusAuthorizer:
         owner: int | None = None,
         *,
         uid: int | None = None,
+        vm: VmDetails | None = None,
     ) -> None:
         if uid is None:
             uid = await self.caller_uid(sender)
@@ -134,12 +151,6 @@ class BusAuthorizer:
             raise AccessDenied(f"uid {uid} is not authorized for {what}")
 
 
-class VmDetails(NamedTuple):
-    owner: int
-    vcpus: int
-    memory_bytes: int
-
-
 class WithVmDetails:
     """An Authorizer that gives polkit what a rule about a VM needs, then asks ``inner``.
 
@@ -148,12 +159,13 @@ class WithVmDetails:
     ``owner`` (uid owning the VM; for CreateVM the caller, who will own it),
     ``vcpus`` and ``memory_bytes`` (the VM's now; for CreateVM what is asked,
     declared on the method).  A rule can then say "only your own VMs" or "at
-    most 4 GiB" (dbus/org.kvmnuma1.policy lists them).  ``lookup`` is
-    blocking (the VM's lock): run off the loop."""
+    most 4 GiB" (dbus/org.kvmnuma1.policy lists them).  The VM's figures come
+    with the call (``vm``), read when the Dispatcher looked the VM up: a second
+    lookup here would cost a worker thread per call and could find another VM
+    made under the same name meanwhile."""
 
-    def __init__(self, inner: Authorizer, lookup: Callable[[str], VmDetails]) -> None:
+    def __init__(self, inner: Authorizer) -> None:
         self._inner = inner
-        self._lookup = lookup
 
     async def caller_uid(self, sender: str) -> int:
         return await self._inner.caller_uid(sender)
@@ -167,23 +179,19 @@ class WithVmDetails:
         owner: int | None = None,
         *,
         uid: int | None = None,
+        vm: VmDetails | None = None,
     ) -> None:
-        vm = details.get("vm")
-        if vm is not None:
+        if details.get("vm") is not None:
             details = dict(details)
             if owner is None:  # a VM to be made: its owner-to-be and the figures asked for
                 known = uid if uid is not None else await self._inner.caller_uid(sender)
                 details.setdefault("owner", str(known))
             else:
-                try:
-                    found = await asyncio.to_thread(self._lookup, vm)
-                except NoSuchVM:
-                    found = None  # destroyed meanwhile: the call itself answers that
                 details["owner"] = str(owner)
-                if found is not None:
-                    details.setdefault("vcpus", str(found.vcpus))
-                    details.setdefault("memory_bytes", str(found.memory_bytes))
-        await self._inner.authorize(sender, action_id, details, interactive, owner=owner, uid=uid)
+                if vm is not None:
+                    details.setdefault("vcpus", str(vm.vcpus))
+                    details.setdefault("memory_bytes", str(vm.memory_bytes))
+        await self._inner.authorize(sender, action_id, details, interactive, owner=owner, uid=uid, vm=vm)
 
 
 async def make_authorizer(bus: MessageBus, use_polkit: bool) -> BusAuthorizer:

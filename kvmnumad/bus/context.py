@@ -32,3 +32,8 @@ class BusContext(Protocol):
         PropertiesChanged); raises Internal if publishing one about ``path``
         failed meanwhile, which the caller must not miss."""
         ...
+
+    def request_reexec(self) -> None:
+        """Ask the daemon to re-execute itself keeping its VMs, after this
+        call's reply (Manager.Reexec); Busy when it cannot (not wired)."""
+        ...

@@ -17,16 +17,17 @@ details) and the VM's owner; the call itself; and, for a mutating member,
 the event barrier, so that the reply follows the PropertiesChanged the
 change caused.  Errors are translated in one place (``bus/errors.py``).
 
-Properties.Get/GetAll, the manager's GetManagedObjects and Peer stay with
-dbus-fast; Properties.Set of a writable property is ours too, because
-setting one is a mutation like any other.  So is what dbus-fast gets wrong
-about objects: a path with no object of ours answers UnknownObject for every
-method, Introspect and Properties included (dbus-fast would introspect an
-empty node and list an empty GetManagedObjects there); ObjectManager is only
-where ``export(..., object_manager=True)`` put it (dbus-fast claims it on
-every object); Introspect of a path that only leads to objects lists its
-children, so that ``busctl tree`` still walks down.  Peer answers on any
-path, as the spec has it (it is about the connection, not an object).
+Properties.Get/GetAll and Peer stay with dbus-fast; GetManagedObjects is
+ours, from each object's property mirror in one pass; Properties.Set of a
+writable property is ours too, because setting one is a mutation like any
+other. So is what dbus-fast gets wrong about objects: a path with no object
+of ours answers UnknownObject for every method, Introspect and Properties
+included (dbus-fast would introspect an empty node and list an empty
+GetManagedObjects there); ObjectManager is only where ``export(...,
+object_manager=True)`` put it (dbus-fast claims it on every object);
+Introspect of a path that only leads to objects lists its children, so that
+``busctl tree`` still walks down. Peer answers on any path, as the spec has
+it (it is about the connection, not an object).
 
 Limits (issue 12 findings 4 and 8): a unique name has at most
 ``PER_SENDER`` calls in flight and a non-root uid at most ``PER_UID``; one
@@ -42,7 +43,8 @@ threads waits behind itself only.  A read-only call that took longer than
 answered to non-root callers from its last result for nine times as long
 as it took, and identical reads in flight share one run: what an
 unprivileged reader can make the daemon do costs at most a tenth of its
-time, whatever the rate.  Root always reads fresh.
+time, whatever the rate.  Root always reads fresh.  A call whose body is over
+64 KiB never gets here: bus/framing.py skips it unread and answers LimitReached.
 
 dbus-fast internals used: ``ServiceInterface._get_methods`` and the
 ``_Method`` fields ``name``, ``in_signature``, ``out_signature``, ``fn``,
@@ -69,11 +71,13 @@ from dbus_fast.signature import get_signature_tree
 
 from kvmnumad.bus.access import Access, access_of, declarations, parameters, setters
 from kvmnumad.bus.args import check_signature
+from kvmnumad.bus.auth import VmDetails
 from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.errors import DBUS_NAMES, UNKNOWN_INTERFACE, UNKNOWN_OBJECT, to_dbus_error
 from kvmnumad.bus.introspection import served
 from kvmnumad.bus.paths import OBJECT_MANAGER, vm_path
 from kvmnumad.errors import AccessDenied, Internal, InvalidArgument, LimitReached
+from kvmnumad.vm import Vm
 from kvmnumad.workers import CALLER, Caller, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -110,6 +114,7 @@ class Subject:
     vm: str | None
     owner: int | None
     path: str
+    target: Vm | None = None  # the VM itself, if the object has it: its figures go to polkit
 
 
 _CURRENT: contextvars.ContextVar[Call] = contextvars.ContextVar("kvmnumad_bus_call")
@@ -123,6 +128,7 @@ def current_call() -> Call:
 
 
 _INTROSPECTION: dict[type, intr.Interface] = {}
+_SIGNATURES: dict[type, dict[str, str]] = {}  # property -> its signature, per BusObject class
 
 
 class BusObject(ServiceInterface):
@@ -148,8 +154,11 @@ class BusObject(ServiceInterface):
         return _INTROSPECTION[cls]
 
     def variants(self) -> dict[str, Variant]:
-        """Every property as a Variant (InterfacesAdded)."""
-        sigs = {p.name: p.signature for p in self.introspect().properties}
+        """Every property as a Variant (InterfacesAdded, GetManagedObjects)."""
+        cls = type(self)
+        if cls not in _SIGNATURES:
+            _SIGNATURES[cls] = {p.name: p.signature for p in self.introspect().properties}
+        sigs = _SIGNATURES[cls]
         return {name: Variant(sigs[name], value) for name, value in self._props.items()}
 
     def publish(self, values: dict[str, Any]) -> None:
@@ -291,6 +300,9 @@ class Dispatcher:
             self._answer(msg, Message.new_error(msg, UNKNOWN_INTERFACE, f"{path} is not an ObjectManager "
                                                 f"({managers} is)"))
             return True
+        if msg.interface == OBJECT_MANAGER and msg.member == "GetManagedObjects" and not msg.signature:
+            self._answer(msg, Message.new_method_return(msg, "a{oa{sa{sv}}}", [self._managed_objects(path)]))
+            return True
         if msg.interface == PROPERTIES:
             return self._on_set_property(msg, ifaces)
         for name, (obj, table) in ifaces.items():
@@ -325,6 +337,16 @@ class Dispatcher:
             node = intr.Node(path)
         node.nodes = [intr.Node(child) for child in self._children(path)]
         return str(node.tostring())
+
+    def _managed_objects(self, path: str) -> dict[str, dict[str, dict[str, Variant]]]:
+        """Every object below ``path`` with each interface's properties, read
+        from the mirror each object keeps (one pass, one dict per interface).
+        dbus-fast's own handler asks every property getter through callbacks
+        and re-checks the whole reply for completeness after each interface:
+        quadratic in the number of VMs."""
+        prefix = path.rstrip("/") + "/"
+        return {p: {name: obj.variants() for name, (obj, _table) in ifaces.items()}
+                for p, ifaces in self._objects.items() if p.startswith(prefix)}
 
     def _on_set_property(self, msg: Message, ifaces: dict[str, tuple[BusObject, _Table]]) -> bool:
         if msg.member != "Set" or msg.signature != "ssv" or msg.body[0] not in ifaces:
@@ -361,7 +383,7 @@ class Dispatcher:
                 args[name] = access.checks[name](args[name])
         if access.action is None:
             return await self._read(obj, m, list(args.values()))
-        subject = await self._subject(obj, access, args)
+        subject, facts = await self._subject(obj, access, args)
         details = {"verb": access.verb, **{d: str(args[d]) for d in access.details}}
         if subject.vm is not None:
             details["vm"] = subject.vm
@@ -369,20 +391,29 @@ class Dispatcher:
         caller = CALLER.get()  # its uid is known already (_uid_of): no second round trip to the bus
         await self._context.authorizer.authorize(
             call.sender, access.action, details, call.interactive, owner=subject.owner,
-            uid=caller.uid if caller is not None else None,
+            uid=caller.uid if caller is not None else None, vm=facts,
         )
         async with self._context.settled(subject.path):
             return await m.fn(obj, *args.values())
 
-    async def _subject(self, obj: BusObject, access: Access, args: dict[str, Any]) -> Subject:
+    async def _subject(self, obj: BusObject, access: Access,
+                       args: dict[str, Any]) -> tuple[Subject, VmDetails | None]:
+        """What the call is about and, if a VM, its figures for polkit: one
+        lookup of the VM, off the loop (WithVmDetails asks for none of its own)."""
         if access.vm is not None:
             name: str = args[access.vm]
-            vm = await asyncio.to_thread(self._context.manager.get_vm, name)  # NoSuchVM before polkit
-            return Subject(name, vm.owner, vm_path(name))
+            facts = await asyncio.to_thread(self._facts, name)  # NoSuchVM before polkit
+            return Subject(name, facts.owner, vm_path(name)), facts
         if access.new_vm is not None:
             name = args[access.new_vm]
-            return Subject(name, None, vm_path(name))
-        return obj.subject()
+            return Subject(name, None, vm_path(name)), None
+        subject = obj.subject()
+        if subject.target is None:
+            return subject, None
+        return subject, await asyncio.to_thread(VmDetails.of, subject.target)
+
+    def _facts(self, name: str) -> VmDetails:
+        return VmDetails.of(self._context.manager.get_vm(name))
 
     def _refuse(self, what: str, why: str) -> NoReturn:
         call = current_call()

@@ -20,13 +20,15 @@ from dbus_fast import PropertyAccess
 from dbus_fast.service import dbus_property, method, signal
 
 from kvmnumad.bus.access import read_only, requires, setter
+from kvmnumad.bus.adopt_args import parse_adopt_options
 from kvmnumad.bus.args import check_name, optional_policy, parse_options, parse_policy, simple_options
-from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_PLACE
+from kvmnumad.bus.auth import ACTION_ADOPT, ACTION_MANAGE, ACTION_PLACE
 from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject, current_call
 from kvmnumad.bus.fds import PassedFd
 from kvmnumad.bus.paths import MANAGER_INTERFACE, MANAGER_PATH, vm_path
 from kvmnumad.bus.samples import action_rows
+from kvmnumad.errors import AccessDenied
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.placement import Plan
@@ -142,6 +144,16 @@ class ManagerObject(BusObject):
         opts = simple_options(numa_nodes, optional_policy(policy))
         return plan_body(await asyncio.to_thread(self._context.manager.plan_vm, vcpus, memory_bytes, opts))
 
+    @method()
+    @requires(ACTION_MANAGE, verb="reexec")
+    async def Reexec(self) -> None:
+        # Root only: the new process runs whatever program is installed now,
+        # so no polkit rule may hand this to anyone else.
+        uid = await self._context.authorizer.caller_uid(current_call().sender)
+        if uid != 0:
+            raise AccessDenied(f"Reexec is for root only, not uid {uid}", uid=uid)
+        self._context.request_reexec()
+
     # ---------------------------------------------------------- properties
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":
@@ -178,6 +190,19 @@ class ManagerObject(BusObject):
     @signal()
     def VcpuRepinned(self, vm: str, vcpu: int, cpus: list[int], reason: str) -> "suaus":
         return [vm, vcpu, cpus, reason]
+
+    # ------------------------------------------------------- adopted VMs
+    @method()
+    @requires(ACTION_ADOPT, verb="adopt", checks={"options": parse_adopt_options}, details=("pid",))
+    async def AdoptProcess(self, pid: "u", options: "a{sv}") -> "o":
+        owner = await self._context.authorizer.caller_uid(current_call().sender)
+        vm = await asyncio.to_thread(self._context.manager.adopt_process, pid, options, owner)
+        return vm_path(vm.name)
+
+    @method()
+    @requires(ACTION_ADOPT, verb="release", vm="name", checks={"name": check_name})
+    async def ReleaseVM(self, name: "s") -> None:
+        await asyncio.to_thread(self._context.manager.release_vm, name)
 
     # ------------------------------------------------- optimizer (issue 14)
     @method()

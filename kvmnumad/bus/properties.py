@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from kvmnumad.adopt.vm import adoption_of
 from kvmnumad.bus.samples import host_node_rows, residency_rows, vcpu_usage_rows
 from kvmnumad.errors import NoSuchVM
 from kvmnumad.events import Aspect
@@ -40,10 +41,16 @@ VM_PROPERTIES: dict[str, Callable[[Vm], Any]] = {
         [r.slot, r.gpa, r.size, r.guest_node, r.host_node] for r in vm.memory_regions()
     ],
     "Owner": lambda vm: vm.owner,
+    "Recovery": lambda vm: str(vm.recovery),
+    # An adopted VM (kvmnumad/adopt/): another process's guest, by which VMM
+    "Adopted": lambda vm: adoption_of(vm)[1] != 0,
+    "Vmm": lambda vm: adoption_of(vm)[0],
+    "ProcessId": lambda vm: adoption_of(vm)[1],
 }
 
 # Fixed when the VM is made (vCPU threads exist from then on).
-VM_CONSTANT = frozenset({"Name", "Vcpus", "Policy", "VcpuThreads", "Owner"})
+VM_CONSTANT = frozenset({"Name", "Vcpus", "Policy", "VcpuThreads", "Owner", "Recovery", "Adopted", "Vmm",
+                         "ProcessId"})
 
 ASPECT_PROPERTIES: dict[Aspect, frozenset[str]] = {
     Aspect.STATE: frozenset({"State"}),

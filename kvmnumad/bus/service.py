@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from dbus_fast import BusType, Message, NameFlag, RequestNameReply
+from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
-from kvmnumad.bus.auth import Authorizer, VmDetails, WithVmDetails
+from kvmnumad.bus.auth import Authorizer, WithVmDetails
 from kvmnumad.bus.dispatch import Dispatcher
+from kvmnumad.bus.errors import DBUS_NAMES
 from kvmnumad.bus.fds import take_fds
+from kvmnumad.bus.framing import LARGEST_CALL, BoundedSocket, RefusalLog, Refused
 from kvmnumad.bus.manager_object import ManagerObject
 from kvmnumad.bus.paths import (
     BUS_NAME,
@@ -41,7 +44,7 @@ from kvmnumad.bus.properties import (
 )
 from kvmnumad.bus.pump import EventPump
 from kvmnumad.bus.vm_object import VmObject
-from kvmnumad.errors import NoSuchVM
+from kvmnumad.errors import Busy, LimitReached, NoSuchVM
 from kvmnumad.events import (
     DefaultPolicyChanged,
     Event,
@@ -70,6 +73,36 @@ def _path_of(event: Event) -> str:
     return MANAGER_PATH
 
 
+class PatientSocket:
+    """The writer's socket, with a full send buffer meaning "wait", not "the bus is gone".
+
+    dbus-fast's writer (1.84 and 5.x alike) calls ``send`` on the
+    non-blocking socket and treats any exception as the end of the
+    connection: when dbus-daemon falls behind reading from us (a client
+    flooding calls and not reading their replies, on a loaded host) a send
+    that can write nothing raises BlockingIOError, the bus finalizes, and
+    the daemon exits as if its bus had died (tests/test_client_faults.py).
+    Returning 0 instead makes the writer do what it does for a short write:
+    keep the rest and wait for the socket to become writable.  ``sendmsg``
+    (fds) is left alone: the writer drops the fds after one call whatever it
+    returns, and this service sends no fds.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def send(self, data: Any) -> int:
+        try:
+            return int(self._sock.send(data))
+        except BlockingIOError:
+            return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class ServiceBus(MessageBus):
     """dbus-fast's MessageBus without the InterfacesAdded/Removed that its
     export() and unexport() send from the exported object's own path.
@@ -88,6 +121,31 @@ class ServiceBus(MessageBus):
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
         pass
 
+    async def _authenticate(self) -> None:
+        """The handshake, then the read side framed by BoundedSocket: both
+        dbus-fast versions build their reader on ``self._sock`` right after
+        this returns (bus/framing.py), so no message is read unframed."""
+        await super()._authenticate()
+        self._refusal_log = RefusalLog()
+        assert self._sock is not None
+        self.framing = BoundedSocket(self._sock, self._refused)
+        self._sock = self.framing  # type: ignore[assignment]  # a socket to the reader (framing.py)
+        writer = getattr(self, "_writer", None)
+        if writer is not None and not isinstance(writer.sock, PatientSocket):
+            writer.sock = PatientSocket(writer.sock)
+
+    def _refused(self, refused: Refused) -> None:
+        """A message over framing's bound was skipped unread: a call is answered LimitReached."""
+        self._refusal_log(refused, "over the size bound" + (", answered LimitReached" if refused.wants_reply
+                                                           else ", dropped"))
+        if refused.wants_reply:
+            self.send(Message(
+                message_type=MessageType.ERROR, destination=refused.fields["sender"],
+                reply_serial=refused.serial, error_name=DBUS_NAMES[LimitReached], signature="s",
+                body=[f"a message body of {refused.body_length} bytes is over this service's bound of "
+                      f"{self.framing.max_body} bytes (its largest call, a CPU list naming every CPU, "
+                      f"takes {LARGEST_CALL}): not read"]))
+
 
 class BusService:
     """What start_service() returns; ``await stop()`` undoes it."""
@@ -96,7 +154,7 @@ class BusService:
         self.manager = manager
         self.bus = bus
         # polkit rules see each VM's owner, vCPUs and memory (bus/auth.py)
-        self.authorizer: Authorizer = WithVmDetails(authorizer, self._vm_details)
+        self.authorizer: Authorizer = WithVmDetails(authorizer)
         self.dispatcher = Dispatcher(bus, self)
         self.manager_object: ManagerObject | None = None
         self._vms: dict[str, VmObject] = {}
@@ -104,6 +162,8 @@ class BusService:
         self._pump = EventPump(self._handle, _path_of)
         self._stopped = False
         self.owns_name = False
+        # Set by the daemon: what Manager.Reexec() asks for (None: not offered).
+        self.on_reexec: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def _start(self) -> None:
@@ -147,6 +207,11 @@ class BusService:
         self._vms.clear()
 
     # ------------------------------------------------- BusContext of objects
+    def request_reexec(self) -> None:
+        if self.on_reexec is None:
+            raise Busy("this daemon cannot re-execute itself (started without its main loop)")
+        self.on_reexec()
+
     async def exported_path(self, name: str) -> str:
         if await self.reconcile(name) is None:
             raise NoSuchVM(f"no VM named {name!r}")
@@ -192,10 +257,6 @@ class BusService:
         already, all its properties.  Blocking."""
         vm = self.manager.get_vm(name)
         return vm, ({} if vm is exported else vm_snapshot(self.manager, vm))
-
-    def _vm_details(self, name: str) -> VmDetails:
-        vm = self.manager.get_vm(name)
-        return VmDetails(vm.owner, vm.vcpu_count, vm.memory_bytes)
 
     def _drop(self, obj: VmObject) -> None:
         self._vms.pop(obj.vm_name, None)

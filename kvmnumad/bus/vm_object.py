@@ -61,7 +61,7 @@ class VmObject(BusObject):
         return obj
 
     def subject(self) -> Subject:
-        return Subject(self.vm_name, self.vm.owner, self.path)
+        return Subject(self.vm_name, self.vm.owner, self.path, self.vm)
 
     async def _core(self, fn: Callable[..., T], *args: Any) -> T:
         """One core call off the loop.  The VM gone under it (destroyed, or
@@ -202,6 +202,22 @@ class VmObject(BusObject):
     @dbus_property(access=PropertyAccess.READ)
     def Owner(self) -> "u":
         return self._props["Owner"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Recovery(self) -> "s":
+        return self._props["Recovery"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Adopted(self) -> "b":
+        return self._props["Adopted"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Vmm(self) -> "s":
+        return self._props["Vmm"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ProcessId(self) -> "u":
+        return self._props["ProcessId"]
 
     # ------------------------------------------------- optimizer (issue 14)
     @method()

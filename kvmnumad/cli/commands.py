@@ -14,6 +14,7 @@ The man page lists every shape.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -220,3 +221,35 @@ async def cmd_explain(c: Client, args: argparse.Namespace) -> None:
     legend = f"{len(items)} decision{'' if len(items) == 1 else 's'} in force."
     print_table(["WHAT", "WHERE", "RULE", "BY", "WHY"],
                 [[i["subject"], i["placement"], i["rule"], i["kind"], i["reason"]] for i in items], legend)
+
+
+async def cmd_reexec(c: Client, args: argparse.Namespace) -> None:
+    """Manager.Reexec, then (unless --no-wait) wait until org.kvmnuma1 has an
+    owner again: the same PID on a new connection, with every VM back."""
+    old = await _name_owner(c)
+    await c.manager("Reexec")
+    owner = None
+    if args.wait:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.wait_timeout
+        while owner is None:
+            now = await _name_owner(c)
+            if now is not None and now != old:
+                owner = now
+            elif loop.time() > deadline:
+                raise BusError("Timeout", f"org.kvmnuma1 not owned again within {args.wait_timeout:g} s")
+            else:
+                await asyncio.sleep(0.05)
+    done(args, {"reexec": True, "owner": owner})
+
+
+async def _name_owner(c: Client) -> str | None:
+    """The unique name owning org.kvmnuma1, None while nobody does."""
+    try:
+        (owner,) = await c.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "GetNameOwner",
+                                signature="s", body=["org.kvmnuma1"], destination="org.freedesktop.DBus")
+    except BusError as e:
+        if e.name.endswith(".NameHasNoOwner"):
+            return None
+        raise
+    return str(owner)

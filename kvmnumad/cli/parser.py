@@ -22,6 +22,7 @@ from kvmnumad.cli.commands import (
     cmd_memory,
     cmd_numa,
     cmd_plan,
+    cmd_reexec,
     cmd_report,
     cmd_show,
     cmd_stats,
@@ -183,4 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("suggestions", cmd_suggestions, "the daemon's placement suggestions")
     add("monitor", cmd_monitor, "print the service's signals as they come, until Ctrl-C")
     _vm_arg(add("explain", cmd_explain, "why each pin and memory binding of a VM is what it is"))
+    p = add("reexec", cmd_reexec, "restart the daemon in place keeping every VM (root only)")
+    p.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="return after the reply, before the name is owned again")
+    p.add_argument("--wait-timeout", type=float, default=60.0, metavar="SECONDS", help=argparse.SUPPRESS)
     return parser

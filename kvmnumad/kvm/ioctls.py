@@ -212,6 +212,118 @@ class KvmRun(ctypes.Structure):
     ]
 
 
+# --- vCPU state that a handover saves and restores (KVM_GET_* / KVM_SET_*) ---------------
+
+
+class KvmFpu(ctypes.Structure):
+    """struct kvm_fpu: x87 and SSE state (the legacy view; XSAVE covers it and more)."""
+
+    _fields_ = [
+        ("fpr", (ctypes.c_uint8 * 16) * 8),
+        ("fcw", ctypes.c_uint16),
+        ("fsw", ctypes.c_uint16),
+        ("ftwx", ctypes.c_uint8),
+        ("pad1", ctypes.c_uint8),
+        ("last_opcode", ctypes.c_uint16),
+        ("last_ip", ctypes.c_uint64),
+        ("last_dp", ctypes.c_uint64),
+        ("xmm", (ctypes.c_uint8 * 16) * 16),
+        ("mxcsr", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+class KvmXsave(ctypes.Structure):
+    """struct kvm_xsave: the 4 KiB XSAVE area (KVM_GET_XSAVE; larger AMX areas need XSAVE2)."""
+
+    _fields_ = [("region", ctypes.c_uint32 * 1024)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class KvmXcr(ctypes.Structure):
+    """struct kvm_xcr: one extended control register (XCR0 is the only one today)."""
+
+    _fields_ = [("xcr", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("value", ctypes.c_uint64)]
+
+
+class KvmXcrs(ctypes.Structure):
+    """struct kvm_xcrs (KVM_GET_XCRS / KVM_SET_XCRS)."""
+
+    _fields_ = [
+        ("nr_xcrs", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("xcrs", KvmXcr * KVM_MAX_XCRS),
+        ("padding", ctypes.c_uint64 * 16),
+    ]
+
+
+class KvmMsrEntry(ctypes.Structure):
+    """struct kvm_msr_entry."""
+
+    _fields_ = [("index", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+class KvmMsrs(ctypes.Structure):
+    """struct kvm_msrs, the header: ``nmsrs`` kvm_msr_entry follow it in the same buffer."""
+
+    _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+KVM_APIC_REG_SIZE = 0x400
+
+
+class KvmLapicState(ctypes.Structure):
+    """struct kvm_lapic_state: the in-kernel local APIC's register page."""
+
+    _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
+
+
+class KvmMpState(ctypes.Structure):
+    """struct kvm_mp_state: KVM_MP_STATE_RUNNABLE (0), HALTED (3), ..."""
+
+    _fields_ = [("mp_state", ctypes.c_uint32)]
+
+
+class KvmVcpuEventsException(ctypes.Structure):
+    _fields_ = [("injected", ctypes.c_uint8), ("nr", ctypes.c_uint8), ("has_error_code", ctypes.c_uint8),
+                ("pending", ctypes.c_uint8), ("error_code", ctypes.c_uint32)]
+
+
+class KvmVcpuEventsInterrupt(ctypes.Structure):
+    _fields_ = [("injected", ctypes.c_uint8), ("nr", ctypes.c_uint8), ("soft", ctypes.c_uint8),
+                ("shadow", ctypes.c_uint8)]
+
+
+class KvmVcpuEventsNmi(ctypes.Structure):
+    _fields_ = [("injected", ctypes.c_uint8), ("pending", ctypes.c_uint8), ("masked", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8)]
+
+
+class KvmVcpuEventsSmi(ctypes.Structure):
+    _fields_ = [("smm", ctypes.c_uint8), ("pending", ctypes.c_uint8), ("smm_inside_nmi", ctypes.c_uint8),
+                ("latched_init", ctypes.c_uint8)]
+
+
+class KvmVcpuEvents(ctypes.Structure):
+    """struct kvm_vcpu_events: pending/injected exception, interrupt, NMI, SMI
+    and the interrupt shadow (an instruction after ``mov ss``/``sti``)."""
+
+    _fields_ = [
+        ("exception", KvmVcpuEventsException),
+        ("interrupt", KvmVcpuEventsInterrupt),
+        ("nmi", KvmVcpuEventsNmi),
+        ("sipi_vector", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("smi", KvmVcpuEventsSmi),
+        ("triple_fault", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 26),
+        ("exception_has_payload", ctypes.c_uint8),
+        ("exception_payload", ctypes.c_uint64),
+    ]
+
+
 # --- ioctl numbers -------------------------------------------------------------------------
 
 
@@ -230,6 +342,20 @@ class Ioctl(enum.IntEnum):
     KVM_SET_REGS = _IOW(KVMIO, 0x82, KvmRegs)
     KVM_GET_SREGS = _IOR(KVMIO, 0x83, KvmSregs)
     KVM_SET_SREGS = _IOW(KVMIO, 0x84, KvmSregs)
+    KVM_GET_MSRS = _IOWR(KVMIO, 0x88, KvmMsrs)
+    KVM_SET_MSRS = _IOW(KVMIO, 0x89, KvmMsrs)
+    KVM_GET_FPU = _IOR(KVMIO, 0x8C, KvmFpu)
+    KVM_SET_FPU = _IOW(KVMIO, 0x8D, KvmFpu)
+    KVM_GET_LAPIC = _IOR(KVMIO, 0x8E, KvmLapicState)
+    KVM_SET_LAPIC = _IOW(KVMIO, 0x8F, KvmLapicState)
+    KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, KvmMpState)
+    KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, KvmMpState)
+    KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, KvmVcpuEvents)
+    KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, KvmVcpuEvents)
+    KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, KvmXsave)
+    KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, KvmXsave)
+    KVM_GET_XCRS = _IOR(KVMIO, 0xA6, KvmXcrs)
+    KVM_SET_XCRS = _IOW(KVMIO, 0xA7, KvmXcrs)
 
 
 class Cap(enum.IntEnum):
@@ -242,6 +368,9 @@ class Cap(enum.IntEnum):
     NR_VCPUS = 9
     NR_MEMSLOTS = 10
     MP_STATE = 14
+    VCPU_EVENTS = 41
+    XSAVE = 55
+    XCRS = 56
     SYNC_MMU = 16
     DESTROY_MEMORY_REGION_WORKS = 21
     JOIN_MEMORY_REGIONS_WORKS = 30

@@ -142,6 +142,19 @@ class VcpuRunner:
         with self._cond:
             return self._progress
 
+    @property
+    def done(self) -> bool:
+        """The guest wrote the done port 0x511: it halted for good."""
+        with self._cond:
+            return self._done
+
+    def seed(self, progress: int, done: bool) -> None:
+        """Carry the counters of the same guest's previous runner (a handover):
+        the progress a caller reads continues instead of dropping to 0."""
+        with self._cond:
+            self._progress = progress
+            self._done = done
+
     def exit_counts(self) -> dict[str, int]:
         """KVM_RUN returns so far by lowercase reason name ("io", "hlt", "intr", ...)."""
         with self._cond:

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import base64
+import ctypes
 import errno
 import mmap
 import os
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from kvmnumad.kvm.errors import KvmError
 from kvmnumad.kvm.ioctls import (
     KVM_EXIT_IO_OUT,
     ExitReason,
     Ioctl,
+    KvmFpu,
+    KvmLapicState,
+    KvmMpState,
+    KvmMsrEntry,
+    KvmMsrs,
     KvmRegs,
     KvmRun,
     KvmSregs,
+    KvmVcpuEvents,
+    KvmXcrs,
+    KvmXsave,
     ioctl,
     ioctl_ptr,
 )
@@ -46,6 +57,84 @@ class IoExit:
     def value(self) -> int:
         """The first access's data as a little-endian integer (what ``out dx, eax`` wrote)."""
         return int.from_bytes(self.data[: self.size], "little")
+
+
+# MSRs a handover carries: what a flat 32/64-bit guest's kernel would set up
+# (SYSENTER/SYSCALL entry points, PAT, the TSC and its aux value).  EFER is in
+# the sregs.  KVM_GET_MSRS stops at the first MSR it does not know, so the
+# list is read in order and only what the kernel returned is kept.
+SAVED_MSRS: tuple[int, ...] = (
+    0x10,  # IA32_TSC
+    0x174, 0x175, 0x176,  # IA32_SYSENTER_CS/ESP/EIP
+    0x277,  # IA32_PAT
+    0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # STAR, LSTAR, CSTAR, FMASK
+    0xC0000102,  # KERNEL_GS_BASE
+    0xC0000103,  # TSC_AUX
+)  # fmt: skip
+
+_NO_APIC = frozenset({errno.ENXIO, errno.EINVAL, errno.ENOTTY, errno.EFAULT})
+
+
+def _raw(obj: ctypes.Structure) -> bytes:
+    return ctypes.string_at(ctypes.addressof(obj), ctypes.sizeof(obj))
+
+
+def _from_raw(cls: type[ctypes.Structure], data: bytes) -> Any:
+    if len(data) != ctypes.sizeof(cls):
+        raise ValueError(f"{cls.__name__}: {len(data)} bytes saved, the struct has {ctypes.sizeof(cls)}")
+    return cls.from_buffer_copy(data)
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    """Everything KVM lets user space read of one vCPU, as QEMU's CPR keeps it.
+
+    The built-in payload depends on two of these only: ``regs`` (its counters
+    live in EAX/EDX/EBP, its inputs in EBX/ECX/ESI/EDI, and RIP/RFLAGS) and
+    ``sregs`` (CR0.PE and the hidden 32-bit flat segments: a fresh vCPU is in
+    real mode).  The rest is kept because another guest depends on it: FPU and
+    XSAVE/XCR0 (any SSE code), the MSRs above, MP state (a halted AP), vCPU
+    events (an interrupt shadow or a pending exception) and the local APIC,
+    which exists only with an in-kernel irqchip (``lapic`` None otherwise).
+    Raw struct bytes, so the state round-trips exactly.
+    """
+
+    regs: bytes
+    sregs: bytes
+    fpu: bytes
+    xsave: bytes | None
+    xcrs: bytes | None
+    msrs: tuple[tuple[int, int], ...]
+    mp_state: int
+    events: bytes
+    lapic: bytes | None
+
+    @property
+    def rip(self) -> int:
+        return int(_from_raw(KvmRegs, self.regs).rip)
+
+    def to_dict(self) -> dict[str, Any]:
+        def b64(data: bytes | None) -> str | None:
+            return None if data is None else base64.b64encode(data).decode()
+
+        return {"regs": b64(self.regs), "sregs": b64(self.sregs), "fpu": b64(self.fpu),
+                "xsave": b64(self.xsave), "xcrs": b64(self.xcrs), "msrs": [list(m) for m in self.msrs],
+                "mp_state": self.mp_state, "events": b64(self.events), "lapic": b64(self.lapic)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VcpuState:
+        """Raises ValueError (or KeyError, TypeError) on a malformed record."""
+        def raw(key: str, struct: type[ctypes.Structure]) -> bytes:
+            data = base64.b64decode(d[key], validate=True)
+            _from_raw(struct, data)  # size check
+            return data
+
+        def opt(key: str, struct: type[ctypes.Structure]) -> bytes | None:
+            return None if d.get(key) is None else raw(key, struct)
+
+        return cls(raw("regs", KvmRegs), raw("sregs", KvmSregs), raw("fpu", KvmFpu), opt("xsave", KvmXsave),
+                   opt("xcrs", KvmXcrs), tuple((int(i), int(v)) for i, v in d["msrs"]), int(d["mp_state"]),
+                   raw("events", KvmVcpuEvents), opt("lapic", KvmLapicState))
 
 
 class VcpuFd:
@@ -134,6 +223,79 @@ class VcpuFd:
         values = {"rflags": RFLAGS_RESERVED, **regs, "rip": entry}
         self.set_regs(KvmRegs(**values))
 
+    # --- saved state (handover) -----------------------------------------------------------
+
+    def complete_pending(self) -> None:
+        """One KVM_RUN with ``immediate_exit`` set: the kernel finishes an I/O
+        or MMIO exit user space has answered (api.rst, "KVM_RUN ... before
+        saving state") and returns EINTR without running the guest.  Only on a
+        paused vCPU; ``immediate_exit`` stays set (the runner clears it)."""
+        self.immediate_exit = True
+        try:
+            ioctl(self._fd, Ioctl.KVM_RUN)
+        except KvmError as e:
+            if e.errno != errno.EINTR:
+                raise
+
+    def get_msrs(self, indices: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+        """KVM_GET_MSRS of ``indices`` in order; stops where the kernel stopped."""
+        buf = _msr_buffer(indices)
+        n = ioctl(self._fd, Ioctl.KVM_GET_MSRS, ctypes.addressof(buf))  # `buf` is alive until return
+        return tuple((e.index, e.data) for e in buf.entries[:n])
+
+    def set_msrs(self, msrs: tuple[tuple[int, int], ...]) -> None:
+        """KVM_SET_MSRS; every MSR must be taken (EINVAL naming the first refused)."""
+        buf = _msr_buffer(tuple(i for i, _ in msrs))
+        for e, (_, value) in zip(buf.entries, msrs, strict=True):
+            e.data = value
+        n = ioctl(self._fd, Ioctl.KVM_SET_MSRS, ctypes.addressof(buf))
+        if n != len(msrs):
+            raise KvmError(errno.EINVAL, "KVM_SET_MSRS", f"MSR {msrs[n][0]:#x} refused")
+
+    def save_state(self) -> VcpuState:
+        """The whole vCPU, after completing a pending exit; only on a paused vCPU."""
+        self.complete_pending()
+        fpu, events, mp = KvmFpu(), KvmVcpuEvents(), KvmMpState()
+        ioctl_ptr(self._fd, Ioctl.KVM_GET_FPU, fpu)
+        ioctl_ptr(self._fd, Ioctl.KVM_GET_VCPU_EVENTS, events)
+        ioctl_ptr(self._fd, Ioctl.KVM_GET_MP_STATE, mp)
+        return VcpuState(
+            regs=_raw(self.get_regs()), sregs=_raw(self.get_sregs()), fpu=_raw(fpu),
+            xsave=self._get_optional(Ioctl.KVM_GET_XSAVE, KvmXsave),
+            xcrs=self._get_optional(Ioctl.KVM_GET_XCRS, KvmXcrs),
+            msrs=self.get_msrs(SAVED_MSRS), mp_state=mp.mp_state, events=_raw(events),
+            lapic=self._get_optional(Ioctl.KVM_GET_LAPIC, KvmLapicState),
+        )
+
+    def _get_optional(self, request: Ioctl, struct: type[ctypes.Structure]) -> bytes | None:
+        """None where this host or VM lacks the part (no in-kernel APIC, no XSAVE)."""
+        obj = struct()
+        try:
+            ioctl_ptr(self._fd, request, obj)
+        except KvmError as e:
+            if e.errno in _NO_APIC:
+                return None
+            raise
+        return _raw(obj)
+
+    def restore_state(self, state: VcpuState) -> None:
+        """Load ``state`` into this (new, never run) vCPU, in QEMU's order:
+        registers, FPU/XSAVE, XCRs, sregs, MSRs, MP state, LAPIC, events last
+        (setting sregs or the APIC may reset pending events)."""
+        self.set_regs(_from_raw(KvmRegs, state.regs))
+        ioctl_ptr(self._fd, Ioctl.KVM_SET_FPU, _from_raw(KvmFpu, state.fpu))
+        if state.xsave is not None:
+            ioctl_ptr(self._fd, Ioctl.KVM_SET_XSAVE, _from_raw(KvmXsave, state.xsave))
+        if state.xcrs is not None:
+            ioctl_ptr(self._fd, Ioctl.KVM_SET_XCRS, _from_raw(KvmXcrs, state.xcrs))
+        self.set_sregs(_from_raw(KvmSregs, state.sregs))
+        if state.msrs:
+            self.set_msrs(state.msrs)
+        ioctl_ptr(self._fd, Ioctl.KVM_SET_MP_STATE, KvmMpState(state.mp_state))
+        if state.lapic is not None:
+            ioctl_ptr(self._fd, Ioctl.KVM_SET_LAPIC, _from_raw(KvmLapicState, state.lapic))
+        ioctl_ptr(self._fd, Ioctl.KVM_SET_VCPU_EVENTS, _from_raw(KvmVcpuEvents, state.events))
+
     # --- running --------------------------------------------------------------------------
 
     def run(self) -> ExitReason:
@@ -209,3 +371,16 @@ class VcpuFd:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _msr_buffer(indices: tuple[int, ...]) -> Any:
+    """struct kvm_msrs with ``len(indices)`` entries in one buffer (the kernel reads nmsrs first)."""
+
+    class Buffer(ctypes.Structure):
+        _fields_ = [("header", KvmMsrs), ("entries", KvmMsrEntry * len(indices))]
+
+    buf = Buffer()
+    buf.header.nmsrs = len(indices)
+    for e, index in zip(buf.entries, indices, strict=True):
+        e.index = index
+    return buf

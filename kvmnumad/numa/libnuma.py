@@ -139,7 +139,8 @@ def sys_get_mempolicy(mask: ULongArray, maxnode: int, addr: int, flags: int) -> 
     return mode.value
 
 
-def sys_move_pages(pages: PtrArray, nodes: IntArray | None, status: IntArray, flags: int = 0) -> int:
-    """move_pages(2) on this process; ``nodes=None`` only queries. Returns the
+def sys_move_pages(pages: PtrArray, nodes: IntArray | None, status: IntArray, flags: int = 0,
+                   pid: int = 0) -> int:
+    """move_pages(2) on process ``pid`` (0: this one); ``nodes=None`` only queries. Returns the
     number of pages the kernel could not move (>= 0); per-page results are in ``status``."""
-    return int(lib().move_pages(0, len(pages), pages, nodes, status, flags))
+    return int(lib().move_pages(pid, len(pages), pages, nodes, status, flags))

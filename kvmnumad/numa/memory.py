@@ -110,24 +110,25 @@ def _page_addresses(addr: int, length: int, page_size: int) -> Iterable[list[int
         yield list(range(start, min(end, start + CHUNK_PAGES * page_size), page_size))
 
 
-def _query(pages: list[int]) -> list[int]:
+def _query(pages: list[int], pid: int = 0) -> list[int]:
     """move_pages with nodes=NULL: the node of each page, or -errno (-ENOENT: not present)."""
     status = (c_int * len(pages))()
-    libnuma.sys_move_pages((c_void_p * len(pages))(*pages), None, status)
+    libnuma.sys_move_pages((c_void_p * len(pages))(*pages), None, status, pid=pid)
     return list(status)
 
 
-def pages_per_node(addr: int, length: int, page_size: int = PAGE_SIZE) -> dict[int, int]:
-    """Resident pages of the range by node; pages never touched are not counted."""
+def pages_per_node(addr: int, length: int, page_size: int = PAGE_SIZE, *, pid: int = 0) -> dict[int, int]:
+    """Resident pages of the range by node; pages never touched are not counted.
+    ``pid``: another process's range (0: ours)."""
     counts: dict[int, int] = {}
     for pages in _page_addresses(addr, length, page_size):
-        for node in _query(pages):
+        for node in _query(pages, pid):
             if node >= 0:
                 counts[node] = counts.get(node, 0) + 1
     return counts
 
 
-def migrate_range(addr: int, length: int, node: int, page_size: int = PAGE_SIZE) -> int:
+def migrate_range(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, *, pid: int = 0) -> int:
     """Move every resident page of the range to ``node`` (move_pages(2)) without
     changing the range's policy; returns the number of pages that changed node.
 
@@ -137,13 +138,13 @@ def migrate_range(addr: int, length: int, node: int, page_size: int = PAGE_SIZE)
     moved = failed = total = 0
     first_error = 0
     for pages in _page_addresses(addr, length, page_size):
-        todo = [p for p, where in zip(pages, _query(pages), strict=True) if where >= 0 and where != node]
+        todo = [p for p, where in zip(pages, _query(pages, pid), strict=True) if where >= 0 and where != node]
         total += len(todo)
         if not todo:
             continue
         status = (c_int * len(todo))()
         targets = (c_int * len(todo))(*([node] * len(todo)))
-        libnuma.sys_move_pages((c_void_p * len(todo))(*todo), targets, status)
+        libnuma.sys_move_pages((c_void_p * len(todo))(*todo), targets, status, pid=pid)
         for s in status:
             if s == node:
                 moved += 1

@@ -222,11 +222,18 @@ def _read_nodes(node_dir: Path) -> dict[int, _RawNode]:
 
 def _read_cpu(cpu_dir: Path, cid: int, node: int, online: bool) -> Cpu:
     topo = cpu_dir / f"cpu{cid}/topology"
+    unknown = Cpu(cid, node, UNKNOWN, UNKNOWN, frozenset({cid}), online)
     if not topo.is_dir():  # offline: the kernel removed it
-        return Cpu(cid, node, UNKNOWN, UNKNOWN, frozenset({cid}), online)
-    core = int(_read(topo / "core_id", str(UNKNOWN)))
-    package = int(_read(topo / "physical_package_id", str(UNKNOWN)))
-    siblings = parse_cpulist(_read(topo / "thread_siblings_list", "")) | {cid}
+        return unknown
+    try:
+        core = int(_read(topo / "core_id", str(UNKNOWN)))
+        package = int(_read(topo / "physical_package_id", str(UNKNOWN)))
+        siblings = parse_cpulist(_read(topo / "thread_siblings_list", "")) | {cid}
+    except OSError:
+        # The CPU went offline between the directory check and the read
+        # (ENODEV or EPERM from its topology files, seen in the hotplug
+        # storm): its uevent follows and brings a fresh read.
+        return unknown
     return Cpu(cid, node, core, package, siblings, online)
 
 

@@ -9,7 +9,7 @@ that owns it serializes every call under its lock.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 
 from kvmnumad import cpulist, errors
@@ -61,17 +61,27 @@ def resource_error(e: OSError, what: str) -> errors.KvmnumaError | None:
 class GuestMemory:
     """The memory of one VM (see the module docstring)."""
 
-    def __init__(self, name: str, vmfd: VmFd, payload: bytes, max_slots: int) -> None:
+    def __init__(self, name: str, vmfd: VmFd, payload: bytes, max_slots: int,
+                 adopt: MutableMapping[int, int] | None = None) -> None:
+        """``adopt``: slot -> memfd of an earlier process (a handover); each
+        slot made takes its fd out of the mapping and owns it, whatever is
+        left is still the caller's."""
         self._name = name
         self._vm = vmfd
         self._max_slots = max_slots
+        self._adopt: MutableMapping[int, int] = adopt if adopt is not None else {}
         self.regions: list[Region] = []
+        boot_fd = self._adopt.pop(BOOT_SLOT, None)
         try:
-            self._boot = GuestRegion(f"kvmnumad-{name}-boot", BOOT_SIZE)
+            if boot_fd is not None:
+                self._boot = GuestRegion.adopt(boot_fd, BOOT_SIZE)
+            else:
+                self._boot = GuestRegion(f"kvmnumad-{name}-boot", BOOT_SIZE)
         except OSError as e:
             raise resource_error(e, f"boot memory of VM {name!r}") or e from e
         try:
-            self._boot.write(ENTRY, payload)
+            if boot_fd is None:  # handed over: the guest's own bytes, code included, stay as they were
+                self._boot.write(ENTRY, payload)
             vmfd.set_user_memory_region(BOOT_SLOT, BOOT_GPA, BOOT_SIZE, self._boot.hva, 0)
         except BaseException:
             self._boot.close()
@@ -120,8 +130,12 @@ class GuestMemory:
         self.check(size, gpa, host_nodes, policy, topo)
         slot = self._next_slot()
         what = f"{size} bytes on host node(s) {cpulist.describe(host_nodes)}"
+        adopted = self._adopt.pop(slot, None)
         try:
-            mem = GuestRegion(f"kvmnumad-{self._name}-node{guest_node}-slot{slot}", size)
+            if adopted is not None:
+                mem = GuestRegion.adopt(adopted, size)
+            else:
+                mem = GuestRegion(f"kvmnumad-{self._name}-node{guest_node}-slot{slot}", size)
         except OSError as e:
             raise resource_error(e, what) or e from e
         try:
@@ -203,6 +217,11 @@ class GuestMemory:
         for r in regions:
             r.dirtied += self._vm.count_dirty(r.slot, r.size)
         return sum(r.dirtied for r in regions)
+
+    def memfds(self) -> list[tuple[int, int]]:
+        """(slot, memfd) of every slot, the boot slot first: what a handover
+        keeps so that the guest's memory outlives this process."""
+        return [(BOOT_SLOT, self._boot.fd), *((r.slot, r.mem.fd) for r in self.regions)]
 
     def close(self) -> None:
         for r in self.regions:

@@ -33,6 +33,34 @@ class GuestRegion:
             raise
         self._closed = False
 
+    @classmethod
+    def adopt(cls, fd: int, size: int) -> GuestRegion:
+        """A region around a memfd made by an earlier process of the daemon
+        (handed over across exec or kept in systemd's fd store): its pages,
+        and the NUMA policy shmem keeps on the file, are the same ones.  The
+        region owns ``fd`` from here on, also when this raises (closed).
+
+        Refused (ValueError) unless it is a memfd of exactly ``size`` bytes:
+        a wrong fd mapped as guest memory would hand the guest someone's file.
+        """
+        try:
+            st = os.fstat(fd)
+            if st.st_size != size:
+                raise ValueError(f"handed-over memfd {fd} has {st.st_size} bytes, the slot {size}")
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
+                raise ValueError(f"handed-over fd {fd} is not a memfd")
+            os.set_inheritable(fd, False)  # inherited across exec: CLOEXEC again, like a new one
+            region = cls.__new__(cls)
+            region.size = size
+            region._lock = threading.Lock()
+            region.fd = fd
+            region.hva = libc.mmap_shared(fd, size)
+            region._closed = False
+        except BaseException:
+            os.close(fd)
+            raise
+        return region
+
     def bind(self, policy: MemPolicy, nodes: frozenset[int] | set[int] | tuple[int, ...], *,
              move: bool = False) -> None:
         """Apply a NUMA policy to the whole region; ``move`` migrates the pages

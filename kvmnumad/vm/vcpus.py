@@ -94,15 +94,17 @@ class Vcpus:
 
     # ------------------------------------------------------------ placement
     def apply(self, v: Vcpu, cpus: frozenset[int], *, force: bool = False) -> None:
-        """cpuset first, then sched_setaffinity (cgroups.py says why that order)."""
+        """cpuset first, then sched_setaffinity (cgroups.py says why that order).
+        Out of fds or memory is said so (a full fd table once read as CpuOffline)."""
+        what = f"cpuset of vCPU {v.index} of VM {self._name!r}"
         try:
             if self._cpuset is not None:
                 self._cpuset.place_vcpu(v.index, v.runner.tid, cpus, force=force)
+            what = f"sched_setaffinity({v.runner.tid}, {cpulist.describe(cpus)})"
             os.sched_setaffinity(v.runner.tid, cpus)
         except OSError as e:
-            raise errors.CpuOffline(
-                f"sched_setaffinity({v.runner.tid}, {cpulist.describe(cpus)}): {e.strerror}",
-                cpus=sorted(cpus)) from e
+            typed = resource_error(e, what) or errors.CpuOffline(f"{what}: {e.strerror}", cpus=sorted(cpus))
+            raise typed from e
 
     def declare(self, v: Vcpu, cpus: frozenset[int] | None, bound_node: int | None) -> bool:
         """Apply and record a placement; True if anything changed: the declared

@@ -18,10 +18,10 @@ import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 
-from kvmnumad import cpulist, errors, headroom
+from kvmnumad import cpulist, crashpoints, errors, headroom
 from kvmnumad.cgroups import VmCpuset
 from kvmnumad.events import Aspect, Event, VmChanged
 from kvmnumad.journal import log_event
@@ -36,6 +36,7 @@ from kvmnumad.vm.console import SerialBuffer
 from kvmnumad.vm.layout import ENTRY
 from kvmnumad.vm.memory import GuestMemory, resource_error
 from kvmnumad.vm.numa import GuestNuma
+from kvmnumad.vm.saved import Recovery, SavedVcpu
 from kvmnumad.vm.vcpus import Repin, Vcpu, Vcpus
 from kvmnumad.vm.views import VmViews
 
@@ -63,7 +64,9 @@ class Vm(VmViews):
         passes: int = 0,
         max_slots: int = 32,
         cpuset: VmCpuset | None = None,
+        adopt: MutableMapping[int, int] | None = None,
     ) -> None:
+        """``adopt``: slot -> memfd handed over by an earlier process (GuestMemory)."""
         self.name = name
         self.owner = owner
         self.policy = policy
@@ -80,6 +83,7 @@ class Vm(VmViews):
         self._state = VmState.CREATED
         self._destroyed = False
         self.faults: dict[int, str] = {}  # vCPU -> why it stopped by itself
+        self.recovery = Recovery.NONE  # how it came back after a restart of the daemon
         # Where a caller's placement decision is recorded (the Manager's DecisionLog).
         self.on_decision: Callable[[Decision], object] = lambda d: None
         self.numa = GuestNuma(name)
@@ -90,7 +94,7 @@ class Vm(VmViews):
         except OSError as e:
             raise resource_error(e, f"KVM_CREATE_VM for VM {name!r}") or e from e
         try:
-            self.memory = GuestMemory(name, self._vm, payload or kvm_payload.TOUCH_PAYLOAD, max_slots)
+            self.memory = GuestMemory(name, self._vm, payload or kvm_payload.TOUCH_PAYLOAD, max_slots, adopt)
         except BaseException:
             self._vm.close()
             raise
@@ -159,10 +163,14 @@ class Vm(VmViews):
             try:
                 self.vcpus.close()
             finally:
-                if self.cpuset is not None:
-                    self.cpuset.remove()
                 self._vm.close()
                 self.memory.close()
+                # Last: KVM's per-VM worker (kvm-nx-lpage-recovery, Linux 6.13+) is
+                # started by the first vCPU thread to run, so it sits in that vCPU's
+                # cgroup until the VM's last fd is closed; removed before that, the
+                # directory stayed behind (EBUSY) and broke the next VM of the name.
+                if self.cpuset is not None:
+                    self.cpuset.remove()
 
     # ------------------------------------------------------------------ guest NUMA and memory
     def enable_numa(self, nodes: int, node_map: Sequence[int] | None = None) -> None:
@@ -229,6 +237,7 @@ class Vm(VmViews):
             if old == host_node:
                 return []
             moved = self.memory.move(self.memory.of_guest_node(node), host_node)
+            crashpoints.reached("migrate.moved")
             self.numa.node_map[node] = host_node
             self._sync_cpuset_mems()
             for slot, pages in moved:
@@ -310,3 +319,37 @@ class Vm(VmViews):
         if moves:
             self._changed(Aspect.VCPU_PLACEMENT)
         return moves
+
+    # ------------------------------------------------------------------ handover
+    def pause_for_handover(self) -> list[SavedVcpu | None]:
+        """Park every vCPU and save its state (None: never ran, it starts from
+        entry).  The VM keeps its declared state (running stays running in the
+        definition) and stays paused: the process is about to hand it over."""
+        with self._lock:
+            self._alive()
+            self.vcpus.stop()
+            saved: list[SavedVcpu | None] = []
+            for v in self.vcpus:
+                if not v.initialized:
+                    saved.append(None)
+                    continue
+                saved.append(SavedVcpu(v.fd.save_state(), v.runner.progress, v.runner.done))
+            return saved
+
+    def resume_vcpus(self, saved: Sequence[SavedVcpu | None], recovery: Recovery) -> None:
+        """Load each saved vCPU state into the new vCPUs before the first run,
+        so that start() continues the guest where it paused instead of at entry."""
+        with self._lock:
+            self._alive()
+            if len(saved) not in (0, len(self.vcpus)):
+                raise errors.InvalidArgument(f"VM {self.name!r}: {len(saved)} saved vCPUs for "
+                                             f"{len(self.vcpus)}", vm=self.name)
+            for v, s in zip(self.vcpus, saved, strict=False):
+                if s is None:
+                    continue
+                v.fd.restore_state(s.state)
+                v.runner.seed(s.progress, s.done)
+                v.initialized = True
+            if any(s is not None for s in saved) and self._state == VmState.CREATED:
+                self._state = VmState.STOPPED  # it ran before: paused, not new (start() may follow)
+            self.recovery = recovery

@@ -8,14 +8,21 @@ run it (``python -m tests.numa_guest``). ``-m "not numa"`` deselects them.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests import observe
+from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
 from tests.numa_guest import TOPOLOGIES, Topology
 from tests.numa_guest.hotplug import CpuHotplug
+from tests.sysfixtures import Journal
+from tests.waiting import wait_until
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,6 +56,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         )
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # the guest does not inherit the host's environment, so a knob is a pytest option
+    parser.addoption("--storm-cycles", type=int, default=0,
+                     help="offline/online cycles of the hotplug storm "
+                          "(default 40, memonly 20; 200: make test-numa-storm)")
+
+
 @pytest.fixture(scope="session")
 def topology_name() -> str | None:
     """Which guest we run in (set by tests/numa_guest); None on a real multi-node host."""
@@ -77,3 +91,40 @@ def cpu_offline() -> Iterator[CpuHotplug]:
         yield hotplug
     finally:
         hotplug.restore()
+
+
+@dataclass
+class Daemon:
+    address: str
+    pid: int
+    stderr: Path  # what the daemon wrote outside the journal (a traceback would land here)
+
+
+@pytest.fixture(scope="session")
+def numa_daemon_bus() -> Iterator[BusDaemon]:
+    with start_bus_daemon() as bus:
+        yield bus
+
+
+@pytest.fixture(scope="session")
+def numa_daemon(numa_daemon_bus: BusDaemon, journald: Journal,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """kvmnumad as its own process, logging to the journal; one for the session,
+    because under TCG a daemon start costs a minute or more on a loaded host."""
+    stderr = tmp_path_factory.mktemp("daemon") / "kvmnumad.stderr"
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", numa_daemon_bus.address,
+                                 "--log-target", "journal"], cwd=HERE.parents[1],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_until(lambda: "org.kvmnuma1" in busctl(numa_daemon_bus.address, "list", "--acquired",
+                                                     json_=False, check=False).stdout,
+                   "kvmnumad to own org.kvmnuma1", timeout=300)
+        yield Daemon(numa_daemon_bus.address, proc.pid, stderr)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -9,17 +9,14 @@ thread, the signals on the bus (busctl monitor) and the journal
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
+from tests.busfixtures import busctl
+from tests.numa.conftest import Daemon
 from tests.numa_guest.hotplug import CpuHotplug
 from tests.observe import BusMonitor, node_cpus, online_cpus, taskset_affinity
 from tests.sysfixtures import Journal
@@ -36,29 +33,9 @@ BIND_ID = "2517a41608564c1b96dbd0ebae87f628"
 
 
 @pytest.fixture(scope="module")
-def daemon_bus() -> Iterator[BusDaemon]:
-    with start_bus_daemon() as bus:
-        yield bus
-
-
-@pytest.fixture(scope="module")
-def daemon(daemon_bus: BusDaemon, journald: Journal) -> Iterator[str]:
-    """kvmnumad as a process, logging to the journal the fixture started."""
-    proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", daemon_bus.address,
-                             "--log-target", "journal"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: "org.kvmnuma1" in busctl(daemon_bus.address, "list", "--acquired",
-                                                     json_=False, check=False).stdout,
-                   "kvmnumad to own org.kvmnuma1", timeout=180)
-        yield daemon_bus.address
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def daemon(numa_daemon: Daemon) -> str:
+    """The session's kvmnumad process (conftest), by its bus address."""
+    return numa_daemon.address
 
 
 def _nearest_online(node: int) -> set[int]:

@@ -3,6 +3,7 @@
 # show what it is, then run the numa tests. Runs under dash with the guest's
 # fixed PATH, hence absolute paths from the launcher.
 # Usage: guest-run.sh TOPOLOGY PYTHON TESTS_DIR [pytest args...]
+#        guest-run.sh TOPOLOGY PYTHON SCRIPT.py [args...]
 exec 2>&1
 topology=$1 python=$2 tests=$3
 shift 3
@@ -40,7 +41,11 @@ else
 fi
 numactl -H | sed 's/^/numa-guest: /'
 
-KVMNUMAD_TOPOLOGY=$topology PYTHONUNBUFFERED=1 "$python" -m pytest -m numa -p no:cacheprovider "$tests" "$@"
+case $tests in
+*.py) # a script instead of the suite (the launcher's --repro)
+    PYTHONPATH=$(dirname "$tests") PYTHONUNBUFFERED=1 "$python" "$tests" "$@" ;;
+*)  KVMNUMAD_TOPOLOGY=$topology PYTHONUNBUFFERED=1 "$python" -m pytest -m numa -p no:cacheprovider "$tests" "$@" ;;
+esac
 rc=$?
 kill $heartbeat 2>/dev/null
 echo "numa-guest: pytest exit status $rc"

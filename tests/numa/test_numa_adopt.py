@@ -1,0 +1,173 @@
+"""Issue 15 in a multi-node guest: a real QEMU on the guest's nested /dev/kvm,
+with two guest NUMA nodes on memory-backend-memfd backends and a QMP
+socket, adopted by the daemon (a process of its own on a private bus).
+
+The observers are the guest kernel's: QEMU's /proc/PID/numa_maps (each
+backend's line is told apart by its own bind policy, host-nodes=0 for m0,
+host-nodes=1 for m1, as QEMU set it), taskset on QEMU's "CPU n/KVM"
+threads, and busctl.  The guest runs (QMP cont) while its memory moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
+from tests.numa.test_numa_hotplug import _nearest_online
+from tests.numa_guest.hotplug import CpuHotplug
+from tests.observe import node_cpus, taskset_affinity
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.numa
+
+ROOT = Path(__file__).resolve().parents[2]
+MANAGER = ("org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.Manager")
+VM_IFACE = "org.kvmnuma1.VM"
+MiB = 1 << 20
+BACKEND = 64  # MiB per guest node: small, TCG is slow
+
+
+@pytest.fixture(scope="module")
+def daemon_bus() -> Iterator[BusDaemon]:
+    with start_bus_daemon() as bus:
+        yield bus
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_bus: BusDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("adopt-daemon") / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", daemon_bus.address,
+                                 "--log-target", "stderr"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "org.kvmnuma1" in busctl(daemon_bus.address, "list", "--acquired",
+                                                     json_=False, check=False).stdout,
+                   "kvmnumad to own org.kvmnuma1", timeout=180)
+        yield daemon_bus.address
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print(log.read_text()[-3000:])
+
+
+def qmp(sock: Path, command: str) -> Any:
+    """One QMP command, as any QMP client sends it (the test's own, not the daemon's)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(str(sock))
+        f = s.makefile("rw")
+        json.loads(f.readline())
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}) + "\n")
+            f.flush()
+            while "event" in (reply := json.loads(f.readline())):
+                pass
+        return reply["return"]
+
+
+def vcpu_tids(pid: int) -> dict[int, int]:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+        if comm.startswith("CPU ") and comm.endswith("/KVM"):
+            out[int(comm[4:-4])] = int(tid)
+    return out
+
+
+def backend_pages(pid: int, host_node_policy: str) -> dict[int, int]:
+    """Pages per node of the memfd backend whose numa_maps policy is ``host_node_policy`` (bind:0 ...)."""
+    for line in Path(f"/proc/{pid}/numa_maps").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == host_node_policy and "memory-backend-memfd" in line:
+            return {int(f[1:].split("=")[0]): int(f.split("=")[1]) for f in fields
+                    if f.startswith("N") and "=" in f}
+    raise AssertionError(f"no memfd backend with policy {host_node_policy} in numa_maps of {pid}")
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    sock = tmp_path / "qmp.sock"
+    backends = [f"memory-backend-memfd,id=m{n},size={BACKEND}M,prealloc=on,host-nodes={n},policy=bind"
+                for n in (0, 1)]
+    argv = ["qemu-system-x86_64", "-accel", "kvm", "-smp", "4", "-m", f"{2 * BACKEND}",
+            "-name", "adopted,debug-threads=on", "-nodefaults", "-display", "none", "-S",
+            "-qmp", f"unix:{sock},server=on,wait=off",
+            "-object", backends[0], "-object", backends[1],
+            "-numa", "node,nodeid=0,cpus=0-1,memdev=m0", "-numa", "node,nodeid=1,cpus=2-3,memdev=m1"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: proc.poll() is not None or (sock.exists() and len(vcpu_tids(proc.pid)) == 4),
+                   "QEMU's QMP socket and 4 vCPU threads", timeout=120)
+        assert proc.poll() is None, f"QEMU exited with {proc.returncode}"
+        yield proc, sock
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_adopted_qemu_layout_migration_and_hotplug(daemon: str, guest: tuple[subprocess.Popen[bytes], Path],
+                                                   cpu_offline: CpuHotplug) -> None:
+    q, sock = guest
+    tids = vcpu_tids(q.pid)
+    out = busctl(daemon, "call", *MANAGER, "AdoptProcess", "ua{sv}", str(q.pid), "1", "qmp", "s", str(sock))
+    path = out["data"][0]
+    props = busctl(daemon, "call", "org.kvmnuma1", path, "org.freedesktop.DBus.Properties", "GetAll", "s",
+                   VM_IFACE)["data"][0]
+    value = {k: v["data"] for k, v in props.items()}
+    # the guest-node map comes from QMP: vCPUs 0-1 on guest node 0, 2-3 on 1, each backend where QEMU bound it
+    assert value["Adopted"] is True and value["Vmm"] == "qemu" and value["NumaNodes"] == 2
+    assert [n for _v, _b, n in value["VcpuNodes"]] == [0, 0, 1, 1]
+    assert value["NodeMap"] == [0, 1]
+    assert sorted((r[3], r[4]) for r in value["MemoryRegions"]) == [(0, 0), (1, 1)]
+    assert sorted(map(tuple, value["VcpuThreads"])) == sorted(tids.items())
+    before = backend_pages(q.pid, "bind:0")
+    assert before.get(0, 0) >= BACKEND * MiB // 4096 * 0.99, before
+
+    # the guest runs (its vCPUs in KVM_RUN on the firmware) while its node 0 moves to host node 1
+    qmp(sock, "cont")
+    assert qmp(sock, "query-status")["status"] == "running"
+    t0 = time.monotonic()
+    busctl(daemon, "call", "org.kvmnuma1", path, VM_IFACE, "MapNumaNode", "uu", "0", "1")
+    took = time.monotonic() - t0
+    after = backend_pages(q.pid, "bind:0")
+    share = after.get(1, 0) / max(sum(after.values()), 1)
+    print(f"adopted QEMU guest node 0: {before} -> {after} ({share:.1%} on N1) in {took:.2f} s")
+    assert share >= 0.99, after
+    assert qmp(sock, "query-status")["status"] == "running" and q.poll() is None
+    assert busctl(daemon, "get-property", "org.kvmnuma1", path, VM_IFACE, "NodeMap")["data"] == [1, 1]
+
+    # hotplug: the CPU a vCPU thread is pinned to goes offline, the thread is re-pinned; it comes back
+    last = max(n for n in range(8) if os.path.exists(f"/sys/devices/system/node/node{n}") and node_cpus(n))
+    victim = max(node_cpus(last))
+    busctl(daemon, "call", "org.kvmnuma1", path, VM_IFACE, "SetVcpuAffinity", "uau", "1", "1", str(victim))
+    assert taskset_affinity(tids[1]) == {victim}
+    cpu_offline.offline(victim)
+    expected = _nearest_online(last)
+    wait_until(lambda: taskset_affinity(tids[1]) == expected, f"CPU 1/KVM re-pinned to {sorted(expected)}",
+               timeout=60)
+    cpu_offline.online(victim)
+    wait_until(lambda: taskset_affinity(tids[1]) == {victim}, f"CPU 1/KVM back on CPU {victim}", timeout=60)
+
+    # QEMU goes: so does its object
+    q.kill()
+    wait_until(lambda: busctl(daemon, "call", *MANAGER, "ListVMs")["data"] == [[]], "the adopted VM gone",
+               timeout=30)

@@ -1,0 +1,359 @@
+"""The package under a real systemd: run by pytest *inside* the systemd guest.
+
+PID 1 here is systemd 252, with its own system bus, journald, udevd and a
+polkitd that dbus-daemon activates, exactly as on a Debian host.  The tests
+run in file order: each leaves the unit in the state the next one expects
+(installed, started, holding a VM, ...), because a boot is the expensive
+part and one boot has to answer every question.
+
+Every claim is read from an observer other than the daemon: systemctl and
+systemd's own journal lines for the unit's state, ``busctl`` for the bus
+(and GetConnectionUnixProcessID for who owns the name), /proc for processes,
+threads and memfds, /sys/fs/cgroup for what is left behind.
+
+Not named test_*.py: the host suite must not collect it.  It runs under the
+guest's /usr/bin/python3 with the .deb's own Debian dependencies, not the
+checkout's venv, so it imports nothing from the project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+UNIT = "kvmnumad.service"
+DEB_DIR = Path(os.environ.get("SYSTEMD_GUEST_DEBS", "/mnt/sysd"))
+CGROUP = Path("/sys/fs/cgroup/system.slice") / UNIT
+DROPIN = Path("/run/systemd/system") / f"{UNIT}.d" / "50-test-watchdog.conf"
+VM = "probe"
+# Under TCG every step is 2-5x slower than on a host, and varies; these bound
+# each wait so that a hang fails one test, never the whole guest run.
+T_SHORT = 60
+T_LONG = 180
+KILL_FAILED = "Failed to kill control group"
+
+
+def sh(*cmd: str, timeout: float = T_SHORT, check: bool = True, user: str | None = None,
+       ) -> subprocess.CompletedProcess[str]:
+    argv = ["runuser", "-u", user, "--", *cmd] if user else list(cmd)
+    print(f"$ {' '.join(argv)}", flush=True)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    text = (out.stdout + out.stderr).strip()
+    if text:
+        print(text[-4000:], flush=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{argv} exited {out.returncode}: {text[-2000:]}")
+    return out
+
+
+def figure(text: str) -> None:
+    """A measured value for the run's summary (guest-run.sh prints them after pytest's)."""
+    with open(DEB_DIR / "figures.txt", "a") as f:
+        f.write(text + "\n")
+
+
+def wait_until(what: str, pred: Callable[[], bool], timeout: float = T_SHORT, step: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(step)
+
+
+def prop(name: str) -> str:
+    return sh("systemctl", "show", "-P", name, UNIT).stdout.strip()
+
+
+def main_pid() -> int:
+    return int(prop("MainPID"))
+
+
+def cursor() -> str:
+    """The journal's position now, so a test reads only what came after it."""
+    out = sh("journalctl", "-n", "0", "--show-cursor", "--no-pager", "-q").stdout
+    m = re.search(r"-- cursor: (\S+)", out)
+    assert m, out
+    return m.group(1)
+
+
+def journal(after: str, *match: str) -> list[dict[str, str]]:
+    out = sh("journalctl", "--after-cursor", after, "-o", "json", "--no-pager", *match,
+             timeout=T_LONG, check=False).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def messages(entries: list[dict[str, str]]) -> list[str]:
+    return [e["MESSAGE"] for e in entries if isinstance(e.get("MESSAGE"), str)]
+
+
+def name_owner_pid() -> int:
+    out = sh("busctl", "--system", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+             "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s", "org.kvmnuma1").stdout
+    return int(out.split()[1])
+
+
+def list_vms(user: str | None = None) -> str:
+    return sh("busctl", "--system", "--json=short", f"--timeout={T_LONG}", "call", "org.kvmnuma1",
+              "/org/kvmnuma1", "org.kvmnuma1.Manager", "ListVMs", timeout=T_LONG, user=user).stdout
+
+
+def memfds(pid: int) -> set[str]:
+    """memfd names a process holds (``/memfd:NAME (deleted)``)."""
+    names = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        fds = list(fd_dir.iterdir())
+    except OSError:
+        return names
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/memfd:"):
+            names.add(target)
+    return names
+
+
+def all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def exposure() -> float:
+    out = sh("systemd-analyze", "security", "--no-pager", UNIT, check=False).stdout
+    m = re.search(r"Overall exposure level for \S+: ([\d.]+)", out)
+    assert m, out
+    return float(m.group(1))
+
+
+# ------------------------------------------------------------------ the host
+
+
+def test_pid1_is_systemd() -> None:
+    assert Path("/proc/1/comm").read_text().strip() == "systemd"
+    assert Path("/run/systemd/system").is_dir()  # sd_booted()
+    state = sh("systemctl", "is-system-running", "--wait", timeout=T_LONG, check=False).stdout.strip()
+    sh("systemctl", "--failed", "--no-pager", "--no-legend", check=False)
+    assert state in ("running", "degraded"), state
+    assert sh("systemd-detect-virt", "-c", check=False).stdout.strip() == "none"
+    sh("numactl", "-H")
+
+
+def test_dpkg_installs_and_enables_the_unit() -> None:
+    debs = sorted(DEB_DIR.glob("kvmnumad_*.deb"))
+    assert len(debs) == 1, debs
+    sh("dpkg", "-i", str(debs[0]), timeout=T_LONG)
+    assert sh("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
+    assert prop("FragmentPath") == "/lib/systemd/system/kvmnumad.service"
+    assert Path("/usr/share/dbus-1/system-services/org.kvmnuma1.service").is_file()
+    # the postinst (deb-systemd-invoke) started it already
+    wait_until("the unit started by dpkg", lambda: prop("ActiveState") in ("active", "failed"), T_LONG)
+    assert prop("SubState") == "running"
+
+
+def test_security_exposure_at_most_2() -> None:
+    level = exposure()
+    figure(f"systemd-analyze security {UNIT}: exposure {level}")
+    assert level <= 2.0
+
+
+# ------------------------------------------------------------------ start
+
+
+def test_start_waits_for_ready_and_shows_status() -> None:
+    sh("systemctl", "stop", UNIT, timeout=T_LONG)
+    assert prop("ActiveState") == "inactive"
+    start = time.monotonic()
+    sh("systemctl", "start", UNIT, timeout=T_LONG)  # Type=notify: returns once READY=1 came
+    figure(f"systemctl start (until READY=1): {time.monotonic() - start:.1f} s")
+    assert (prop("ActiveState"), prop("SubState")) == ("active", "running")
+    status = sh("systemctl", "status", "--no-pager", "-n", "0", UNIT).stdout
+    assert re.search(r'Status: "serving org\.kvmnuma1, 0 VM\(s\)"', status), status
+    # the bus's own word on who owns the name: the unit's main process
+    assert name_owner_pid() == main_pid()
+    assert prop("WatchdogUSec") not in ("", "0", "infinity")
+
+
+# busctl prints every AccessDenied as "Access denied" (sd-bus overrides the text),
+# so the call goes through dbus-fast, which shows the reply's sender and text.
+_CALL_AS_CLIENT = """
+import asyncio, sys
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+async def main():
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    owner = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="GetNameOwner", signature="s", body=["org.kvmnuma1"]))
+    reply = await bus.call(Message(destination="org.kvmnuma1", path="/org/kvmnuma1",
+        interface="org.kvmnuma1.Manager", member="CreateVMSimple", signature="sutusb",
+        body=["intruder", 1, 64 << 20, 0, "", False]))
+    print(f"owner={owner.body[0]} sender={reply.sender} type={reply.message_type.name} "
+          f"error={reply.error_name} body={reply.body}")
+asyncio.run(asyncio.wait_for(main(), 120))
+"""
+
+
+def test_unprivileged_user_gets_access_denied_through_polkitd() -> None:
+    list_vms(user="nobody")  # reads are for everyone
+    out = sh("python3", "-c", _CALL_AS_CLIENT, timeout=T_LONG, user="nobody").stdout
+    m = re.search(r"owner=(\S+) sender=(\S+) type=(\w+) error=(\S+) body=(.*)", out)
+    assert m, out
+    owner, sender, kind, error, body = m.groups()
+    assert kind == "ERROR" and error == "org.freedesktop.DBus.Error.AccessDenied", out
+    assert sender == owner, "refused by the bus policy, not by the daemon"
+    assert "uid 65534 is not authorized for org.kvmnuma1.manage" in body, body
+    # the daemon asked the real polkitd, activated on the system bus
+    owner_pid = sh("busctl", "--system", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                   "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s",
+                   "org.freedesktop.PolicyKit1").stdout.split()[1]
+    assert os.readlink(f"/proc/{owner_pid}/exe").endswith("/polkitd")
+    assert "intruder" not in list_vms()
+
+
+# ------------------------------------------------------------------ a VM and its journal
+
+
+def test_root_creates_a_vm_and_journal_finds_it_by_field() -> None:
+    mark = cursor()
+    sh("kvmnumactl", "--bus", "system", "create", VM, "--vcpus", "2", "--memory", "64M", "--start",
+       timeout=T_LONG)
+    pid = main_pid()
+    assert memfds(pid), "the VM's guest memory (a memfd) is not in the daemon"
+    wait_until("the VM's 2 vCPU threads", lambda: len(os.listdir(f"/proc/{pid}/task")) >= 3)
+    entries = journal(mark, f"_SYSTEMD_UNIT={UNIT}", f"KVMNUMA_VM={VM}")
+    assert entries, "journalctl -u kvmnumad KVMNUMA_VM=probe found nothing"
+    assert any(f"VM {VM} created" in m for m in messages(entries)), messages(entries)
+    # the exact command line the README promises
+    assert VM in sh("journalctl", "-u", "kvmnumad", f"KVMNUMA_VM={VM}", "--no-pager").stdout
+
+
+def test_restart_restores_the_vm_without_a_traceback() -> None:
+    mark = cursor()
+    before = main_pid()
+    sh("systemctl", "restart", UNIT, timeout=T_LONG)
+    after = main_pid()
+    assert after != before and prop("SubState") == "running"
+    assert VM in list_vms()
+    wait_until("the daemon's restore log line",
+               lambda: any("restored" in m for m in messages(journal(mark, f"_SYSTEMD_UNIT={UNIT}"))))
+    logged = messages(journal(mark, f"_SYSTEMD_UNIT={UNIT}"))
+    assert not [m for m in logged if "Traceback" in m or "NumaDisabled" in m], logged
+    sh("systemctl", "reset-failed", UNIT, check=False)  # start limit: the tests below start it again
+
+
+def _handover_configured() -> bool:
+    return prop("FileDescriptorStoreMax") not in ("", "0")
+
+
+def test_restart_keeps_the_running_vm() -> None:
+    """Hook for the fd-store handover: across ``systemctl restart`` the VM's
+    guest memory is the same memfd (same inode) in the new process.  Runs by
+    itself once the installed unit has an fd store (FileDescriptorStoreMax=)."""
+    if not _handover_configured():
+        pytest.skip("the unit keeps no fd store: VMs are not kept across a restart yet "
+                    "(issue 13's restart-with-guests-kept work)")
+    def inodes(pid: int) -> set[int]:
+        out = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd).startswith("/memfd:"):
+                    out.add(os.stat(fd).st_ino)
+            except OSError:
+                continue
+        return out
+
+    before = inodes(main_pid())
+    sh("systemctl", "restart", UNIT, timeout=T_LONG)
+    assert before and before <= inodes(main_pid())
+    sh("systemctl", "reset-failed", UNIT, check=False)
+
+
+# ------------------------------------------------------------------ watchdog
+
+
+def test_watchdog_kills_a_frozen_daemon_and_restart_brings_it_back() -> None:
+    DROPIN.parent.mkdir(parents=True, exist_ok=True)
+    DROPIN.write_text("[Service]\nWatchdogSec=4s\n")
+    try:
+        sh("systemctl", "daemon-reload", timeout=T_LONG)
+        sh("systemctl", "restart", UNIT, timeout=T_LONG)  # WATCHDOG_USEC is given at start
+        assert prop("WatchdogUSec") in ("4s", "4000000")
+        restarts = int(prop("NRestarts"))
+        frozen = main_pid()
+        mark = cursor()
+        time.sleep(6)  # a live daemon keeps pinging past one period
+        assert main_pid() == frozen
+        os.kill(frozen, signal.SIGSTOP)  # the event loop (and every thread) frozen
+        frozen_at = time.monotonic()
+        wait_until("systemd's watchdog restart", lambda: int(prop("NRestarts")) > restarts, timeout=T_LONG)
+        figure(f"watchdog: SIGSTOP to restart: {time.monotonic() - frozen_at:.1f} s (WatchdogSec=4s)")
+        wait_until("the restarted daemon", lambda: prop("SubState") == "running", timeout=T_LONG)
+        assert main_pid() != frozen
+        assert not Path(f"/proc/{frozen}").exists()
+        pid1 = messages(journal(mark, "_PID=1", f"UNIT={UNIT}"))
+        assert any("Watchdog timeout" in m for m in pid1), pid1
+        assert any("Failed with result 'watchdog'" in m for m in pid1), pid1
+        assert VM in list_vms()
+    finally:
+        DROPIN.unlink(missing_ok=True)
+        sh("systemctl", "daemon-reload", timeout=T_LONG, check=False)
+        sh("systemctl", "reset-failed", UNIT, check=False)
+
+
+# ------------------------------------------------------------------ stop and activation
+
+
+def _stop_and_check_nothing_left() -> None:
+    pid = main_pid()
+    held = memfds(pid)
+    assert held, "no memfd before the stop: nothing would prove they go"
+    mark = cursor()
+    sh("systemd-analyze", "log-level", "debug")  # systemd then logs each notification it receives
+    try:
+        sh("systemctl", "stop", UNIT, timeout=T_LONG)
+    finally:
+        sh("systemd-analyze", "log-level", "info", check=False)
+    assert prop("ActiveState") == "inactive"
+    pid1 = messages(journal(mark, "_PID=1"))
+    assert any(f"Got notification message from PID {pid} (STOPPING=1" in m for m in pid1), \
+        [m for m in pid1 if "notification" in m]
+    assert not [m for m in pid1 if KILL_FAILED in m]
+    assert not Path(f"/proc/{pid}").exists()
+    assert not CGROUP.exists(), sorted(str(p) for p in CGROUP.rglob("*") if p.is_dir())
+    leftover = {p: memfds(p) & held for p in all_pids()}
+    assert not {p: m for p, m in leftover.items() if m}
+    comms = {p: Path(f"/proc/{p}/comm").read_text().strip() for p in all_pids()
+             if Path(f"/proc/{p}/comm").exists()}
+    assert "kvmnumad" not in comms.values()
+
+
+def test_stop_sends_stopping_and_leaves_nothing_behind() -> None:
+    _stop_and_check_nothing_left()
+
+
+def test_a_call_activates_the_stopped_service() -> None:
+    assert prop("ActiveState") == "inactive"
+    mark = cursor()
+    start = time.monotonic()
+    assert VM in list_vms()  # the call itself starts the daemon, which restores the VM
+    figure(f"D-Bus activation, call to reply: {time.monotonic() - start:.1f} s")
+    assert prop("SubState") == "running"
+    # the bus's own lines, by the process that wrote them (not every one carries _SYSTEMD_UNIT)
+    bus = messages([e for e in journal(mark) if e.get("_COMM") == "dbus-daemon"])
+    assert any("Activating via systemd: service name='org.kvmnuma1' unit='kvmnumad.service'" in m
+               for m in bus), bus
+    assert name_owner_pid() == main_pid()
+    _stop_and_check_nothing_left()
+
+
+def test_no_stop_of_this_boot_failed_to_kill_the_cgroup() -> None:
+    out = sh("journalctl", "-b", "_PID=1", "--no-pager", "-q", "--grep", KILL_FAILED, check=False)
+    assert KILL_FAILED not in out.stdout

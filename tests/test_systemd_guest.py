@@ -1,0 +1,40 @@
+"""The systemd guest's launcher, the parts that need no guest: how it reads the
+guest's console and when it boots a second time (the guest itself runs in
+`make test-systemd`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.systemd_guest import launcher
+from tests.systemd_guest.launcher import EXIT_TIMEOUT, GuestRun, parse_line
+
+
+def test_console_lines_give_boot_time_counts_and_exit_status() -> None:
+    run = GuestRun(returncode=1)
+    assert parse_line(run, "systemd-guest: booted, guest uptime 31.2 s, PID 1 is systemd", 40.0) is None
+    assert parse_line(run, "systemd-guest: booted again", 50.0) is None
+    assert run.boot_s == 40.0
+    parse_line(run, "========== 10 passed, 1 skipped in 95.31s (0:01:35) ==========", 90.0)
+    assert run.counts == {"passed": 10, "skipped": 1}
+    assert parse_line(run, "systemd-guest: pytest exit status 0", 91.0) == 0
+
+
+@pytest.mark.parametrize(("run", "retry"), [
+    (GuestRun(returncode=EXIT_TIMEOUT, boot_s=30.0, counts={"passed": 3}), True),  # frozen half-way
+    (GuestRun(returncode=255), True),  # QEMU died before the checks began
+    (GuestRun(returncode=1, boot_s=30.0, counts={"passed": 9, "failed": 1}), False),  # a real failure
+])
+def test_only_a_frozen_or_dead_guest_is_booted_again(run: GuestRun, retry: bool) -> None:
+    assert run.retry_worth is retry
+
+
+def test_a_changed_recipe_names_a_new_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = tmp_path / "build-root.sh"
+    script.write_text("one recipe\n")
+    monkeypatch.setattr(launcher, "BUILD_SCRIPT", script)
+    first = launcher.image_path()
+    script.write_text("another recipe\n")
+    assert launcher.image_path() != first
