@@ -37,28 +37,29 @@ def _read(path: str) -> bytes | None:
         os.close(fd)
 
 
-def schedstat(tid: int) -> tuple[int, int] | None:
-    """(CPU time ns, run delay ns) of a thread of this process."""
-    raw = _read(f"/proc/self/task/{tid}/schedstat")
+def schedstat(tid: int, pid: str = "self") -> tuple[int, int] | None:
+    """(CPU time ns, run delay ns) of a thread of process ``pid`` (this one,
+    or an adopted VMM's: kvmnumad/adopt/)."""
+    raw = _read(f"/proc/{pid}/task/{tid}/schedstat")
     if raw is None:
         return None
     fields = raw.split()
     return int(fields[0]), int(fields[1])
 
 
-def last_cpu(tid: int) -> int:
+def last_cpu(tid: int, pid: str = "self") -> int:
     """Field 39 of stat (the CPU it last ran on), -1 if gone.  Fields after
     the command name, which may hold spaces and ')', start at field 3."""
-    raw = _read(f"/proc/self/task/{tid}/stat")
+    raw = _read(f"/proc/{pid}/task/{tid}/stat")
     if raw is None:
         return -1
     return int(raw.rsplit(b")", 1)[1].split()[39 - 3])
 
 
-def migrations(tid: int) -> int:
+def migrations(tid: int, pid: str = "self") -> int:
     """se.nr_migrations of /proc/.../sched (CONFIG_SCHED_DEBUG kernels, as
     Debian's), -1 where the kernel has no such file."""
-    raw = _read(f"/proc/self/task/{tid}/sched")
+    raw = _read(f"/proc/{pid}/task/{tid}/sched")
     if raw is None:
         return -1
     at = raw.find(b"se.nr_migrations")

@@ -45,6 +45,12 @@ class SampledVm(Protocol):
     def memory_regions(self) -> list[MemoryRegionInfo]: ...
 
 
+def process_of(vm: object) -> str:
+    """Whose /proc holds the VM's threads and memory: "self" for a VM of
+    kvmnumad's own, the VMM's pid for an adopted one (kvmnumad/adopt/vm.py)."""
+    return str(getattr(vm, "pid", 0)) if getattr(vm, "adopted", False) else "self"
+
+
 class _Seen(NamedTuple):
     cpu_time_ns: int
     cpu: int
@@ -129,12 +135,18 @@ class Sampler:
             with contextlib.suppress(NoSuchVM):
                 regions[vm.name] = vm.memory_regions()
         vms = [vm for vm in vms if vm.name in regions]
-        pages_at = self._pages_at(regions)
+        # Our own VMs' memory is in this process: one numa_maps read for all of
+        # them.  An adopted VM's is its VMM's (a mapping address of another
+        # address space): read from that process, each sample.
+        pages_at = self._pages_at({vm.name: regions[vm.name] for vm in vms if process_of(vm) == "self"})
         vm_samples = {}
         for vm in vms:
+            pid = process_of(vm)
+            own = pid == "self"
             try:
-                vm_samples[vm.name] = measure_vm(vm, topo, self._seen, seen, regions=regions[vm.name],
-                                                 pages_at=pages_at)
+                vm_samples[vm.name] = measure_vm(
+                    vm, topo, self._seen, seen, regions=regions[vm.name],
+                    pages_at=pages_at if own else probe.numa_maps([r.hva for r in regions[vm.name]], pid))
             except NoSuchVM:
                 continue  # destroyed under the sample: its removal is an event of its own
         self._seen = seen  # threads of VMs gone are forgotten here
@@ -175,21 +187,22 @@ def measure_vm(vm: SampledVm, topo: HostTopology, previous: Mapping[int, _Seen] 
         regions = vm.memory_regions()
     node_map = tuple(vm.node_map)
     numa = vm.numa_enabled
+    pid = process_of(vm)
     if pages_at is None:
-        pages_at = probe.numa_maps([r.hva for r in regions]) if regions else {}
+        pages_at = probe.numa_maps([r.hva for r in regions], pid) if regions else {}
     vcpus = []
     threads = vm.vcpu_threads()
     guests = vm.numa_nodes if numa else 0
     for index, tid in threads:
         guest = guest_node_of_vcpu(index, len(threads), guests) if guests else 0
-        vcpus.append(_vcpu(index, tid, guest, topo, previous=previous or {}, seen=seen))
+        vcpus.append(_vcpu(index, tid, guest, topo, previous=previous or {}, seen=seen, pid=pid))
     nodes = residency(regions, node_map, numa, pages_at)
     return VmSample(vm.name, numa, node_map, nodes, tuple(vcpus))
 
 
 def _vcpu(index: int, tid: int, guest_node: int, topo: HostTopology, *, previous: Mapping[int, _Seen],
-          seen: dict[int, _Seen] | None) -> VcpuSample:
-    stat = probe.schedstat(tid)
+          seen: dict[int, _Seen] | None, pid: str = "self") -> VcpuSample:
+    stat = probe.schedstat(tid, pid)
     cpu_ns, delay_ns = stat if stat is not None else (0, 0)
     last = previous.get(tid)
     if last is not None and stat is not None and last.cpu_time_ns == cpu_ns:
@@ -197,7 +210,7 @@ def _vcpu(index: int, tid: int, guest_node: int, topo: HostTopology, *, previous
         # changes CPU only when it wakes, and then it runs).
         now = _Seen(cpu_ns, last.cpu, last.migrations, probe.affinity(tid))
     else:
-        now = _Seen(cpu_ns, probe.last_cpu(tid), probe.migrations(tid), probe.affinity(tid))
+        now = _Seen(cpu_ns, probe.last_cpu(tid, pid), probe.migrations(tid, pid), probe.affinity(tid))
     if seen is not None and stat is not None:
         seen[tid] = now
     node = topo.cpus[now.cpu].node if now.cpu in topo.cpus else -1
