@@ -15,7 +15,7 @@ APT_PACKAGES := dbus dbus-daemon dbus-bin polkitd util-linux numactl libnuma1 li
 	qemu-system-x86 linux-image-amd64 busybox-static udev \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools dpkg-dev rpm \
 	python3-dbus-fast python3-pyudev python3-psutil python3-systemd bash-completion strace \
-	qtbase5-dev-tools qtbase5-dev g++ python3-gi gir1.2-glib-2.0
+	qtbase5-dev-tools qtbase5-dev g++ python3-gi gir1.2-glib-2.0 python3-prometheus-client
 # the systemd guest's root image (tests/systemd_guest/build-root.sh)
 APT_PACKAGES += mmdebstrap e2fsprogs
 

@@ -21,7 +21,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import bench.adopt
-from bench import affinity, busrtt, hotplug, idle, lifecycle, migrate, placement, rawkvm, scale, vmcreate
+from bench import (
+    affinity,
+    busrtt,
+    hotplug,
+    idle,
+    lifecycle,
+    migrate,
+    placement,
+    rawkvm,
+    sampling,
+    scale,
+    vmcreate,
+)
 from bench import handover as handover_bench
 from bench.report import Row, table
 from kvmnumad.kvm.runner import install_kick_signal
@@ -29,7 +41,7 @@ from kvmnumad.manager import Manager
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("idle", "lifecycle", "stop", "affinity", "dbus", "create", "scale", "hotplug", "placement",
-         "migrate", "handover", "adopt")
+         "migrate", "sampling", "handover", "adopt")
 EXTRA = ("adopt-repair",)  # only when asked (--only): about 5 min in the guest, numad's 60 s wait per run
 GUEST = ("hotplug", "placement", "migrate", "adopt-repair")  # need 2+ host nodes (4 for placement)
 
@@ -82,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         ("hotplug", lambda: hotplug.hotplug(3 if q else 20, 5 if q else 30)),
         ("placement", lambda: placement.placement(manager, kvm_fd, 3 if q else 15)),
         ("migrate", lambda: migrate.migrate(manager, 1 if q else 3)),
+        ("sampling", lambda: sampling.sampling(manager, 10 if q else 50)),
         ("handover", lambda: handover_bench.handover(1 if q else 7, 1 if q else 3)),
         ("adopt", lambda: bench.adopt.adopt_to_pinned(3 if q else 20)),
         ("adopt-repair", lambda: bench.adopt.repair_vs_numad(1 if q else 3)),

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import configparser
 import contextlib
 import logging
 import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dbus_fast.aio import MessageBus
 
@@ -40,10 +43,16 @@ from kvmnumad.adopt.watch import ExitWatcher
 from kvmnumad.bus.auth import Authorizer, make_authorizer
 from kvmnumad.bus.service import connect, start_service
 from kvmnumad.demo import create_demo
+from kvmnumad.events import VmAdded
 from kvmnumad.hotplug import HotplugMonitor, RepinQueue
 from kvmnumad.journal import setup_logging
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
+from kvmnumad.optimizer.model import Sample
+
+if TYPE_CHECKING:
+    from kvmnumad.metrics import Metrics
+from kvmnumad.optimizer.timer import DEFAULT_PERIOD, SamplingTimer
 from kvmnumad.privatebus import PrivateBus
 from kvmnumad.state import StateStore
 
@@ -67,7 +76,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address-file", type=Path, default=None,
                    help="write the bus address here once the name is owned (for scripts and tests)")
     p.add_argument("--version", action="version", version=f"kvmnumad {__version__}")
+    p.add_argument("--sample-interval", type=float, default=None,
+                   help=f"seconds between samples of every VM (default: {DEFAULT_PERIOD:g}, "
+                        f"or sample-interval in {CONFIG_FILE})")
+    p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
+                   help=f"serve Prometheus metrics there (default: none; metrics-address in {CONFIG_FILE})")
+    p.add_argument("--metrics-textfile", default=None, metavar="PATH",
+                   help="write the metrics there after each sample, for node_exporter's textfile collector")
     return p.parse_args(argv)
+
+
+CONFIG_FILE = "kvmnumad.conf"  # in --config-dir: a [kvmnumad] section with the same keys as the options
+CONFIG_KEYS = ("sample-interval", "metrics-address", "metrics-textfile")
+
+
+def apply_config_file(args: argparse.Namespace) -> None:
+    """Options the command line left unset, from kvmnumad.conf (if any)."""
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(args.config_dir / CONFIG_FILE)
+    except (configparser.Error, UnicodeDecodeError) as e:
+        log.error("%s ignored: %s", args.config_dir / CONFIG_FILE, e)
+        return
+    section = parser["kvmnumad"] if parser.has_section("kvmnumad") else {}
+    for key in CONFIG_KEYS:
+        attr = key.replace("-", "_")
+        if getattr(args, attr) is None and key in section:
+            value: object = section[key]
+            setattr(args, attr, float(str(value)) if key == "sample-interval" else value)
+    if args.sample_interval is None:
+        args.sample_interval = DEFAULT_PERIOD
+    if not args.sample_interval > 0:
+        raise SystemExit(f"kvmnumad: sample-interval must be positive, got {args.sample_interval}")
+    if args.metrics_address is not None:
+        from kvmnumad import metrics  # noqa: PLC0415 -- prometheus_client only when configured
+
+        try:
+            metrics.parse_address(args.metrics_address)
+        except ValueError as e:
+            raise SystemExit(f"kvmnumad: {e}") from None
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -107,6 +154,8 @@ async def serve(args: argparse.Namespace) -> int:
     service = None
     bus: MessageBus | None = None
     hotplug = None
+    sampler: SamplingTimer | None = None
+    metrics: Metrics | None = None  # (the type only: imported when configured)
     exits: ExitWatcher | None = None
     adopter: AutoAdopter | None = None
     repins = RepinQueue(lambda reason: manager_ref[0].on_topology_changed(reason) if manager_ref else None)
@@ -148,6 +197,7 @@ async def serve(args: argparse.Namespace) -> int:
         exits = ExitWatcher(manager, loop)  # adopted VMs go when their processes do
         bus = await connect(bus_spec)
         service = await start_service(manager, bus, await _authorizer(bus, args.bus))
+        sampler, metrics = _start_sampling(loop, manager, service.publish_sample, args)
         service.on_reexec = request_reexec
         adopter = await _start_auto_adopt(manager, args.config_dir, loop)
         if args.demo:
@@ -175,6 +225,10 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("stopping")
         return 0
     finally:
+        if sampler is not None:
+            sampler.close()
+        if metrics is not None:
+            metrics.close()
         if adopter is not None:
             adopter.stop()
         if exits is not None:
@@ -205,6 +259,29 @@ async def serve(args: argparse.Namespace) -> int:
             saved.close()
         if private is not None:
             private.close()
+
+
+def _start_sampling(loop: asyncio.AbstractEventLoop, manager: Manager, publish: Callable[[Sample], None],
+                    args: argparse.Namespace) -> tuple[SamplingTimer, Metrics | None]:
+    """The optimizer's timer, feeding the bus and, when configured, the metrics."""
+    timer = SamplingTimer(loop, manager.take_sample, args.sample_interval)
+    timer.subscribe(publish)
+    metrics = None
+    if args.metrics_address is not None or args.metrics_textfile is not None:
+        from kvmnumad.metrics import Metrics  # noqa: PLC0415 -- prometheus_client only when configured
+
+        metrics = Metrics(args.metrics_address, args.metrics_textfile)
+        timer.subscribe(metrics.update)
+        if metrics.textfile is not None:
+            write = metrics.write_textfile
+
+            def write_off_loop(_sample: Sample) -> None:
+                loop.run_in_executor(None, write)
+
+            timer.subscribe(write_off_loop)
+    manager.subscribe(lambda event: timer.wake() if isinstance(event, VmAdded) else None)
+    timer.start()
+    return timer, metrics
 
 
 async def _start_auto_adopt(manager: Manager, config_dir: Path,
@@ -302,6 +379,7 @@ def raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_target)
+    apply_config_file(args)
     raise_fd_limit()
     install_kick_signal()
     try:

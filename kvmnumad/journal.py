@@ -13,6 +13,7 @@ KVMNUMA_NODE       host NUMA node the object now sits on / is bound to
 KVMNUMA_FROM_NODE  node memory or a vCPU moved away from
 KVMNUMA_TO_NODE    node it moved to
 KVMNUMA_REASON     why (``api``, ``policy``, ``hotplug``, ``rebalance``, ...)
+KVMNUMA_RULE       the placement rule a decision followed (``local-first``, ``caller``, ...)
 =================  ===========================================================
 
 Each event kind has a fixed MESSAGE_ID (sd-id128, generated once, never
@@ -32,6 +33,7 @@ vm-started        47d912bc9faf4383888ec1f7a810afe8  vCPUs running
 vm-stopped        e9cfd7dd410f45c1adfd40af2c3bf078  vCPUs stopped
 topology-changed  c52c477987f24cd5bceb6a08d0ad144c  host CPUs went on/offline
 state-corrupt     2c4bccf95d774fbf80f7427fa5979669  a saved VM definition was unreadable
+decision          8bf6b4d99a53451088e33cb752e8230a  a placement decided, with its rule and numbers
 vm-resumed        af1e4d4f20744d998027136df341d1cf  VM continued after a restart: same memory, same vCPU state
 vm-restarted      41b5e153033f4100bdb27b09a7760262  vCPUs from entry on kept memory (after a crash)
 ================  ================================  =================================
@@ -68,6 +70,7 @@ class EventKind(enum.StrEnum):
     VM_STOPPED = "vm-stopped"
     TOPOLOGY_CHANGED = "topology-changed"
     STATE_CORRUPT = "state-corrupt"
+    DECISION = "decision"
     VM_RESUMED = "vm-resumed"
     VM_RESTARTED = "vm-restarted"
 
@@ -85,6 +88,7 @@ MESSAGE_IDS: dict[EventKind, str] = {
     EventKind.VM_RESUMED: "af1e4d4f20744d998027136df341d1cf",
     EventKind.VM_RESTARTED: "41b5e153033f4100bdb27b09a7760262",
     EventKind.STATE_CORRUPT: "2c4bccf95d774fbf80f7427fa5979669",
+    EventKind.DECISION: "8bf6b4d99a53451088e33cb752e8230a",
 }
 
 FIELD_PREFIX = "KVMNUMA_"
@@ -173,6 +177,7 @@ def event_fields(
     from_node: int | None = None,
     to_node: int | None = None,
     reason: str | None = None,
+    rule: str | None = None,
 ) -> dict[str, str]:
     """The journal fields of one event; unknown kinds raise ValueError (a typo must not log silently)."""
     kind = EventKind(kind)
@@ -184,6 +189,7 @@ def event_fields(
         "FROM_NODE": from_node,
         "TO_NODE": to_node,
         "REASON": reason,
+        "RULE": rule,
     }
     fields = {"MESSAGE_ID": MESSAGE_IDS[kind], "KVMNUMA_EVENT": kind.value}
     fields.update({FIELD_PREFIX + k: str(v) for k, v in values.items() if v is not None})
@@ -202,13 +208,15 @@ def log_event(
     to_node: int | None = None,
     reason: str | None = None,
     level: int = logging.INFO,
+    rule: str | None = None,
 ) -> None:
     """Log one placement/lifecycle event with its MESSAGE_ID and KVMNUMA_* fields.
 
     Example: ``log_event("pin", "web vcpu 0 pinned to 0-1", vm="web", vcpu=0, cpus={0, 1}, reason="api")``.
     """
     fields = event_fields(
-        kind, vm=vm, vcpu=vcpu, cpus=cpus, node=node, from_node=from_node, to_node=to_node, reason=reason
+        kind, vm=vm, vcpu=vcpu, cpus=cpus, node=node, from_node=from_node, to_node=to_node, reason=reason,
+        rule=rule,
     )
     # No args: a "%" in a VM name must not be taken for a format.
     event_log.log(level, message, extra=fields)

@@ -34,6 +34,8 @@ from kvmnumad.libc import PAGE_SIZE
 from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.numa.memory import pages_per_node
 from kvmnumad.numa.topology import HostTopology, read_free_memory, read_topology, with_free_memory
+from kvmnumad.optimizer import explain, sample, suggest
+from kvmnumad.optimizer.model import HostNodeSample, Sample
 from kvmnumad.quotas import Quotas, Usage
 from kvmnumad.request import Limits, check_vm_name, validate_request
 from kvmnumad.vm import Vm
@@ -81,6 +83,8 @@ class Manager:
         self._quota_lock = threading.Lock()
         self._reserved: dict[int, Usage] = {}  # uid -> what creations and additions in flight will add
         self.cpusets = CpusetBackend.detect() if cpusets else None
+        self.decisions = explain.DecisionLog()  # why each VM's placements are what they are
+        self._sampler = sample.Sampler()
         if cpusets and self.cpusets is None:
             log.warning("no writable cpuset cgroup (v1 or v2): VMs run without cpusets")
 
@@ -289,6 +293,7 @@ class Manager:
                          setup=build)
         log_event("vm-created", f"VM {name} created: {vcpus} vCPUs, {memory_bytes} bytes, "
                   f"{options.numa_nodes} guest nodes, policy {policy}", vm=name, reason="api")
+        self._record_plan(name, plan)  # once it exists: a refused or failed build decided nothing
         self._emit(VmAdded(name))
         return vm
 
@@ -326,6 +331,7 @@ class Manager:
             with self._lock:
                 self._creating.discard(name)
         vm.limit_memory(lambda size: self.admit_memory(owner, size))  # its creation was admitted whole
+        vm.on_decision = self.decisions.record
         vm.publish(self._emit)
         return vm
 
@@ -386,6 +392,7 @@ class Manager:
             log_event("vm-created", f"VM {d.name} restored: {d.vcpus} vCPUs, {memory} bytes, "
                       f"{d.numa_nodes} guest nodes, policy {d.policy}"
                       + (f", {recovery}" if recovery else ""), vm=d.name, reason="restore")
+            self._record_restore(vm)
             self._emit(VmAdded(d.name))
             return vm
 
@@ -408,6 +415,7 @@ class Manager:
             except Exception as e:  # everything else was released (Vm.destroy); say what was not
                 log.exception("releasing VM %s", name)
                 failure = e
+            self.decisions.forget(name)
             failed = f", its release failed: {failure}" if failure is not None else ""
             log_event("vm-destroyed", f"VM {name} destroyed{failed}", vm=name, reason="api")
             self._emit(VmRemoved(name))
@@ -427,6 +435,7 @@ class Manager:
                 log_event("repin", f"vCPU {vcpu} of VM {vm.name} re-pinned from CPUs {cpulist.describe(old)} "
                           f"to {cpulist.describe(new)} ({reason})", vm=vm.name, vcpu=vcpu, cpus=new,
                           reason=reason)
+                self._record_repin(vm, topo, vcpu, new, reason)
                 self._emit(VcpuRepinned(vm.name, vcpu, old, new, reason))
         log_event("topology-changed", f"host topology changed ({reason}): online CPUs "
                   f"{cpulist.describe(topo.online_cpus())}", cpus=topo.online_cpus(), reason=reason)
@@ -436,10 +445,10 @@ class Manager:
     # ------------------------------------------------------------------ reports
     def report(self) -> str:
         cpusets = self.cpusets.describe() if self.cpusets else "not available (no writable cpuset cgroup)"
-        return report.report(self.version, self.topology(), cpusets, self.list_vms())
+        return report.report(self.version, self.topology(), cpusets, self.list_vms(), self.measure_now())
 
     def suggestions(self) -> list[tuple[str, str, str]]:
-        return report.suggestions(self.topology(), self.list_vms())
+        return report.suggestions(self.topology(), self.list_vms(), self.suggested_actions())
 
     def shutdown(self) -> None:
         """Stop and release every VM without announcing removals: their
@@ -526,6 +535,78 @@ class Manager:
                                              vm=name)
             del self._vms[name]
         vm.release()
+        self.decisions.forget(name)
         log_event("vm-destroyed", f"adopted VM {name} released ({reason}): {vm.vmm or 'VMM'} process "
                   f"{vm.pid}", vm=name, reason=reason)
         self._emit(VmRemoved(name))
+
+    # ------------------------------------------------------------------ optimizer
+    def take_sample(self) -> Sample | None:
+        """One sample of every VM and host node (the sampling timer's, off the
+        loop: it reads /proc and /sys); None when there is no VM to sample."""
+        vms = self.list_vms()
+        if not vms:
+            return None
+        return self._sampler.take(vms, self.topology())
+
+    def measure_now(self) -> Sample:
+        """Every VM and host node now, for a reader (the report): the timer's Sampler keeps its state."""
+        return sample.Sampler().take(self.list_vms(), self.topology())
+
+    def measure_host_nodes(self) -> tuple[HostNodeSample, ...]:
+        """The host nodes now, busy fractions since boot (no previous sample to diff)."""
+        return sample.Sampler().take(self.list_vms(), self.topology()).nodes
+
+    def suggested_actions(self) -> list[suggest.Suggestion]:
+        """Read now, not from the last sample: a caller who applied one sees it gone."""
+        topo = self.topology()
+        return suggest.suggest(list(self.measure_now().vms.values()), topo)
+
+    def explain(self, name: str) -> list[explain.Decision]:
+        self.get_vm(name)
+        return self.decisions.of_vm(name)
+
+    def _record_plan(self, name: str, plan: placement.Plan) -> None:
+        rule = str(plan.policy)
+        for n in plan.nodes:
+            if not n.bytes:
+                continue  # no memory, nothing bound
+            self.decisions.record(explain.Decision(
+                name, explain.node_subject(n.guest_node), explain.Kind.POLICY, rule,
+                f"host node(s) {cpulist.describe(n.host_nodes)} ({n.mempolicy.name.lower()})", n.why,
+                node=n.host_nodes[0]))
+        if plan.policy == Policy.MANUAL:
+            return  # nothing pinned: nothing to explain
+        for v in plan.vcpus:
+            self.decisions.record(explain.Decision(
+                name, explain.vcpu_subject(v.vcpu), explain.Kind.POLICY, rule,
+                f"CPUs {cpulist.describe(v.cpus)}", v.why, vcpu=v.vcpu))
+
+    def _record_restore(self, vm: Vm) -> None:
+        for g, host in enumerate(vm.node_map if vm.numa_enabled else []):
+            self.decisions.record(explain.Decision(
+                vm.name, explain.node_subject(g), explain.Kind.RESTORE, "restore", f"host node {host}",
+                "the placement saved before the daemon stopped", node=host))
+        for vcpu, cpus in vm.declared_vcpu_affinity():
+            if cpus:
+                self.decisions.record(explain.Decision(
+                    vm.name, explain.vcpu_subject(vcpu), explain.Kind.RESTORE, "restore",
+                    f"CPUs {cpulist.describe(cpus)}", "the declared CPUs saved before the daemon stopped, "
+                    "those online", vcpu=vcpu))
+
+    def _record_repin(self, vm: Vm, topo: HostTopology, vcpu: int, new: frozenset[int], reason: str) -> None:
+        declared = frozenset(dict(vm.declared_vcpu_affinity()).get(vcpu, ()))
+        online = topo.online_cpus()
+        if declared & online:
+            rule, why = "hotplug-declared-online", (
+                f"its declared CPUs {cpulist.describe(declared)} that are online ({reason})")
+        else:
+            lost = {topo.cpus[c].node for c in declared if c in topo.cpus}
+            to = {topo.cpus[c].node for c in new if c in topo.cpus}
+            rule, why = "hotplug-nearest-node", (
+                f"all its declared CPUs {cpulist.describe(declared)} (host node(s) {cpulist.describe(lost)}) "
+                f"are offline; host node(s) {cpulist.describe(to)} nearest by distance with online CPUs "
+                f"({reason})")
+        self.decisions.record(explain.Decision(
+            vm.name, explain.vcpu_subject(vcpu), explain.Kind.HOTPLUG, rule, f"CPUs {cpulist.describe(new)}",
+            why, vcpu=vcpu))

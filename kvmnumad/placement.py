@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvmnumad.errors import InsufficientMemory, InvalidArgument, NodeOutOfRange
 from kvmnumad.libc import PAGE_SIZE
@@ -52,6 +52,7 @@ class NodePlan:
     mempolicy: MemPolicy  # BIND, PREFERRED or INTERLEAVE
     bytes: int
     per_host: dict[int, int]  # expected bytes per host node (an estimate for INTERLEAVE/PREFERRED)
+    why: str = ""  # the rule and the numbers that chose host_nodes (explanations)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class VcpuPlan:
     vcpu: int
     guest_node: int
     cpus: frozenset[int]
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class _Planner:
         self.vcpu_guest = [guest_node_of_vcpu(v, req.vcpus, self.guests) for v in range(req.vcpus)]
         self.free = {n: max(0, topo.nodes[n].mem_free - load.node_bytes.get(n, 0)) for n in self.allowed}
         self.placed: dict[int, int] = {}  # vCPUs this plan put on each host node
+        self.vcpu_why: dict[int, str] = {}
 
     def run(self) -> Plan:
         nodes, vcpu_cpus = {
@@ -111,7 +114,8 @@ class _Planner:
             Policy.INTERLEAVE: self._interleave,
             Policy.PREFERRED: self._preferred,
         }[self.req.policy]()
-        vcpus = tuple(VcpuPlan(v, g, vcpu_cpus[v]) for v, g in enumerate(self.vcpu_guest))
+        vcpus = tuple(VcpuPlan(v, g, vcpu_cpus[v], self.vcpu_why.get(v, ""))
+                      for v, g in enumerate(self.vcpu_guest))
         return Plan(self.req.policy, tuple(nodes), vcpus)
 
     # --- the policies ---
@@ -119,7 +123,12 @@ class _Planner:
     def _manual(self) -> tuple[list[NodePlan], list[frozenset[int]]]:
         """Memory of guest node i bound to allowed[i] (wrapped); vCPUs float over the allowed CPUs."""
         mapping = wrap_node_map(self.guests, self.allowed)
-        nodes = [self._bind(g, [h], split=False) for g, h in enumerate(mapping)]
+        nodes = [
+            replace(self._bind(g, [h], split=False),
+                    why=f"guest node {g} takes allowed host node #{g % len(self.allowed)} of "
+                        f"{list(self.allowed)}, in the order given")
+            for g, h in enumerate(mapping)
+        ]
         return nodes, [self._allowed_cpus()] * self.req.vcpus
 
     def _local_first(self) -> tuple[list[NodePlan], list[frozenset[int]]]:
@@ -128,15 +137,17 @@ class _Planner:
         cpus: dict[int, frozenset[int]] = {}
         for g, size in enumerate(self.sizes):
             host = self._best_node(size)
+            why = self._why_node(host, size)
             if self.free[host] < size and not self.req.allow_split:
                 most = max(self.allowed, key=lambda n: self.free[n])
                 raise InsufficientMemory(
                     f"local-first: guest node {g} needs {size} bytes and no allowed host node has that "
                     f"much free (most: {self.free[most]} bytes on node {most}); allow_split spreads it"
                 )
-            nodes.append(self._bind(g, [host], split=self.req.allow_split))
+            nodes.append(replace(self._bind(g, [host], split=self.req.allow_split), why=why))
             cpus[g] = self.topo.cpus_of_node(host)
             self.placed[host] = self.placed.get(host, 0) + self.vcpu_guest.count(g)
+        self._follow_guest_nodes(nodes, cpus)
         return nodes, [cpus[g] for g in self.vcpu_guest]
 
     def _load_balanced(self) -> tuple[list[NodePlan], list[frozenset[int]]]:
@@ -149,13 +160,17 @@ class _Planner:
             mine = guest_hosts.setdefault(g, [])
             cpu = min(self._allowed_cpus(), key=lambda c: self._cpu_rank(c, assigned, mine))
             node = self.topo.node_of_cpu(cpu)
+            self.vcpu_why[len(chosen)] = (
+                f"CPU {cpu} (host node {node}) ranks first: {assigned.get(cpu, 0)} vCPUs of this VM on it, "
+                f"busy {self.load.cpu.get(cpu, 0.0):.2f}, node pressure {self._pressure(node):.2f}")
             assigned[cpu] = assigned.get(cpu, 0) + 1
             self.placed[node] = self.placed.get(node, 0) + 1
             if node not in mine:
                 mine.append(node)
             chosen.append(frozenset({cpu}))
         nodes = [
-            self._bind(g, guest_hosts.get(g) or [self._best_node(size)], split=self.req.allow_split)
+            replace(self._bind(g, guest_hosts.get(g) or [self._best_node(size)], split=self.req.allow_split),
+                    why=f"memory on the host node(s) its vCPUs landed on: {guest_hosts.get(g) or 'none'}")
             for g, size in enumerate(self.sizes)
         ]
         return nodes, chosen
@@ -167,8 +182,14 @@ class _Planner:
         nodes = []
         for g, size in enumerate(self.sizes):
             share = {h: size // len(with_memory) for h in with_memory}
-            nodes.append(NodePlan(g, tuple(with_memory), MemPolicy.INTERLEAVE, size, share))
-        return nodes, [self._allowed_cpus()] * self.req.vcpus
+            free = describe_size(sum(self.free[n] for n in with_memory))
+            nodes.append(NodePlan(g, tuple(with_memory), MemPolicy.INTERLEAVE, size, share,
+                                  f"interleaved over the allowed host nodes with memory {with_memory}: "
+                                  f"{free} free >= {describe_size(size)}"))
+        cpus = self._allowed_cpus()
+        for v in range(self.req.vcpus):
+            self.vcpu_why[v] = f"floats over the allowed host nodes' CPUs {format_cpulist(cpus)}"
+        return nodes, [cpus] * self.req.vcpus
 
     def _preferred(self) -> tuple[list[NodePlan], list[frozenset[int]]]:
         """Like local-first, but MPOL_PREFERRED: the kernel spills to the nearest nodes when full."""
@@ -177,11 +198,36 @@ class _Planner:
         cpus: dict[int, frozenset[int]] = {}
         for g, size in enumerate(self.sizes):
             host = self._best_node(size)
+            why = self._why_node(host, size) + "; preferred: spills to the nearest nodes when full"
             per_host = self._take(g, self._nearest_allowed(host), size, split=True)
-            nodes.append(NodePlan(g, (host,), MemPolicy.PREFERRED, size, per_host))
+            nodes.append(NodePlan(g, (host,), MemPolicy.PREFERRED, size, per_host, why))
             cpus[g] = self.topo.cpus_of_node(host)
             self.placed[host] = self.placed.get(host, 0) + self.vcpu_guest.count(g)
+        self._follow_guest_nodes(nodes, cpus)
         return nodes, [cpus[g] for g in self.vcpu_guest]
+
+    # --- explanations ---
+
+    def _figures(self, node: int) -> str:
+        cpus = self.topo.cpus_of_node(node)
+        busy = sum(self.load.cpu.get(c, 0.0) for c in cpus) / len(cpus) if cpus else 0.0
+        return (f"node {node}: {describe_size(self.free[node])} free, busy {busy:.2f}, "
+                f"pressure {self._pressure(node):.2f}")
+
+    def _why_node(self, host: int, size: int) -> str:
+        """Why _best_node chose ``host``: fit first, then pressure, then free memory."""
+        fits = ">=" if self.free[host] >= size else "<"
+        why = f"host node {host}: {describe_size(self.free[host])} free {fits} {describe_size(size)} needed"
+        others = [n for n in self.allowed if n != host]
+        if others:
+            why += "; " + self._figures(host) + "; " + "; ".join(self._figures(n) for n in others)
+        return why
+
+    def _follow_guest_nodes(self, nodes: list[NodePlan], cpus: dict[int, frozenset[int]]) -> None:
+        for v, g in enumerate(self.vcpu_guest):
+            host = nodes[g].host_nodes[0]
+            self.vcpu_why[v] = (f"follows guest node {g} to host node {host}: "
+                                f"its CPUs {format_cpulist(cpus[g])}")
 
     # --- helpers ---
 
@@ -247,6 +293,11 @@ class _Planner:
         total = sum(self.free[n] for n in nodes)
         if total < size:
             raise InsufficientMemory(f"{size} bytes asked, host nodes {nodes} have {total} bytes free")
+
+
+def describe_size(n: int) -> str:
+    """Bytes for a reason text: GiB with one decimal from 1 GiB, else MiB."""
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
 def _validate(topo: HostTopology, req: PlacementRequest) -> None:

@@ -308,3 +308,33 @@ def test_adoption_is_held_to_the_owners_quota() -> None:
             manager.adopt_process(second.pid, AdoptOptions(), owner=0)  # root: unlimited
     finally:
         manager.shutdown()
+
+
+def test_an_adopted_vms_sampled_figures_are_its_vmms() -> None:
+    """Residency and VcpuUsage of an adopted VM come from the VMM's /proc
+    (its threads' schedstat, its numa_maps), not the daemon's: read here
+    from /proc/PID and compared."""
+    from kvmnumad.adopt.discovery import AdoptOptions  # noqa: PLC0415
+    from kvmnumad.manager import Manager  # noqa: PLC0415
+    from kvmnumad.optimizer.sample import measure_vm  # noqa: PLC0415
+
+    manager = Manager(cpusets=False)
+    try:
+        with running([sys.executable, "-m", "tests.vmm_threads", "cloud-hypervisor", "2", "8"]) as p:
+            assert p.stdout is not None and p.stdout.readline().startswith("ready")
+            vm = manager.adopt_process(p.pid, AdoptOptions())
+            pages = (8 << 20) // os.sysconf("SC_PAGESIZE")  # all touched (tests/vmm_threads.py)
+            for s in (manager.take_sample(), manager.take_sample()):  # a full read, then the steady one
+                assert s is not None
+                got = s.vms[vm.name]
+                for v in got.vcpus:  # the threads sleep: their CPU time stands still
+                    fields = Path(f"/proc/{p.pid}/task/{v.tid}/schedstat").read_text().split()
+                    assert v.cpu_time_ns == int(fields[0]) > 0
+                    assert v.cpu == int(Path(f"/proc/{p.pid}/task/{v.tid}/stat").read_text()
+                                        .rsplit(")", 1)[1].split()[36])
+                assert sum(sum(r.pages.values()) for r in got.residency) == pages
+            stateless = measure_vm(vm, manager.topology())  # what a new object is exported with
+            assert sum(sum(r.pages.values()) for r in stateless.residency) == pages
+            assert all(v.cpu_time_ns > 0 for v in stateless.vcpus)
+    finally:
+        manager.shutdown()

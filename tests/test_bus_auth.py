@@ -201,6 +201,7 @@ CONTRACT: dict[str, tuple[str, str] | None] = {
     "BindVcpuToNumaNode": (ACTION_PLACE, "bind-vcpu"),
     "MapNumaNode": (ACTION_MIGRATE, "map-numa-node"),
     "GetVcpuAffinity": None, "GetVcpuNumaNode": None, "GetStats": None,
+    "GetDecisions": None, "GetSuggestedActions": None,
     "AdoptProcess": (ACTION_ADOPT, "adopt"),  # about a process, not a VM: no vm detail
     "ReleaseVM": (ACTION_ADOPT, "release"),
 }

@@ -27,6 +27,7 @@ from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject, current_call
 from kvmnumad.bus.fds import PassedFd
 from kvmnumad.bus.paths import MANAGER_INTERFACE, MANAGER_PATH, vm_path
+from kvmnumad.bus.samples import action_rows
 from kvmnumad.errors import AccessDenied
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
@@ -202,3 +203,13 @@ class ManagerObject(BusObject):
     @requires(ACTION_ADOPT, verb="release", vm="name", checks={"name": check_name})
     async def ReleaseVM(self, name: "s") -> None:
         await asyncio.to_thread(self._context.manager.release_vm, name)
+
+    # ------------------------------------------------- optimizer (issue 14)
+    @method()
+    @read_only
+    async def GetSuggestedActions(self) -> "a(sssosavdd)":
+        return action_rows(await asyncio.to_thread(self._context.manager.suggested_actions))
+
+    @dbus_property(access=PropertyAccess.READ)
+    def HostNodeUsage(self) -> "a(uaudttua(st))":
+        return self._props["HostNodeUsage"]

@@ -14,9 +14,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kvmnumad.adopt.vm import adoption_of
+from kvmnumad.bus.samples import host_node_rows, residency_rows, vcpu_usage_rows
 from kvmnumad.errors import NoSuchVM
 from kvmnumad.events import Aspect
 from kvmnumad.manager import Manager
+from kvmnumad.optimizer.model import HostNodeSample, VmSample
+from kvmnumad.optimizer.sample import measure_vm
 from kvmnumad.vm import Vm
 
 VM_PROPERTIES: dict[str, Callable[[Vm], Any]] = {
@@ -82,6 +85,8 @@ def vm_snapshot(manager: Manager, vm: Vm, names: Iterable[str] | None = None) ->
     wanted = VM_PROPERTIES if names is None else {n: VM_PROPERTIES[n] for n in sorted(names)}
     try:
         values = {name: read(vm) for name, read in wanted.items()}
+        if names is None:  # on export: the sampled figures measured now, until the timer's next
+            values.update(sampled_vm_values(measure_vm(vm, manager.topology())))
     except Exception:
         _require_registered(manager, vm)  # a VM torn down under the reads: NoSuchVM
         raise
@@ -93,7 +98,24 @@ def vm_snapshot(manager: Manager, vm: Vm, names: Iterable[str] | None = None) ->
 
 def manager_snapshot(manager: Manager, names: Iterable[str] | None = None) -> dict[str, Any]:
     wanted = MANAGER_PROPERTIES if names is None else {n: MANAGER_PROPERTIES[n] for n in sorted(names)}
-    return {name: read(manager) for name, read in wanted.items()}
+    values = {name: read(manager) for name, read in wanted.items()}
+    if names is None:
+        values.update(sampled_manager_values(manager.measure_host_nodes()))
+    return values
+
+
+# Measured, not changed by a call: only the sampling timer publishes them, at
+# most once per period and only those that differ (BusService.follow_samples).
+SAMPLED_VM_PROPERTIES = frozenset({"Residency", "VcpuUsage"})
+SAMPLED_MANAGER_PROPERTIES = frozenset({"HostNodeUsage"})
+
+
+def sampled_vm_values(s: VmSample) -> dict[str, Any]:
+    return {"Residency": residency_rows(s), "VcpuUsage": vcpu_usage_rows(s)}
+
+
+def sampled_manager_values(nodes: tuple[HostNodeSample, ...]) -> dict[str, Any]:
+    return {"HostNodeUsage": host_node_rows(nodes)}
 
 
 def _require_registered(manager: Manager, vm: Vm) -> None:

@@ -37,6 +37,8 @@ from kvmnumad.bus.properties import (
     TOPOLOGY_PROPERTIES,
     TOPOLOGY_VM_PROPERTIES,
     manager_snapshot,
+    sampled_manager_values,
+    sampled_vm_values,
     touched,
     vm_snapshot,
 )
@@ -53,6 +55,7 @@ from kvmnumad.events import (
     VmRemoved,
 )
 from kvmnumad.manager import Manager
+from kvmnumad.optimizer.model import Sample
 from kvmnumad.vm import Vm
 
 log = logging.getLogger(__name__)
@@ -284,6 +287,19 @@ class BusService:
                 await self.reconcile(name, TOPOLOGY_VM_PROPERTIES)
         elif isinstance(event, DefaultPolicyChanged):
             mo.publish({"DefaultPolicy": str(event.policy)})
+
+
+    # ------------------------------------------------------------- samples
+    def publish_sample(self, sample: Sample) -> None:
+        """On the loop, once per sampling period (optimizer/timer.py): each
+        object's sampled properties, one PropertiesChanged with those that differ."""
+        if self._stopped or self.manager_object is None:
+            return
+        self.manager_object.publish(sampled_manager_values(sample.nodes))
+        for name, obj in list(self._vms.items()):
+            measured = sample.vms.get(name)
+            if measured is not None:
+                obj.publish(sampled_vm_values(measured))
 
 
 async def start_service(manager: Manager, bus: MessageBus, authorizer: Authorizer) -> BusService:

@@ -24,6 +24,7 @@ from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject
 from kvmnumad.bus.errors import unknown_object
 from kvmnumad.bus.paths import VM_INTERFACE, vm_path
+from kvmnumad.bus.samples import decision_rows
 from kvmnumad.errors import NoSuchVM
 from kvmnumad.model import VmStats
 from kvmnumad.vm import Vm
@@ -217,3 +218,18 @@ class VmObject(BusObject):
     @dbus_property(access=PropertyAccess.READ)
     def ProcessId(self) -> "u":
         return self._props["ProcessId"]
+
+    # ------------------------------------------------- optimizer (issue 14)
+    @method()
+    @read_only
+    async def GetDecisions(self) -> "a(ssssst)":
+        decisions = await self._core(self._context.manager.explain, self.vm_name)
+        return decision_rows(decisions)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Residency(self) -> "a(uuttd)":
+        return self._props["Residency"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def VcpuUsage(self) -> "a(uttiit)":
+        return self._props["VcpuUsage"]

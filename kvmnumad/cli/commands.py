@@ -210,6 +210,19 @@ async def cmd_suggestions(c: Client, args: argparse.Namespace) -> None:
     print_table(["VM", "ACTION", "REASON"], [list(i) for i in items], legend)
 
 
+async def cmd_explain(c: Client, args: argparse.Namespace) -> None:
+    """Why each placement of the VM is what it is: the daemon's recorded decisions."""
+    (rows,) = await c.vm(args.name, "GetDecisions")
+    items = [{"subject": subject, "kind": kind, "rule": rule, "placement": placement, "reason": reason,
+              "time": t / 1e6} for subject, kind, rule, placement, reason, t in rows]
+    if args.json:
+        print_json({"vm": args.name, "decisions": items})
+        return
+    legend = f"{len(items)} decision{'' if len(items) == 1 else 's'} in force."
+    print_table(["WHAT", "WHERE", "RULE", "BY", "WHY"],
+                [[i["subject"], i["placement"], i["rule"], i["kind"], i["reason"]] for i in items], legend)
+
+
 async def cmd_reexec(c: Client, args: argparse.Namespace) -> None:
     """Manager.Reexec, then (unless --no-wait) wait until org.kvmnuma1 has an
     owner again: the same PID on a new connection, with every VM back."""

@@ -17,6 +17,7 @@ from kvmnumad.cli.commands import (
     Command,
     cmd_create,
     cmd_destroy,
+    cmd_explain,
     cmd_list,
     cmd_memory,
     cmd_numa,
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("report", cmd_report, "the daemon's placement report")
     add("suggestions", cmd_suggestions, "the daemon's placement suggestions")
     add("monitor", cmd_monitor, "print the service's signals as they come, until Ctrl-C")
+    _vm_arg(add("explain", cmd_explain, "why each pin and memory binding of a VM is what it is"))
     p = add("reexec", cmd_reexec, "restart the daemon in place keeping every VM (root only)")
     p.add_argument("--no-wait", dest="wait", action="store_false",
                    help="return after the reply, before the name is owned again")

@@ -31,6 +31,7 @@ from kvmnumad.kvm.vm import VmFd
 from kvmnumad.model import Policy, VmState
 from kvmnumad.numa.memory import MemPolicy
 from kvmnumad.numa.topology import HostTopology
+from kvmnumad.optimizer.explain import Decision, Kind, node_subject, vcpu_subject
 from kvmnumad.vm.console import SerialBuffer
 from kvmnumad.vm.layout import ENTRY
 from kvmnumad.vm.memory import GuestMemory, resource_error
@@ -83,6 +84,8 @@ class Vm(VmViews):
         self._destroyed = False
         self.faults: dict[int, str] = {}  # vCPU -> why it stopped by itself
         self.recovery = Recovery.NONE  # how it came back after a restart of the daemon
+        # Where a caller's placement decision is recorded (the Manager's DecisionLog).
+        self.on_decision: Callable[[Decision], object] = lambda d: None
         self.numa = GuestNuma(name)
         self.serial = SerialBuffer()
         headroom.check_tasks(name, vcpus)  # refused before any kernel object exists
@@ -241,7 +244,19 @@ class Vm(VmViews):
                 log_event("migrate", f"VM {self.name} guest node {node} slot {slot} ({pages} pages) moved "
                           f"from host node {old} to {host_node}", vm=self.name, node=host_node,
                           from_node=old, to_node=host_node, reason="map-numa-node")
-            self.vcpus.follow_node(node, self.numa.host_cpus(node, topo))
+            cpus = self.numa.host_cpus(node, topo)
+            self.vcpus.follow_node(node, cpus)
+            followers = [v.index for v in self.vcpus if v.bound_node == node]
+        pages = sum(p for _, p in moved)
+        self.on_decision(Decision(
+            self.name, node_subject(node), Kind.CALLER, "caller-map", f"host node {host_node}",
+            f"a caller mapped it from host node {old} to {host_node}; {pages} pages moved", node=host_node))
+        for index in followers:
+            self.on_decision(Decision(
+                self.name, vcpu_subject(index), Kind.CALLER, "follows-guest-node",
+                f"CPUs {cpulist.describe(cpus)}",
+                f"bound to guest node {node}, which a caller mapped to host node {host_node}: its CPUs",
+                vcpu=index, node=host_node))
         self._changed(Aspect.NUMA_LAYOUT, Aspect.MEMORY, Aspect.VCPU_PLACEMENT)
         return moved
 
@@ -256,6 +271,12 @@ class Vm(VmViews):
                 return  # the same pin again: nothing to log, publish or persist
         log_event("pin", f"vCPU {vcpu} of VM {self.name} pinned to CPUs {cpulist.describe(wanted)}",
                   vm=self.name, vcpu=vcpu, cpus=wanted, reason="api")
+        nodes = {topo.cpus[c].node for c in wanted if c in topo.cpus}
+        self.on_decision(Decision(
+            self.name, vcpu_subject(vcpu), Kind.CALLER, "caller-pin", f"CPUs {cpulist.describe(wanted)}",
+            f"a caller pinned it to CPUs {cpulist.describe(wanted)} "
+            f"(host node(s) {cpulist.describe(nodes)}), all online",
+            vcpu=vcpu, node=min(nodes) if len(nodes) == 1 else None))
         self._changed(Aspect.VCPU_PLACEMENT)
 
     def get_vcpu_affinity(self, vcpu: int) -> list[int]:
@@ -275,6 +296,10 @@ class Vm(VmViews):
         log_event("bind", f"vCPU {vcpu} of VM {self.name} bound to guest node {node} "
                   f"(host node {host}, CPUs {cpulist.describe(cpus)})",
                   vm=self.name, vcpu=vcpu, cpus=cpus, node=host, reason="api")
+        self.on_decision(Decision(
+            self.name, vcpu_subject(vcpu), Kind.CALLER, "caller-bind", f"CPUs {cpulist.describe(cpus)}",
+            f"a caller bound it to guest node {node}, mapped to host node {host}: that node's online CPUs",
+            vcpu=vcpu, node=host))
         self._changed(Aspect.VCPU_PLACEMENT)
         return cpus
 

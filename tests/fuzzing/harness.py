@@ -27,6 +27,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
 
+from kvmnumad.bus.properties import SAMPLED_MANAGER_PROPERTIES, SAMPLED_VM_PROPERTIES
 from tests.busfixtures import BusClient, plain
 from tests.fuzzing.strategies import (
     ACCESS_DENIED,
@@ -171,8 +172,11 @@ class Harness:
             if reply.message_type == MessageType.ERROR:  # destroyed between the two reads: say so
                 props[path] = {"<error>": reply.error_name}
             else:
-                props[path] = {k: plain(v) for k, v in reply.body[0].items()}
-        manager = self.client.get_all(MANAGER_PATH, MANAGER_IFACE)
+                props[path] = {k: plain(v) for k, v in reply.body[0].items()
+                               if k not in SAMPLED_VM_PROPERTIES}
+        # Measured figures (residency, CPU time, busy) move by themselves, call or no call.
+        manager = {k: v for k, v in self.client.get_all(MANAGER_PATH, MANAGER_IFACE).items()
+                   if k not in SAMPLED_MANAGER_PROPERTIES}
         return Snapshot(vms, props, manager, len(os.listdir(f"/proc/{self.pid}/fd")))
 
     def state(self) -> Snapshot:

@@ -1,0 +1,98 @@
+"""The sampling timer: one sample per period, off the event loop.
+
+A loop.call_later timer, not a thread that sleeps and not a polling loop:
+between samples nothing of the daemon runs for it.  The sample itself (reads
+of /proc and /sys) runs in the loop's default executor (the bounded pool of
+kvmnumad/workers.py, as the daemon's own work), and the subscribers (bus
+properties, metrics) get it on the loop.  With no VM, ``take`` answers None
+and the timer stops until ``wake()`` (a VM was added): an idle daemon pays
+nothing for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from kvmnumad.optimizer.model import Sample
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PERIOD = 5.0  # seconds
+
+
+class SamplingTimer:
+    def __init__(self, loop: asyncio.AbstractEventLoop, take: Callable[[], Sample | None],
+                 period: float = DEFAULT_PERIOD) -> None:
+        if not period > 0:
+            raise ValueError(f"sampling period must be positive, got {period}")
+        self._loop = loop
+        self._take = take
+        self.period = period
+        self._subscribers: list[Callable[[Sample], None]] = []
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._woken = False
+        self.latest: Sample | None = None
+        self.samples = 0
+
+    def subscribe(self, callback: Callable[[Sample], None]) -> None:
+        """``callback(sample)`` on the loop after each sample."""
+        self._subscribers.append(callback)
+
+    def start(self) -> None:
+        self._schedule(0.0)
+
+    def wake(self) -> None:
+        """From any thread: sample soon if the timer sleeps for want of a VM."""
+        with contextlib.suppress(RuntimeError):  # loop closed: the daemon is stopping
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._woken = True  # a sample under way that found no VM must not put the timer to sleep
+        if self._handle is None and self._task is None and not self._closed:
+            self._schedule(0.0)
+
+    def _schedule(self, delay: float) -> None:
+        if not self._closed:
+            self._handle = self._loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._task = self._loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        self._woken = False
+        try:
+            sample = await self._loop.run_in_executor(None, self._take)
+        except Exception:
+            log.exception("sampling failed; trying again next period")
+            sample = None
+            self._schedule(self.period)
+            self._task = None
+            return
+        self._task = None
+        if sample is None:
+            if self._woken:
+                self._schedule(0.0)
+            return  # no VM: asleep until wake()
+        self.latest = sample
+        self.samples += 1
+        for cb in list(self._subscribers):
+            try:
+                cb(sample)
+            except Exception:
+                log.exception("a sample subscriber failed")
+        self._schedule(self.period)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
