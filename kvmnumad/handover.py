@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmnumad import errors, sdnotify
+from kvmnumad.adopt.vm import is_adopted
 from kvmnumad.events import Aspect, Event, VmAdded, VmChanged, VmRemoved
 from kvmnumad.journal import EventKind, log_event
 from kvmnumad.manager import Manager
@@ -257,6 +258,8 @@ def prepare(manager: Manager) -> Handover:
     record = HandoverRecord()
     fds: list[tuple[str, int]] = []
     for vm in manager.list_vms():
+        if is_adopted(vm):
+            continue  # its VMM keeps running; kvmnumad/adopt/records.py re-attaches it
         try:
             definition = vm.definition()
             paused_ns = time.monotonic_ns()
