@@ -82,6 +82,10 @@ def _kernel_workers(pid: int) -> int:
     return n
 
 
+def _tasks(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
 def _create(client: BusClient, name: str, vcpus: int, memory: int) -> Message:
     return client.call("org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.Manager", "CreateVM", "suta{sv}",
                        [name, vcpus, memory, options(policy="local-first", start=True, passes=1)])
@@ -93,8 +97,10 @@ def _fill_until_refused(d: DaemonProcess, vcpus: int, memory: int, expected: str
     client = BusClient(d.address)
     made: list[str] = []
     try:
+        tasks_before: dict[str, int] = {}
         for i in range(most):
             before = _held(d.pid)
+            tasks_before[f"x{i}"] = _tasks(d.pid)
             reply = _create(client, f"x{i}", vcpus, memory)
             if reply.error_name is None:
                 made.append(f"x{i}")
@@ -106,7 +112,11 @@ def _fill_until_refused(d: DaemonProcess, vcpus: int, memory: int, expected: str
             listed = [name for name, _s, _p in client.manager("ListVMs")[0]]
             assert listed == made  # and the daemon still answers
             # room again: one VM fewer, and the same VM is made
-            client.manager("DestroyVM", "s", made.pop())
+            gone = made.pop()
+            client.manager("DestroyVM", "s", gone)
+            # its threads end after the reply (KVM's worker once the VM fd is closed)
+            room = tasks_before[gone]
+            wait_until(lambda: _tasks(d.pid) <= room, f"the tasks of {gone} ended")  # noqa: B023 (called here)
             assert _create(client, f"x{i}", vcpus, memory).error_name is None
             made.append(f"x{i}")
             for name in made:
