@@ -27,6 +27,13 @@ tar -C "$src" --exclude=./.git --exclude=./.venv --exclude=./dist --exclude=./bu
     --exclude=__pycache__ --exclude='*.egg-info' --exclude=.mypy_cache --exclude=.ruff_cache \
     --exclude=.pytest_cache --exclude=./.numa-guest --exclude=./.systemd-guest -cf - . | tar -C "$tree" -xf -
 cp -r "$src/packaging/debian" "$tree/debian"
+# KVMNUMAD_DEB_VERSION=0.1.1 builds the same tree as a higher version (an upgrade to install over
+# this one: the systemd guest checks that dpkg's restart of the service keeps the VMs).
+if [ -n "${KVMNUMAD_DEB_VERSION:-}" ]; then
+    { printf 'kvmnumad (%s) unstable; urgency=medium\n\n  * Rebuilt as a higher version.\n\n' "$KVMNUMAD_DEB_VERSION"
+      printf ' -- kvmnumad developers <kvmnumad@localhost>  %s\n\n' "$(date -R)"
+      cat "$src/packaging/debian/changelog"; } > "$tree/debian/changelog"
+fi
 # pyproject.toml names README.md as the long description; setuptools refuses to build without it.
 [ -f "$tree/README.md" ] || echo "kvmnumad: KVM virtual machines with NUMA-aware placement" > "$tree/README.md"
 

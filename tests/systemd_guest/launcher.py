@@ -107,9 +107,15 @@ def ensure_image() -> Path:
         raise GuestUnavailable(f"could not build {img} (build-root.sh exit {done.returncode})")
 
 
-def build_deb(stage: Path) -> Path:
+UPGRADE_VERSION = "0.1.0+upgrade1"  # sorts above the checkout's 0.1.0: dpkg -i of it is an upgrade
+
+
+def build_deb(stage: Path, version: str | None = None) -> Path:
     start = time.monotonic()
     env = dict(os.environ, TMPDIR=str(stage))
+    if version:
+        env["KVMNUMAD_DEB_VERSION"] = version
+    stage.mkdir(exist_ok=True)
     done = subprocess.run(["sh", str(REPO / "packaging" / "build-deb.sh"), str(stage)],
                           env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -127,6 +133,7 @@ def stage_run() -> Path:
     for name in GUEST_FILES:
         shutil.copy2(HERE / "guest" / name, stage / name)
     build_deb(stage)
+    build_deb(stage / "upgrade", UPGRADE_VERSION)  # the same tree as a higher version, in its own dir
     for tmp in ("tmp", "home"):
         (stage / tmp).mkdir()
     return stage
