@@ -38,3 +38,22 @@ def test_a_changed_recipe_names_a_new_image(tmp_path: Path, monkeypatch: pytest.
     first = launcher.image_path()
     script.write_text("another recipe\n")
     assert launcher.image_path() != first
+
+
+def test_the_guest_image_holds_every_package_the_deb_depends_on() -> None:
+    """`dpkg -i` runs offline in the guest: a Depends the image lacks fails it
+    (python3-prometheus-client, added with the metrics, did)."""
+    repo = Path(__file__).resolve().parent.parent
+    control = (repo / "packaging/debian/control").read_text()
+    depends = control.split("\nDepends:", 1)[1].split("\n", 1)[0] + "\n"
+    rest = control.split("\nDepends:", 1)[1].split("\n")[1:]
+    for line in rest:  # continuation lines start with a space
+        if not line.startswith((" ", "\t")):
+            break
+        depends += line + "\n"
+    wanted = {d.strip().split()[0] for d in depends.replace("\n", ",").split(",")
+              if d.strip() and not d.strip().startswith("${")}
+    script = (repo / "tests/systemd_guest/build-root.sh").read_text()
+    included = {p for line in script.splitlines() if line.startswith("pkgs=")
+                for p in line.split("=", 1)[1].replace("$pkgs,", "").split(",")}
+    assert wanted <= included, f"the image lacks {sorted(wanted - included)}"

@@ -18,7 +18,7 @@ secmirror=${secmirror:-http://deb.debian.org/debian-security}
 # systemd, the bus, polkitd and udev as on a real host; the .deb's Depends, so
 # `dpkg -i` works offline in the guest; python3-pytest runs the checks there.
 pkgs=systemd,systemd-sysv,dbus,polkitd,pkexec,udev,kmod,procps,less,util-linux
-pkgs=$pkgs,python3,python3-dbus-fast,python3-pyudev,python3-psutil,python3-systemd,python3-pytest,libnuma1,numactl
+pkgs=$pkgs,python3,python3-dbus-fast,python3-pyudev,python3-psutil,python3-systemd,python3-prometheus-client,python3-pytest,libnuma1,numactl
 mmdebstrap --mode=root --variant=apt --skip=cleanup/reproducible --include="$pkgs" \
     --customize-hook='echo sysd-guest > "$1/etc/hostname"' \
     --customize-hook='printf "127.0.0.1 localhost\n127.0.1.1 sysd-guest\n" > "$1/etc/hosts"' \
