@@ -177,6 +177,7 @@ class GuestRun:
     problem: str | None = None
     note: str | None = None
     console: Path | None = None
+    died: bool = False  # gone without reporting pytest's status, not frozen: QEMU or its kernel
 
     def summary(self) -> str:
         failed = self.counts.get("failed", 0)
@@ -195,6 +196,16 @@ class GuestRun:
         if self.returncode != 0 and self.console is not None:
             line += f" -- console: {self.console}"
         return line
+
+
+def console_tail(console: Path | None, prefix: str, lines: int = 40) -> str:
+    """The unfiltered end of a dead guest's console: CI keeps only the output,
+    not the console file, and the filter hides the kernel's last words."""
+    if console is None or not console.exists():
+        return ""
+    tail = console.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    head = f"{prefix}--- the console's last {len(tail)} lines ({console}) ---\n"
+    return head + "".join(f"{prefix}| {_ANSI_RE.sub('', t)}\n" for t in tail)
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:
@@ -328,8 +339,9 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
     elif timed_out.is_set():
         run.returncode, run.problem = EXIT_TIMEOUT, f"timed out after {timeout:.0f} s, qemu killed"
     elif guest_rc is None:
-        run.returncode = vng_rc or 1
+        run.returncode, run.died = vng_rc or 1, True
         run.problem = f"the guest never reported pytest's exit status (vng exit {vng_rc})"
+        out.write(console_tail(run.console, prefix))
     else:
         run.returncode = guest_rc
         if guest_rc == EXIT_NO_TESTS:
@@ -395,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         ensure_host_tools(Path(sys.prefix))
         for name in args.topology:
             run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout, accel=accel)
-            if run.returncode == EXIT_TIMEOUT:
+            if run.returncode == EXIT_TIMEOUT or run.died:
                 # A whole TCG guest has been seen to freeze (no output, no
-                # heartbeat) under heavy host load, with nested vCPUs running.
-                # One fresh boot, said out loud; a second freeze or timeout
-                # fails the run like any other failure.  The console of the
-                # frozen one stays in CONSOLE_DIR for the post-mortem.
+                # heartbeat) under heavy host load, with nested vCPUs running,
+                # and to vanish mid-run (QEMU gone, no exit status).  One fresh
+                # boot, said out loud; a second freeze, timeout or death fails
+                # the run like any other failure.  The console of the first
+                # stays in CONSOLE_DIR for the post-mortem.
                 freezes += 1
                 print(f"numa-guest {name}: guest {run.problem}, booting it once more", flush=True)
                 print(run.summary(), flush=True)
@@ -408,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout,
                                 accel=accel)
                 run.note = f"second boot: the first guest {first.problem} (console: {first.console})"
-            freezes += run.returncode == EXIT_TIMEOUT
+            freezes += run.returncode == EXIT_TIMEOUT or run.died
             runs.append(run)
             print(run.summary(), flush=True)
             if run.returncode != 0 and not args.keep_going:
@@ -428,6 +441,6 @@ def main(argv: list[str] | None = None) -> int:
                  for r in runs)
     failed += sum(1 for r in runs if r.returncode != 0 and not r.counts.get("failed"))  # a dead guest
     if freezes:
-        print(f"numa-guest: {freezes} guest(s) froze or timed out in this run", flush=True)
+        print(f"numa-guest: {freezes} guest(s) froze, timed out or died in this run", flush=True)
     print(f"numa-guests: {passed} passed, {failed} failed", flush=True)
     return next((r.returncode for r in runs if r.returncode != 0), 0)

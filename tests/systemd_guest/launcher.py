@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from tests.numa_guest.launcher import GuestUnavailable, ensure_host_tools, newest_kernel
+from tests.numa_guest.launcher import GuestUnavailable, console_tail, ensure_host_tools, newest_kernel
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -165,6 +165,7 @@ class GuestRun:
     problem: str | None = None
     note: str | None = None
     console: Path | None = None
+    died: bool = False  # gone without reporting the checks' status, not frozen: QEMU or its kernel
 
     def summary(self) -> str:
         parts = [f"{self.counts.get('passed', 0)} passed", f"{self.counts.get('failed', 0)} failed"]
@@ -181,9 +182,10 @@ class GuestRun:
 
     @property
     def retry_worth(self) -> bool:
-        """A freeze, a timeout or a guest that died before its checks began
-        (QEMU has been seen to abort at boot); a failed check is not retried."""
-        return self.returncode == EXIT_TIMEOUT or (self.counts == {} and self.boot_s is None)
+        """A freeze, a timeout or a guest that died without reporting its checks'
+        status (QEMU has been seen to abort at boot, and CI saw one vanish
+        mid-run with vng exit 255); a failed check is not retried."""
+        return self.returncode == EXIT_TIMEOUT or self.died
 
 
 def parse_line(run: GuestRun, plain: str, elapsed: float) -> int | None:
@@ -280,8 +282,10 @@ def run_guest(cmd: list[str], stage: Path, timeout: float, out: IO[str]) -> Gues
     if why:
         run.returncode, run.problem = EXIT_TIMEOUT, why[0]
     elif guest_rc is None:
-        run.returncode = proc.returncode or 1
+        run.returncode, run.died = proc.returncode or 1, True
         run.problem = f"the guest never reported the checks' exit status (vng exit {proc.returncode})"
+        out.write(console_tail(run.console, prefix))
+        out.flush()
     else:
         run.returncode = guest_rc
         if guest_rc != 0:
