@@ -3,7 +3,10 @@ fd hygiene, KVM_RUN without the GIL and EINTR as its own result."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import gc
+import mmap
 import signal
 import threading
 import time
@@ -34,6 +37,27 @@ def test_capabilities(kvm: Kvm) -> None:
     assert kvm.check_extension(Cap.NR_MEMSLOTS) >= 32
     size = kvm.vcpu_mmap_size()
     assert size % 4096 == 0 and size >= 4096
+
+
+def test_the_memslot_capability_is_where_the_kernel_refuses(kvm: Kvm) -> None:
+    """The daemon refuses a region once the VM's slots reach KVM_CAP_NR_MEMSLOTS
+    (GuestMemory.check); this shows the kernel refuses exactly there: every
+    slot id below the capability is taken and the next one is EINVAL.  (Through
+    the daemon the fd limit comes first on this machine kind: one memfd per
+    region and a hard RLIMIT_NOFILE of 20000 < 32764; test_exhaustion has it.)
+    One shared page backs every slot, so 32764 slots cost about a second."""
+    cap = kvm.check_extension(Cap.NR_MEMSLOTS)
+    page = mmap.mmap(-1, 4096)
+    hva = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    with kvm.create_vm() as vm:
+        for slot in range(cap):
+            vm.set_user_memory_region(slot, (1 << 32) + slot * 4096, 4096, hva, flags=0)
+        with pytest.raises(KvmError) as refused:
+            vm.set_user_memory_region(cap, (1 << 32) + cap * 4096, 4096, hva, flags=0)
+        assert refused.value.errno == errno.EINVAL
+    del hva
+    gc.collect()
+    page.close()
 
 
 def test_open_missing_device_raises_kvm_error() -> None:
