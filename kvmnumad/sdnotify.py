@@ -45,21 +45,7 @@ def notify(*lines: str) -> bool:
     Never raises: a daemon must keep running when nobody listens (started by
     hand, or the manager went away), so failures are only logged.
     """
-    raw = os.environ.get("NOTIFY_SOCKET")
-    if not raw:
-        return False
-    addr = _address(raw)
-    if addr is None:
-        log.warning("NOTIFY_SOCKET=%s: unsupported address kind", raw)
-        return False
-    payload = "\n".join(lines).encode()
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(payload, addr)
-    except OSError as e:
-        log.warning("sd_notify to %s failed: %s", raw, e)
-        return False
-    return True
+    return notify_with_fds(lines, [])
 
 
 def notify_with_fds(lines: tuple[str, ...] | list[str], fds: list[int]) -> bool:
@@ -74,12 +60,12 @@ def notify_with_fds(lines: tuple[str, ...] | list[str], fds: list[int]) -> bool:
         log.warning("NOTIFY_SOCKET=%s: unsupported address kind", raw)
         return False
     payload = "\n".join(lines).encode()
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                         if fds else [], 0, addr)
+            sock.sendmsg([payload], rights, 0, addr)
     except OSError as e:
-        log.warning("sd_notify with %d fd(s) to %s failed: %s", len(fds), raw, e)
+        log.warning("sd_notify%s to %s failed: %s", f" with {len(fds)} fd(s)" if fds else "", raw, e)
         return False
     return True
 
