@@ -508,7 +508,7 @@ def test_handover_kill_9_restarts_the_vcpus_on_the_kept_memory() -> None:
             break
         time.sleep(0.2)
     took = time.monotonic() - killed
-    figure(f"kill -9 of MainPID to acc running again: {took:.1f} s (limit {KILL_TO_RUNNING_LIMIT:.0f} s)")
+    figure(f"kill -9 of MainPID to acc running again: {took:.1f} s (goal {KILL_TO_RUNNING_LIMIT:.0f} s)")
     assert state == "running", state
     pid = main_pid()
     assert pid != old
@@ -528,13 +528,15 @@ def test_handover_kill_9_restarts_the_vcpus_on_the_kept_memory() -> None:
     assert placement(pid, ACC) == _fresh["placement"]
     _crash_windows.append((window_start, time.time_ns() // 1000))
     sh("systemctl", "reset-failed", UNIT, check=False)
-    # The goal is 5 s; under TCG the daemon's plain start alone (Python) takes about that, so
-    # the bound here is RestartSec= plus this boot's own start time, with slack for the guest's jitter.
+    # The goal is 5 s.  A time is a figure here, never an assertion (rule 6: a loaded
+    # host made this 11.8 s once against 5.2 s quiet): what the check asserts is that the VM
+    # runs again on its kept memory, within T_LONG.  The figure says how it compares.
     usec = prop("RestartUSec")  # "100ms", "2s"
     restart_sec = float(usec[:-2]) / 1000 if usec.endswith("ms") else float(usec.removesuffix("s"))
-    bound = max(KILL_TO_RUNNING_LIMIT, restart_sec + 1.5 * (_start_s[0] if _start_s else 10.0))
-    figure(f"kill -9 bound in this guest: {bound:.1f} s (RestartSec={restart_sec}s + 1.5 x the plain start)")
-    assert took <= bound, (took, bound)
+    plain = _start_s[0] if _start_s else None
+    figure(f"kill -9 in this guest: {took:.1f} s = RestartSec={restart_sec}s + the new process's start "
+           f"and restore; this boot's plain start {plain if plain is None else f'{plain:.1f} s'}; "
+           f"goal {KILL_TO_RUNNING_LIMIT:.0f} s {'met' if took <= KILL_TO_RUNNING_LIMIT else 'NOT met'}")
 
 
 def test_handover_memfd_of_a_gone_definition_is_released() -> None:
