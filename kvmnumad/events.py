@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kvmnumad.model import Policy
+from kvmnumad.model import JobStatus, Policy
 
 
 class Aspect(enum.StrEnum):
@@ -63,4 +63,26 @@ class DefaultPolicyChanged:
     policy: Policy
 
 
-Event = VmAdded | VmRemoved | VmChanged | VcpuRepinned | TopologyChanged | DefaultPolicyChanged
+@dataclass(frozen=True)
+class JobAdded:
+    """A memory migration job started (vm/migration.py); ``status`` as it started."""
+
+    status: JobStatus
+
+
+@dataclass(frozen=True)
+class JobChanged:
+    """Its progress or state, at most every PROGRESS_INTERVAL while it runs."""
+
+    status: JobStatus
+
+
+@dataclass(frozen=True)
+class JobRemoved:
+    """It ended (``status.state`` says how) and is gone from Manager.jobs."""
+
+    status: JobStatus
+
+
+Event = (VmAdded | VmRemoved | VmChanged | VcpuRepinned | TopologyChanged | DefaultPolicyChanged
+         | JobAdded | JobChanged | JobRemoved)

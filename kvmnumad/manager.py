@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 
 import psutil
 
@@ -24,24 +26,37 @@ from kvmnumad import __version__, cpulist, crashpoints, errors, headroom, placem
 from kvmnumad.adopt import discovery
 from kvmnumad.adopt.vm import AdoptedVm, is_adopted
 from kvmnumad.cgroups import CpusetBackend
-from kvmnumad.events import DefaultPolicyChanged, Event, TopologyChanged, VcpuRepinned, VmAdded, VmRemoved
+from kvmnumad.events import (
+    DefaultPolicyChanged,
+    Event,
+    JobAdded,
+    JobChanged,
+    JobRemoved,
+    TopologyChanged,
+    VcpuRepinned,
+    VmAdded,
+    VmRemoved,
+)
 from kvmnumad.journal import log_event
 from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.errors import KvmError
 from kvmnumad.kvm.ioctls import Cap
 from kvmnumad.kvm.system import Kvm
 from kvmnumad.libc import PAGE_SIZE
-from kvmnumad.model import CreateOptions, Policy
+from kvmnumad.model import CreateOptions, JobState, JobStatus, Policy
 from kvmnumad.numa.memory import pages_per_node
 from kvmnumad.numa.topology import HostTopology, read_free_memory, read_topology, with_free_memory
 from kvmnumad.optimizer import explain, sample, suggest
+from kvmnumad.optimizer.explain import Kind as DecisionKind
 from kvmnumad.optimizer.model import HostNodeSample, Sample
-from kvmnumad.quotas import Quotas, Usage
+from kvmnumad.quotas import MAX_JOBS, MAX_JOBS_PER_UID, Quotas, Usage
 from kvmnumad.request import Limits, check_vm_name, validate_request
 from kvmnumad.vm import Vm
 from kvmnumad.vm.definition import VmDefinition
 from kvmnumad.vm.layout import GUEST_RAM_BASE, MAX_PAYLOAD
+from kvmnumad.vm.migration import CHUNK_PAGES, MigrationJob
 from kvmnumad.vm.saved import Recovery, Resume
+from kvmnumad.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +100,12 @@ class Manager:
         self.cpusets = CpusetBackend.detect() if cpusets else None
         self.decisions = explain.DecisionLog()  # why each VM's placements are what they are
         self._sampler = sample.Sampler()
+        self._jobs: dict[int, MigrationJob] = {}  # running memory migration jobs by id
+        self._jobs_lock = threading.Lock()  # taken before a VM's lock, never under it
+        self._job_ids = itertools.count(1)
+        # Where jobs run their chunks: the daemon sets its WorkerPool; else one of our own, made when needed
+        self.executor: Executor | None = None
+        self.migration_chunk_pages = CHUNK_PAGES
         if cpusets and self.cpusets is None:
             log.warning("no writable cpuset cgroup (v1 or v2): VMs run without cpusets")
 
@@ -402,6 +423,7 @@ class Manager:
         still ends in VmRemoved, so a VM gone from the API never comes back
         after a restart; the failure is then reported as Internal."""
         with self._name_held(name):
+            self._end_jobs(name)  # before the VM is off the API, so none of them acts on a released VM
             with self._lock:
                 vm = self.get_vm(name)
                 if is_adopted(vm):
@@ -454,6 +476,7 @@ class Manager:
         """Stop and release every VM without announcing removals: their
         definitions stay saved for the next start."""
         for vm in self.list_vms():
+            self._end_jobs(vm.name)
             with self._lock:
                 self._vms.pop(vm.name, None)
             try:
@@ -610,3 +633,137 @@ class Manager:
         self.decisions.record(explain.Decision(
             vm.name, explain.vcpu_subject(vcpu), explain.Kind.HOTPLUG, rule, f"CPUs {cpulist.describe(new)}",
             why, vcpu=vcpu))
+
+    # ------------------------------------------------------------------ memory migration jobs
+    @property
+    def jobs(self) -> list[MigrationJob]:
+        """The jobs running now, oldest first (an ended job is gone from here)."""
+        with self._jobs_lock:
+            return sorted(self._jobs.values(), key=lambda j: j.id)
+
+    def get_job(self, job_id: int) -> MigrationJob:
+        with self._jobs_lock:
+            try:
+                return self._jobs[job_id]
+            except KeyError:
+                raise errors.InvalidArgument(f"no migration job {job_id} is running", job=job_id) from None
+
+    def start_migration(self, vm: str, guest_node: int, host_node: int, slot: int | None = None, *,
+                        starter: int = 0, on_progress: Callable[[JobStatus], None] | None = None,
+                        kind: DecisionKind = DecisionKind.CALLER, rule: str = "caller-migrate",
+                        why: str = "") -> MigrationJob:
+        """Start moving guest node ``guest_node`` of ``vm`` (or only its
+        ``slot``) to ``host_node`` and return the job at once
+        (vm/migration.py).  Refused before anything changes: a bad node or
+        slot (NodeOutOfRange, InvalidArgument), a guest node with no memory
+        (InvalidArgument), a job on the same guest node running (Busy), too
+        many jobs (LimitReached).  ``on_progress`` is called off the loop,
+        at most every PROGRESS_INTERVAL and once at the end; ``kind``,
+        ``rule`` and ``why`` are what the decision recorded for a finished
+        job says (the balancer passes its own)."""
+        v = self.get_vm(vm)
+        if is_adopted(v):
+            raise errors.InvalidArgument(f"VM {vm!r} is adopted: its memory is another process's, "
+                                         "MapNumaNode moves it", vm=vm)
+        with self._jobs_lock:  # held across begin_migration: two starts cannot both pass the Busy check
+            for j in self._jobs.values():
+                if j.vm == vm and j.guest_node == guest_node:
+                    raise errors.Busy(f"guest node {guest_node} of VM {vm!r} is being moved by job {j.id} "
+                                      f"(to host node {j.host_node})", job=j.id, vm=vm, node=guest_node)
+            mine = sum(1 for j in self._jobs.values() if j.starter == starter)
+            if len(self._jobs) >= MAX_JOBS or (starter != 0 and mine >= MAX_JOBS_PER_UID):
+                raise errors.LimitReached(f"{len(self._jobs)} migration jobs running, {mine} of them uid "
+                                          f"{starter}'s (at most {MAX_JOBS}, {MAX_JOBS_PER_UID} per uid)",
+                                          jobs=len(self._jobs), uid=starter)
+            regions = v.begin_migration(guest_node, host_node, slot)  # the policy points there from now on
+            job_id = next(self._job_ids)
+            old = v.node_map[guest_node]
+
+            def finish(state: JobState, moved: int) -> None:
+                before, followers, cpus = v.end_migration(guest_node, host_node, regions, state, moved)
+                if state == JobState.DONE:
+                    self._record_migration(vm, guest_node, host_node, before=before, moved=moved,
+                                           followers=followers, cpus=cpus, kind=kind, rule=rule, why=why)
+
+            def progress(status: JobStatus) -> None:
+                if on_progress is not None:
+                    on_progress(status)
+                self._emit(JobChanged(status))
+
+            job = MigrationJob(job_id, vm, guest_node, slot=slot, host_node=host_node, from_node=old,
+                               starter=starter,
+                               regions=regions, executor=self._job_executor(), finish=finish,
+                               on_progress=progress, on_end=self._job_ended,
+                               chunk_pages=self.migration_chunk_pages)
+            self._jobs[job_id] = job
+        log_event("migrate", f"VM {vm} guest node {guest_node}"
+                  + (f" slot {slot}" if slot is not None else "")
+                  + f": migration job {job_id} from host node {old} to {host_node} started",
+                  vm=vm, node=host_node, from_node=old, to_node=host_node, reason="job-started")
+        self._emit(JobAdded(job.status()))
+        job.start()
+        return job
+
+    def cancel_job(self, job_id: int) -> None:
+        """Stop a job between two chunks (vm/migration.py says what it leaves)."""
+        self.get_job(job_id).cancel()
+
+    def map_numa_node(self, vm: str, node: int, host_node: int, starter: int = 0) -> None:
+        """MapNumaNode: as a migration job, waited for, when the guest node has
+        memory to move and is kvmnumad's own; else (no memory, the node mapped
+        there already, an adopted VM) the VM's own synchronous remap.  The
+        errors are a synchronous move's: the job's, typed, when it failed."""
+        v = self.get_vm(vm)
+        if is_adopted(v):
+            v.map_numa_node(node, host_node)
+            return
+        v.numa.require(node)
+        if not v.memory.of_guest_node(node) or v.node_map[node] == host_node:
+            v.map_numa_node(node, host_node)  # nothing to move: the map alone, checked as ever
+            return
+        job = self.start_migration(vm, node, host_node, starter=starter, rule="caller-map",
+                                   why="a caller mapped it with MapNumaNode")
+        status = job.wait()
+        if status.state == JobState.FAILED:
+            raise job.error or errors.Internal(f"migration job {job.id} failed")
+        if status.state == JobState.CANCELLED:
+            raise errors.Busy(f"migration job {job.id} of guest node {node} was cancelled after "
+                              f"{status.pages_moved} of {status.pages_total} pages; the node stays mapped to "
+                              f"host node {v.node_map[node]}", job=job.id)
+
+    def _job_executor(self) -> Executor:
+        if self.executor is None:
+            self.executor = WorkerPool(name="kvmnumad-jobs")  # no daemon gave its pool (tests, benches)
+        return self.executor
+
+    def _job_ended(self, job: MigrationJob) -> None:
+        with self._jobs_lock:
+            self._jobs.pop(job.id, None)
+        status = job.status()
+        failed = sum(n for _, n in status.failed)
+        log_event("migrate", f"VM {job.vm} guest node {job.guest_node}: migration job {job.id} "
+                  f"{status.state}, {status.pages_moved} of {status.pages_total} pages moved to host node "
+                  f"{job.host_node}" + (f", {failed} failed" if failed else "")
+                  + (f": {status.error}" if status.error else ""), vm=job.vm, node=job.host_node,
+                  from_node=job.from_node, to_node=job.host_node, reason=f"job-{status.state}")
+        self._emit(JobRemoved(status))
+
+    def _end_jobs(self, vm: str) -> None:
+        """Cancel the VM's jobs and wait for each to end (one chunk at most)."""
+        for job in [j for j in self.jobs if j.vm == vm]:
+            job.cancel()
+            if job.wait(60).state == JobState.RUNNING:
+                log.error("migration job %d of VM %s did not end within 60 s of its cancel", job.id, vm)
+
+    def _record_migration(self, vm: str, node: int, host_node: int, *, before: int, moved: int,
+                          followers: list[int], cpus: frozenset[int], kind: DecisionKind, rule: str,
+                          why: str) -> None:
+        reason = (f"{why}; " if why else "") + f"a migration job moved it from host node {before} to " \
+                 f"{host_node}: {moved} pages moved"
+        self.decisions.record(explain.Decision(vm, explain.node_subject(node), kind, rule,
+                                               f"host node {host_node}", reason, node=host_node))
+        for index in followers:
+            self.decisions.record(explain.Decision(
+                vm, explain.vcpu_subject(index), kind, "follows-guest-node", f"CPUs {cpulist.describe(cpus)}",
+                f"bound to guest node {node}, which a migration job moved to host node {host_node}: its CPUs",
+                vcpu=index, node=host_node))

@@ -75,3 +75,30 @@ class VmStats:
     vcpus: tuple[VcpuStats, ...]
     pages_per_host_node: dict[int, int]  # resident guest pages by host node (move_pages query)
     dirty_pages: int  # pages dirtied since each slot was made, over all slots: a running total
+
+
+class JobState(enum.StrEnum):
+    """Where a memory migration job is (systemd's jobs have the same shape: one
+    object per job, gone once it ended, its outcome told by its removal)."""
+
+    RUNNING = "running"
+    DONE = "done"  # every page moved (bar those in ``failed``); the map says the new host node
+    CANCELLED = "cancelled"  # stopped between chunks: moved pages stay moved, the map keeps the old node
+    FAILED = "failed"  # the kernel refused the move as a whole: everything went back
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One job at one moment, as its events carry it (a value: never changes under a reader)."""
+
+    id: int
+    vm: str
+    guest_node: int
+    slot: int | None  # None: every slot of the guest node
+    host_node: int
+    starter: int  # uid of whoever started it: Cancel is theirs (or an admin's)
+    state: JobState
+    pages_moved: int
+    pages_total: int  # resident pages off the destination when the job began; 0 until counted
+    failed: tuple[tuple[int, int], ...] = ()  # (errno, pages) of pages that did not move, by errno
+    error: str = ""  # why it FAILED

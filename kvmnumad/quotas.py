@@ -175,3 +175,9 @@ def load(config_dir: Path) -> Quotas:
     except FileNotFoundError:
         return Quotas(source=f"built-in defaults ({path} absent)")
     return parse(text, str(path))
+
+
+# Memory migration jobs in flight (vm/migration.py): each holds pool tasks
+# and moves memory bandwidth, so a caller cannot queue them without end.
+MAX_JOBS_PER_UID = 4  # a non-root uid's jobs at once
+MAX_JOBS = 16  # every job at once, root's (the balancer's) included

@@ -128,18 +128,28 @@ def pages_per_node(addr: int, length: int, page_size: int = PAGE_SIZE, *, pid: i
     return counts
 
 
-def migrate_range(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, *, pid: int = 0) -> int:
-    """Move every resident page of the range to ``node`` (move_pages(2)) without
-    changing the range's policy; returns the number of pages that changed node.
+def pages_off_node(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, *, pid: int = 0) -> int:
+    """Resident pages of the range that are not on ``node``: what a move there has to do."""
+    off = 0
+    for pages in _page_addresses(addr, length, page_size):
+        off += sum(1 for where in _query(pages, pid) if where >= 0 and where != node)
+    return off
 
-    The whole call fails (ENODEV, EACCES, EINVAL) when ``node`` cannot take pages;
-    pages that fail one by one (EBUSY, ENOMEM) are reported after the rest moved.
+
+def move_to_node(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, *,
+                 pid: int = 0) -> tuple[int, dict[int, int]]:
+    """Move the resident pages of the range that are not on ``node`` there
+    (move_pages(2)), leaving the range's policy alone.  Returns the pages
+    moved and the pages that did not, counted by errno (EBUSY, ENOMEM...);
+    a page gone meanwhile (ENOENT) is neither.
+
+    The whole call fails with OSError (ENODEV, EACCES, EINVAL) when ``node``
+    cannot take pages at all.
     """
-    moved = failed = total = 0
-    first_error = 0
+    moved = 0
+    failed: dict[int, int] = {}
     for pages in _page_addresses(addr, length, page_size):
         todo = [p for p, where in zip(pages, _query(pages, pid), strict=True) if where >= 0 and where != node]
-        total += len(todo)
         if not todo:
             continue
         status = (c_int * len(todo))()
@@ -148,14 +158,25 @@ def migrate_range(addr: int, length: int, node: int, page_size: int = PAGE_SIZE,
         for s in status:
             if s == node:
                 moved += 1
-            elif s < 0:
-                failed += 1
-                first_error = first_error or -s
+            elif s < 0 and s != -errno.ENOENT:
+                failed[-s] = failed.get(-s, 0) + 1
+    return moved, failed
+
+
+def migrate_range(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, *, pid: int = 0) -> int:
+    """Move every resident page of the range to ``node`` (move_pages(2)) without
+    changing the range's policy; returns the number of pages that changed node.
+
+    The whole call fails (ENODEV, EACCES, EINVAL) when ``node`` cannot take pages;
+    pages that fail one by one (EBUSY, ENOMEM) are reported after the rest moved.
+    """
+    moved, failed = move_to_node(addr, length, node, page_size, pid=pid)
     if failed:
+        first_error = min(failed)
         raise OSError(
             first_error,
-            f"migrate_range to node {node}: {failed} of {total} pages did not move "
-            f"({os.strerror(first_error)}), {moved} moved",
+            f"migrate_range to node {node}: {sum(failed.values())} of {moved + sum(failed.values())} pages "
+            f"did not move ({os.strerror(first_error)}), {moved} moved",
         )
     return moved
 

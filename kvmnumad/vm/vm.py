@@ -28,13 +28,13 @@ from kvmnumad.journal import log_event
 from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.system import Kvm
 from kvmnumad.kvm.vm import VmFd
-from kvmnumad.model import Policy, VmState
+from kvmnumad.model import JobState, Policy, VmState
 from kvmnumad.numa.memory import MemPolicy
 from kvmnumad.numa.topology import HostTopology
 from kvmnumad.optimizer.explain import Decision, Kind, node_subject, vcpu_subject
 from kvmnumad.vm.console import SerialBuffer
 from kvmnumad.vm.layout import ENTRY
-from kvmnumad.vm.memory import GuestMemory, resource_error
+from kvmnumad.vm.memory import GuestMemory, Region, resource_error
 from kvmnumad.vm.numa import GuestNuma
 from kvmnumad.vm.saved import Recovery, SavedVcpu
 from kvmnumad.vm.vcpus import Repin, Vcpu, Vcpus
@@ -353,3 +353,70 @@ class Vm(VmViews):
             if any(s is not None for s in saved) and self._state == VmState.CREATED:
                 self._state = VmState.STOPPED  # it ran before: paused, not new (start() may follow)
             self.recovery = recovery
+
+    # ------------------------------------------------------------------ migration jobs (vm/migration.py)
+    def begin_migration(self, node: int, host_node: int, slot: int | None) -> list[Region]:
+        """Check a move of guest node ``node`` (or its ``slot``) to
+        ``host_node`` and point the regions' policy there (no page moves yet:
+        new faults land on the destination).  All or nothing: a refusal of
+        the kernel puts back the policies already changed."""
+        topo = self._topology()
+        with self._lock:
+            self._alive()
+            self.numa.require(node)
+            topo.node(host_node)
+            regions = self.memory.of_guest_node(node)
+            if slot is not None:
+                regions = [r for r in regions if r.slot == slot]
+                if not regions:
+                    raise errors.InvalidArgument(f"VM {self.name!r} has no memory slot {slot} in guest node "
+                                                 f"{node}", slot=slot, node=node)
+            if not regions:
+                raise errors.InvalidArgument(f"guest node {node} of VM {self.name!r} has no memory to move",
+                                             node=node)
+            if self.cpuset is not None:  # the vCPUs fault pages in: their cpuset must allow the destination
+                self.cpuset.set_mems(self.memory.host_nodes() | {host_node})
+            done: list[Region] = []
+            try:
+                for r in regions:
+                    r.mem.bind(r.policy, {host_node})
+                    done.append(r)
+            except OSError as e:
+                for r in done:
+                    r.mem.bind(r.policy, r.host_nodes)
+                self._sync_cpuset_mems()
+                raise resource_error(e, f"binding memory to host node {host_node}") or errors.InvalidArgument(
+                    f"host node {host_node} cannot take memory: {e.strerror}", node=host_node) from e
+            return regions
+
+    def end_migration(self, node: int, host_node: int, regions: list[Region], state: JobState,
+                      moved: int) -> tuple[int, list[int], frozenset[int]]:
+        """The VM's side of a job's end (vm/migration.py says what each state
+        leaves).  Returns the guest node's host node before, and the vCPUs
+        that followed it with their CPUs (for the decisions the caller records)."""
+        topo = self._topology()
+        with self._lock:
+            if self._destroyed:
+                return host_node, [], frozenset()
+            old = self.numa.host_of(node) if self.numa.enabled else host_node
+            followers: list[int] = []
+            cpus: frozenset[int] = frozenset()
+            if state == JobState.DONE:
+                for r in regions:
+                    r.host_nodes = frozenset({host_node})
+                whole = all(r.host_nodes == {host_node} for r in self.memory.of_guest_node(node))
+                if whole and old != host_node:
+                    self.numa.node_map[node] = host_node
+                    cpus = self.numa.host_cpus(node, topo)
+                    self.vcpus.follow_node(node, cpus)
+                    followers = [v.index for v in self.vcpus if v.bound_node == node]
+                self._sync_cpuset_mems()
+            else:
+                for r in regions:  # back to the declared node; FAILED moves the pages back too
+                    r.mem.bind(r.policy, r.host_nodes, move=state == JobState.FAILED)
+                if state == JobState.FAILED:
+                    self._sync_cpuset_mems()
+                elif self.cpuset is not None:  # the moved pages stay: so does their node in the cpuset
+                    self.cpuset.set_mems(self.memory.host_nodes() | {host_node})
+        self._changed(Aspect.NUMA_LAYOUT, Aspect.MEMORY, Aspect.VCPU_PLACEMENT)
+        return old, followers, cpus
