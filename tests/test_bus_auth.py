@@ -204,6 +204,9 @@ CONTRACT: dict[str, tuple[str, str] | None] = {
     "GetDecisions": None, "GetSuggestedActions": None,
     "AdoptProcess": (ACTION_ADOPT, "adopt"),  # about a process, not a VM: no vm detail
     "ReleaseVM": (ACTION_ADOPT, "release"),
+    "MigrateNumaNode": (ACTION_MIGRATE, "migrate-numa-node"),
+    "MigrateNumaSlot": (ACTION_MIGRATE, "migrate-numa-node"),
+    "ListJobs": None,
 }
 NO_VM = {"Reexec", "AdoptProcess"}  # about the daemon, or a process: not a VM
 BUSCTL_ARGS = {"s": ["target"], "u": ["0"], "t": ["0"], "b": ["false"], "au": ["1", "0"], "a{sv}": ["0"]}

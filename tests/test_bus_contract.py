@@ -25,6 +25,7 @@ from kvmnumad.bus.introspection import (
     differences,
     parse_contract,
 )
+from kvmnumad.bus.job_object import JobObject, job_props
 from kvmnumad.bus.manager_object import ManagerObject
 from kvmnumad.bus.properties import (
     ASPECT_PROPERTIES,
@@ -36,6 +37,7 @@ from kvmnumad.bus.properties import (
 )
 from kvmnumad.bus.service import BUS_NAME
 from kvmnumad.bus.vm_object import VmObject
+from kvmnumad.model import JobState, JobStatus
 from tests.busfixtures import (
     MANAGER_IFACE,
     MANAGER_PATH,
@@ -50,7 +52,10 @@ from tests.waiting import wait_until
 
 pytest_plugins = ["tests.busfixtures"]
 ROOT = Path(__file__).resolve().parent.parent
-IFACES = [MANAGER_IFACE, VM_IFACE]
+JOB_IFACE = "org.kvmnuma1.Job"
+IFACES = [MANAGER_IFACE, VM_IFACE, JOB_IFACE]
+# What a job object never changes after export (bus/job_object.py publishes the rest)
+JOB_CONSTANT = {"Id", "VM", "VMName", "GuestNode", "Slot", "HostNode", "Starter"}
 DOC = "org.freedesktop.DBus.DocString"
 EMITS = "org.freedesktop.DBus.Property.EmitsChangedSignal"
 QT = "org.qtproject.QtDBus.QtTypeName"
@@ -68,6 +73,8 @@ def shipped(iface: str) -> ET.Element:
 
 def code_side(iface: str) -> Any:
     """dbus-fast's own introspection of the class (what the decorators say)."""
+    if iface == JOB_IFACE:
+        return ServiceInterface.introspect(JobObject.template())
     obj = ManagerObject(None, {}) if iface == MANAGER_IFACE else VmObject.template()  # type: ignore[arg-type]
     return ServiceInterface.introspect(obj)
 
@@ -150,7 +157,7 @@ def test_const_properties_are_those_no_event_changes() -> None:
     # DefaultPolicy: service.py publishes it on DefaultPolicyChanged.
     manager_changing = TOPOLOGY_PROPERTIES | {"DefaultPolicy"}
     expected = {VM_IFACE: set(VM_PROPERTIES) - vm_changing,
-                MANAGER_IFACE: set(MANAGER_PROPERTIES) - manager_changing}
+                MANAGER_IFACE: set(MANAGER_PROPERTIES) - manager_changing, JOB_IFACE: JOB_CONSTANT}
     assert expected[VM_IFACE] == set(VM_CONSTANT)
     for iface in IFACES:
         props = [m for m in members(shipped(iface)) if m.tag == "property"]
@@ -158,6 +165,13 @@ def test_const_properties_are_those_no_event_changes() -> None:
         assert set(emits.values()) <= {"true", "const"}, emits  # nothing changes silently
         assert {n for n, v in emits.items() if v == "const"} == expected[iface]
     assert {"Version", "MaxVcpus"} <= expected[MANAGER_IFACE] and {"Name", "Owner"} <= expected[VM_IFACE]
+
+
+def test_a_job_objects_values_are_its_contracts_properties() -> None:
+    """job_props fills every property of org.kvmnuma1.Job, and no other."""
+    status = JobStatus(1, "vm", 0, None, 1, 0, JobState.RUNNING, 0, 0)
+    props = {p.get("name") for p in members(shipped(JOB_IFACE)) if p.tag == "property"}
+    assert set(job_props(status)) == props
 
 
 def _qt_names(iface: str) -> Iterator[tuple[str, str, str | None]]:

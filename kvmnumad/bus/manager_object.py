@@ -26,6 +26,7 @@ from kvmnumad.bus.auth import ACTION_ADOPT, ACTION_MANAGE, ACTION_PLACE
 from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject, current_call
 from kvmnumad.bus.fds import PassedFd
+from kvmnumad.bus.job_object import job_row
 from kvmnumad.bus.paths import MANAGER_INTERFACE, MANAGER_PATH, vm_path
 from kvmnumad.bus.samples import action_rows
 from kvmnumad.errors import AccessDenied
@@ -213,3 +214,18 @@ class ManagerObject(BusObject):
     @dbus_property(access=PropertyAccess.READ)
     def HostNodeUsage(self) -> "a(uaudttua(st))":
         return self._props["HostNodeUsage"]
+
+    # ------------------------------------------- migration jobs (issue 14 item 6)
+    @method()
+    @read_only
+    async def ListJobs(self) -> "a(uoouus)":
+        jobs = await asyncio.to_thread(lambda: [j.status() for j in self._context.manager.jobs])
+        return [job_row(s) for s in jobs]
+
+    @signal()
+    def JobNew(self, job_id: int, job: str, vm: str) -> "uoo":
+        return [job_id, job, vm]
+
+    @signal()
+    def JobRemoved(self, job_id: int, job: str, vm: str, result: str) -> "uoos":
+        return [job_id, job, vm, result]

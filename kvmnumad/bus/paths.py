@@ -53,3 +53,11 @@ def unescape_label(element: str) -> str:
 
 def vm_path(name: str) -> str:
     return f"{VM_PATH_PREFIX}/{escape_label(name)}"
+
+
+JOB_INTERFACE = "org.kvmnuma1.Job"
+JOB_PATH_PREFIX = "/org/kvmnuma1/job"
+
+
+def job_path(job_id: int) -> str:
+    return f"{JOB_PATH_PREFIX}/{job_id}"

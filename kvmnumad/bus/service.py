@@ -25,12 +25,15 @@ from kvmnumad.bus.dispatch import Dispatcher
 from kvmnumad.bus.errors import DBUS_NAMES
 from kvmnumad.bus.fds import take_fds
 from kvmnumad.bus.framing import LARGEST_CALL, BoundedSocket, RefusalLog, Refused
+from kvmnumad.bus.job_object import JobObject, job_props
 from kvmnumad.bus.manager_object import ManagerObject
 from kvmnumad.bus.paths import (
     BUS_NAME,
+    JOB_INTERFACE,
     MANAGER_PATH,
     OBJECT_MANAGER,
     VM_INTERFACE,
+    job_path,
     vm_path,
 )
 from kvmnumad.bus.properties import (
@@ -48,6 +51,9 @@ from kvmnumad.errors import Busy, LimitReached, NoSuchVM
 from kvmnumad.events import (
     DefaultPolicyChanged,
     Event,
+    JobAdded,
+    JobChanged,
+    JobRemoved,
     TopologyChanged,
     VcpuRepinned,
     VmAdded,
@@ -70,6 +76,8 @@ class NameUnavailable(RuntimeError):
 def _path_of(event: Event) -> str:
     if isinstance(event, (VmAdded, VmRemoved, VmChanged, VcpuRepinned)):
         return vm_path(event.vm)
+    if isinstance(event, (JobAdded, JobChanged, JobRemoved)):
+        return job_path(event.status.id)
     return MANAGER_PATH
 
 
@@ -158,6 +166,7 @@ class BusService:
         self.dispatcher = Dispatcher(bus, self)
         self.manager_object: ManagerObject | None = None
         self._vms: dict[str, VmObject] = {}
+        self._jobs: dict[int, JobObject] = {}
         self._reconcile_lock = asyncio.Lock()
         self._pump = EventPump(self._handle, _path_of)
         self._stopped = False
@@ -175,6 +184,7 @@ class BusService:
         self.dispatcher.install()
         # Subscribe before listing, so no VM falls between the two.
         self.manager.subscribe(self._pump.submit)
+        self.manager.executor = self.dispatcher.pool  # migration jobs' chunks run in the bounded pool
         self._pump.start()
         for vm in await asyncio.to_thread(self.manager.list_vms):
             try:
@@ -205,6 +215,7 @@ class BusService:
         self.dispatcher.close()
         self.bus.remove_message_handler(take_fds)
         self._vms.clear()
+        self._jobs.clear()
 
     # ------------------------------------------------- BusContext of objects
     def request_reexec(self) -> None:
@@ -287,6 +298,31 @@ class BusService:
                 await self.reconcile(name, TOPOLOGY_VM_PROPERTIES)
         elif isinstance(event, DefaultPolicyChanged):
             mo.publish({"DefaultPolicy": str(event.policy)})
+        elif isinstance(event, (JobAdded, JobChanged, JobRemoved)):
+            self._job_event(mo, event)
+
+    def _job_event(self, mo: ManagerObject, event: JobAdded | JobChanged | JobRemoved) -> None:
+        """A job object exists from JobAdded to JobRemoved, like systemd's: JobNew
+        after its InterfacesAdded, JobRemoved (with the outcome) before its InterfacesRemoved."""
+        s = event.status
+        obj = self._jobs.get(s.id)
+        if isinstance(event, JobAdded):
+            if obj is None and not self._stopped:
+                obj = JobObject(self, s)
+                self.dispatcher.export(obj.path, obj)
+                self._jobs[s.id] = obj
+                self._object_manager_signal("InterfacesAdded", "oa{sa{sv}}",
+                                            [obj.path, {JOB_INTERFACE: obj.variants()}])
+                mo.JobNew(s.id, obj.path, vm_path(s.vm))
+            return
+        if obj is None:
+            return
+        obj.publish(job_props(s))
+        if isinstance(event, JobRemoved):
+            mo.JobRemoved(s.id, obj.path, vm_path(s.vm), str(s.state))
+            self._jobs.pop(s.id, None)
+            self.dispatcher.unexport(obj.path)
+            self._object_manager_signal("InterfacesRemoved", "oas", [obj.path, [JOB_INTERFACE]])
 
 
     # ------------------------------------------------------------- samples

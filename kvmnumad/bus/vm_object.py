@@ -12,6 +12,7 @@ back.  Property values are the service's mirror of the VM (bus/properties.py).
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from dbus_fast import PropertyAccess
@@ -23,11 +24,12 @@ from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE
 from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject
 from kvmnumad.bus.errors import unknown_object
-from kvmnumad.bus.paths import VM_INTERFACE, vm_path
+from kvmnumad.bus.paths import VM_INTERFACE, job_path, vm_path
 from kvmnumad.bus.samples import decision_rows
 from kvmnumad.errors import NoSuchVM
 from kvmnumad.model import VmStats
 from kvmnumad.vm import Vm
+from kvmnumad.workers import CALLER
 
 T = TypeVar("T")
 
@@ -139,7 +141,9 @@ class VmObject(BusObject):
         # One action whatever the node holds: the memory it moves is read
         # under the VM's lock, after authorization, so the action cannot
         # depend on it (it did once: a check of stale state).
-        await self._core(self.vm.map_numa_node, node, host_node)
+        caller = CALLER.get()
+        await self._core(partial(self._context.manager.map_numa_node, self.vm_name, node, host_node,
+                                 caller.uid if caller is not None else 0))
 
     @method()
     @read_only
@@ -233,3 +237,21 @@ class VmObject(BusObject):
     @dbus_property(access=PropertyAccess.READ)
     def VcpuUsage(self) -> "a(uttiit)":
         return self._props["VcpuUsage"]
+
+    # ------------------------------------------- migration jobs (issue 14 item 6)
+    @method()
+    @requires(ACTION_MIGRATE, verb="migrate-numa-node")
+    async def MigrateNumaNode(self, node: "u", host_node: "u") -> "o":
+        return await self._start_job(node, None, host_node)
+
+    @method()
+    @requires(ACTION_MIGRATE, verb="migrate-numa-node")
+    async def MigrateNumaSlot(self, node: "u", slot: "u", host_node: "u") -> "o":
+        return await self._start_job(node, slot, host_node)
+
+    async def _start_job(self, node: int, slot: int | None, host_node: int) -> str:
+        caller = CALLER.get()
+        starter = caller.uid if caller is not None else 0
+        job = await self._core(partial(self._context.manager.start_migration, self.vm_name, node, host_node,
+                                       slot, starter=starter))
+        return job_path(job.id)  # exported before this reply goes: its JobAdded is ahead of the barrier
