@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 from kvmnumad.optimizer.timer import DEFAULT_PERIOD, SamplingTimer
 from kvmnumad.privatebus import PrivateBus
 from kvmnumad.state import StateStore
+from kvmnumad.vm.migration import CHUNK_PAGES
 
 log = logging.getLogger("kvmnumad")
 
@@ -83,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"serve Prometheus metrics there (default: none; metrics-address in {CONFIG_FILE})")
     p.add_argument("--metrics-textfile", default=None, metavar="PATH",
                    help="write the metrics there after each sample, for node_exporter's textfile collector")
+    p.add_argument("--migration-chunk-pages", type=int, default=CHUNK_PAGES, metavar="PAGES",
+                   help=f"pages of address space a migration job moves per step, between which Cancel "
+                        f"takes effect (default: {CHUNK_PAGES})")
     return p.parse_args(argv)
 
 
@@ -168,6 +172,7 @@ async def serve(args: argparse.Namespace) -> int:
             log.warning("CPU hotplug monitoring unavailable: %s", e)
             hotplug = None
         manager = Manager(args.kvm)
+        manager.migration_chunk_pages = max(1, args.migration_chunk_pages)
         _load_quotas(manager, args.config_dir)  # before any caller can create a VM
         manager_ref.append(manager)
         if under_systemd:
