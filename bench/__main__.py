@@ -28,6 +28,7 @@ from bench import (
     idle,
     lifecycle,
     migrate,
+    migratejob,
     placement,
     rawkvm,
     sampling,
@@ -41,9 +42,10 @@ from kvmnumad.manager import Manager
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("idle", "lifecycle", "stop", "affinity", "dbus", "create", "scale", "hotplug", "placement",
-         "migrate", "sampling", "handover", "adopt")
+         "migrate", "sampling", "handover", "adopt", "migrate-job")
 EXTRA = ("adopt-repair",)  # only when asked (--only): about 5 min in the guest, numad's 60 s wait per run
-GUEST = ("hotplug", "placement", "migrate", "adopt-repair")  # need 2+ host nodes (4 for placement)
+# need 2+ host nodes (4 for placement)
+GUEST = ("hotplug", "placement", "migrate", "adopt-repair", "migrate-job")
 
 
 def _host() -> str:
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         ("handover", lambda: handover_bench.handover(1 if q else 7, 1 if q else 3)),
         ("adopt", lambda: bench.adopt.adopt_to_pinned(3 if q else 20)),
         ("adopt-repair", lambda: bench.adopt.repair_vs_numad(1 if q else 3)),
+        ("migrate-job", lambda: migratejob.migrate_job(manager, 1 if q else 3)),
     ]
     rows: list[Row] = []
     started = time.monotonic()

@@ -19,7 +19,7 @@ from tests.numa_guest.launcher import EXIT_TIMEOUT, run_guest
 from tests.numa_guest.topology import TOPOLOGIES
 
 REPO = Path(__file__).resolve().parents[1]
-GUEST_FIGURES = ("hotplug", "placement", "migrate")
+GUEST_FIGURES = ("hotplug", "placement", "migrate", "migrate-job")
 EXTRA_FIGURES = ("adopt-repair",)  # only with --only
 IN_GUEST = Path(__file__).resolve().parent / "in_guest" / "run_bench.py"
 

@@ -80,8 +80,9 @@ def test_a_job_appears_runs_and_is_cancelled(service: RunningService, client: Bu
     assert re.fullmatch(r"/org/kvmnuma1/job/\d+", job), job
     job_id = int(job.rsplit("/", 1)[1])
     # exported before the reply, announced the way systemd announces its jobs
-    (new,) = _job_signals(client, "JobNew", job)
-    assert new.body == [job_id, job, path]
+    # (sent before busctl's reply; this other client may get it a little later)
+    new = client.wait_signal(lambda m: m.member == "JobNew" and m.body[1] == job)
+    assert new.body == [job_id, job, path] and _job_signals(client, "JobNew", job) == [new]
     added = [m for m in client.signals if m.member == "InterfacesAdded" and m.body[0] == job]
     assert len(added) == 1 and added[0].path == MANAGER_PATH
     assert busctl(a, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListJobs")["data"] == [
@@ -166,6 +167,8 @@ def test_destroying_the_vm_cancels_its_job_first(service: RunningService, client
     busctl(a, "call", BUS_NAME, path, VM_IFACE, "Destroy")
     # Cancelled, not failed: it stopped between two chunks before the VM's memory was
     # released (a chunk on released memory would have failed it).  Both are gone by the reply.
+    client.wait_signal(lambda m: m.member == "InterfacesRemoved" and m.body[0] == path)
+    client.wait_signal(lambda m: m.member == "InterfacesRemoved" and m.body[0] == job)
     removed = [(m.member, m.body[0] if m.member == "InterfacesRemoved" else m.body[1]) for m in client.signals
                if m.member in ("JobRemoved", "InterfacesRemoved")]
     assert sorted(removed) == [("InterfacesRemoved", job), ("InterfacesRemoved", path), ("JobRemoved", job)]

@@ -129,9 +129,12 @@ class MigrationJob:
         # As the daemon's own work (no CALLER in an empty context): it always
         # gets a pool thread, so a destroy waiting for the job cannot starve it.
         try:
-            contextvars.Context().run(self._executor.submit, self._guarded, step)
+            future = contextvars.Context().run(self._executor.submit, self._guarded, step)
         except RuntimeError as e:  # the pool is shutting down: the daemon stops
             self._end(JobState.CANCELLED, errors.Internal(f"job {self.id}: {e}"))
+            return
+        # A pool that shuts down cancels what has not started: the job ends there, not never.
+        future.add_done_callback(lambda f: self._end(JobState.CANCELLED) if f.cancelled() else None)
 
     def _guarded(self, step: Callable[[], None]) -> None:
         try:
