@@ -80,6 +80,7 @@ class MigrationJob:
         self._ended = threading.Event()
         self._cancel = threading.Event()
         self._state = JobState.RUNNING
+        self._ending = False
         self._moved = 0
         self._total = 0
         self._failed: dict[int, int] = {}
@@ -186,8 +187,9 @@ class MigrationJob:
 
     def _end(self, state: JobState, error: errors.KvmnumaError | None = None) -> None:
         with self._lock:
-            if self._ended.is_set():
+            if self._ending:  # once: a step and the pool's cancel callback may both get here
                 return
+            self._ending = True
             self._error = error
         try:
             self._finish(state, self._moved)

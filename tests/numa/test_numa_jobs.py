@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ class Watcher:
             seen = self._seen.setdefault(path, {})
             for key, value in msg.body[1].items():
                 seen.setdefault(key, []).append(value.value)
+            seen.setdefault("time", []).append(time.monotonic())
             moved = msg.body[1].get("PagesMoved")
             if (moved is not None and self.cancel_at is not None and path not in self.cancel_sent_at
                     and moved.value >= self.cancel_at):
@@ -179,6 +181,8 @@ def test_a_node_moves_while_the_payload_runs(daemon: tuple[int, str]) -> None:
         assert moved == sorted(moved), moved
         assert moved[-1] == PAGES, moved[-5:]
         assert len(moved) >= 3, moved  # published while it ran, not only at the end
+        times = watcher.seen(job, "time")  # at most every 100 ms (+ the count and the end)
+        assert len(times) <= (times[-1] - times[0]) / 0.1 + 5, (len(times), times[-1] - times[0])
         assert watcher.seen(job, "State") == ["done"]
 
         # >= 99 % on the destination by numa_maps; the map and policy follow it
