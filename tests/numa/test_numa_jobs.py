@@ -184,6 +184,8 @@ def test_a_node_moves_while_the_payload_runs(daemon: tuple[int, str]) -> None:
         times = watcher.seen(job, "time")  # at most every 100 ms (+ the count and the end)
         assert len(times) <= (times[-1] - times[0]) / 0.1 + 5, (len(times), times[-1] - times[0])
         assert watcher.seen(job, "State") == ["done"]
+        print(f"moved {PAGES} pages from host node {src} to {dst} in {times[-1] - times[0]:.2f} s, "
+              f"{len(moved)} progress updates")
 
         # >= 99 % on the destination by numa_maps; the map and policy follow it
         pages = on_nodes(pid, name, address, path)
@@ -214,6 +216,8 @@ def test_cancel_half_way_leaves_the_vm_running_and_the_pages_split(daemon: tuple
         assert PAGES // 2 <= watcher.cancel_sent_at[job] <= moved < PAGES, (watcher.cancel_sent_at, moved)
         assert progress == sorted(progress)
         assert watcher.seen(job, "State") == ["cancelled"]
+        print(f"Cancel sent at {watcher.cancel_sent_at[job]} pages moved, the job stopped at {moved} "
+              f"of {PAGES}")
 
         # The split, to the page: what moved is on the destination, the rest where it was
         assert on_nodes(pid, name, address, path) == {src: PAGES - moved, dst: moved}
