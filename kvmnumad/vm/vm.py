@@ -402,6 +402,7 @@ class Vm(VmViews):
             followers: list[int] = []
             cpus: frozenset[int] = frozenset()
             if state == JobState.DONE:
+                crashpoints.reached("migrate.moved")  # the pages moved, the new map not saved yet
                 for r in regions:
                     r.host_nodes = frozenset({host_node})
                 whole = all(r.host_nodes == {host_node} for r in self.memory.of_guest_node(node))
