@@ -3,8 +3,8 @@
 The host has one NUMA node, so every job here moves to node 0, where the
 pages are already: real (the policy is set, every chunk is a move_pages
 query on the live region) but with nothing to move.  To see a job while it
-runs, the manager's chunk is one page, so a 256 MiB node takes 65,536
-chunks, seconds on this machine; what moves between nodes is
+runs, the manager's chunk is one page, so a 1 GiB node takes 262,144
+chunks (counted one per pool task), about 8 s on this machine; what moves between nodes is
 tests/numa/test_numa_jobs.py's subject, in the 2- and 4-node guests.
 
 Everything is read from outside: busctl (--json=short, so every reply must
@@ -53,11 +53,11 @@ UNKNOWN = "org.freedesktop.DBus.Error.UnknownObject"
 
 @pytest.fixture
 def slow(manager: Manager) -> Manager:
-    manager.migration_chunk_pages = 1  # one page per chunk: a 256 MiB job runs for seconds
+    manager.migration_chunk_pages = 1  # one page per chunk: a 1 GiB job runs for seconds
     return manager
 
 
-def _vm(client: BusClient, name: str, nodes: int = 1, size: int = 256 * MiB) -> str:
+def _vm(client: BusClient, name: str, nodes: int = 1, size: int = 1024 * MiB) -> str:
     (path,) = client.manager("CreateVM", "suta{sv}", name, nodes, size,
                              options(numa_nodes=nodes, prealloc=True, start=True))
     return str(path)
@@ -210,7 +210,7 @@ def test_only_the_starter_or_an_admin_moves_memory_and_cancels(
     nothing changes.  The owner of a VM moves its memory without polkit."""
     a, u = system_service.address, unpriv_user
     path = busctl(a, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "suta{sv}", "roots", "1",
-                  str(256 * MiB), "2", "numa_nodes", "u", "1", "prealloc", "b", "true")["data"][0]
+                  str(1024 * MiB), "2", "numa_nodes", "u", "1", "prealloc", "b", "true")["data"][0]
     out = u.run("gdbus", "call", "--address", a, "--dest", BUS_NAME, "--object-path", path,
                 "--method", f"{VM_IFACE}.MigrateNumaNode", "0", "0")
     assert out.returncode != 0 and f"GDBus.Error:{DENIED}" in out.stderr, out.stderr
@@ -227,7 +227,7 @@ def test_only_the_starter_or_an_admin_moves_memory_and_cancels(
     # the owner's own VM: MigrateNumaNode and Cancel pass the owner rule (the starter's job)
     def created() -> bool:  # creating needs polkit's yes for org.kvmnuma1.manage
         r = u.run("gdbus", "call", "--address", a, "--dest", BUS_NAME, "--object-path", MANAGER_PATH,
-                  "--method", f"{MANAGER_IFACE}.CreateVM", "theirs", "1", str(256 * MiB),
+                  "--method", f"{MANAGER_IFACE}.CreateVM", "theirs", "1", str(1024 * MiB),
                   "{'numa_nodes': <uint32 1>, 'prealloc': <true>}")
         return r.returncode == 0 or "AlreadyExists" in r.stderr
 

@@ -128,12 +128,38 @@ def pages_per_node(addr: int, length: int, page_size: int = PAGE_SIZE, *, pid: i
     return counts
 
 
-def pages_off_node(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, *, pid: int = 0) -> int:
-    """Resident pages of the range that are not on ``node``: what a move there has to do."""
-    off = 0
+def pages_off_node(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, *,
+                   pid: int = 0) -> tuple[int, int]:
+    """(resident pages of the range, those of them not on ``node``): what a move there has to do."""
+    resident = off = 0
     for pages in _page_addresses(addr, length, page_size):
-        off += sum(1 for where in _query(pages, pid) if where >= 0 and where != node)
-    return off
+        for where in _query(pages, pid):
+            if where >= 0:
+                resident += 1
+                off += where != node
+    return resident, off
+
+
+def move_range_to_node(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, *,
+                       pid: int = 0) -> tuple[int, dict[int, int]]:
+    """Ask move_pages(2) to put every page of the range on ``node``, with no
+    query first (the caller counted before: pages_off_node).  Returns the
+    resident pages on ``node`` afterwards, those there before included, and
+    the pages that did not move by errno; absent pages (ENOENT) are neither,
+    and stay absent (move_pages allocates nothing).  Whole-call failures as
+    move_to_node."""
+    on_node = 0
+    failed: dict[int, int] = {}
+    for pages in _page_addresses(addr, length, page_size):
+        status = (c_int * len(pages))()
+        targets = (c_int * len(pages))(*([node] * len(pages)))
+        libnuma.sys_move_pages((c_void_p * len(pages))(*pages), targets, status, pid=pid)
+        for s in status:
+            if s == node:
+                on_node += 1
+            elif s < 0 and s != -errno.ENOENT:
+                failed[-s] = failed.get(-s, 0) + 1
+    return on_node, failed
 
 
 def move_to_node(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, *,

@@ -36,13 +36,13 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 
 from kvmnumad import errors
 from kvmnumad.libc import PAGE_SIZE
 from kvmnumad.model import JobState, JobStatus
-from kvmnumad.numa.memory import move_to_node, pages_off_node
+from kvmnumad.numa.memory import move_range_to_node, pages_off_node
 from kvmnumad.vm.memory import Region
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,11 @@ class MigrationJob:
         self._failed: dict[int, int] = {}
         self._error: errors.KvmnumaError | None = None
         self._published = 0.0
-        # (region, offset) of each chunk, made lazily: a 1 TiB node is no list of 16M chunks
-        self._chunks = ((r, off) for r in regions for off in range(0, r.size, self._chunk))
+        # (region, offset, length, resident pages already on the destination, pages to move) of
+        # each chunk with something to move, from the count: one int tuple per chunk, 64K for 1 TiB
+        self._chunks: list[tuple[Region, int, int, int, int]] = []
+        self._counting: Iterator[tuple[Region, int]] | None = None
+        self._counted = 0
 
     # ------------------------------------------------------------ readers
     def status(self) -> JobStatus:
@@ -152,9 +155,28 @@ class MigrationJob:
             self._end(JobState.FAILED, errors.Internal(f"job {self.id} failed: {e}"))
 
     def _count(self) -> None:
-        total = sum(pages_off_node(r.mem.hva, r.size, self.host_node) for r in self._regions)
+        """One query of every page, a chunk per pool task (Cancel is heard
+        between them too), which is also each chunk's plan: the moves then
+        need no query of their own (half the syscalls), and a chunk with
+        nothing off the destination (a job after a cancel) is skipped."""
+        if self._cancel.is_set():
+            self._end(JobState.CANCELLED)
+            return
+        if self._counting is None:
+            self._counting = iter([(r, off) for r in self._regions for off in range(0, r.size, self._chunk)])
+        chunk = next(self._counting, None)
+        if chunk is not None:
+            r, off = chunk
+            length = min(self._chunk, r.size - off)
+            resident, away = pages_off_node(r.mem.hva + off, length, self.host_node)
+            if away:
+                self._chunks.append((r, off, length, resident - away, away))
+                self._counted += away
+            self._submit(self._count)
+            return
+        self._chunks.reverse()  # popped from the end: in address order
         with self._lock:
-            self._total = total
+            self._total = self._counted
         self._progress(force=True)
         self._submit(self._step)
 
@@ -162,16 +184,15 @@ class MigrationJob:
         if self._cancel.is_set():
             self._end(JobState.CANCELLED)
             return
-        chunk = next(self._chunks, None)
-        if chunk is None:
+        if not self._chunks:
             self._end(JobState.DONE)
             return
-        region, off = chunk
-        length = min(self._chunk, region.size - off)
-        moved, failed = move_to_node(region.mem.hva + off, length, self.host_node)
+        region, off, length, there, away = self._chunks.pop()
+        on_node, failed = move_range_to_node(region.mem.hva + off, length, self.host_node)
+        # A page the guest touched for the first time since the count lands on
+        # the destination (the policy says so): it is no move, hence the bound.
+        moved = min(max(on_node - there, 0), away)
         with self._lock:
-            # A page the guest touched for the first time since the count lands
-            # on the destination (the policy says so) and is never counted.
             self._moved = min(self._moved + moved, self._total)
             for e, n in failed.items():
                 self._failed[e] = self._failed.get(e, 0) + n
