@@ -149,3 +149,15 @@ def test_strict_bind_reports_pages_elsewhere(region: Region) -> None:
     region.touch(4)
     mbind(region.addr, region.size, MemPolicy.BIND, [0], strict=True)
     assert region.numa_maps().policy == "bind:0"
+
+
+def test_a_jobs_count_and_move_leave_absent_pages_absent(region: Region) -> None:
+    """The two calls a migration job makes (vm/migration.py), on the one node
+    there is: the count sees only resident pages, the move puts them on the
+    node (there already) and allocates none of the absent ones."""
+    region.touch(100)
+    assert memory.pages_off_node(region.addr, region.size, 0) == (100, 0)
+    assert memory.move_range_to_node(region.addr, region.size, 0) == (100, {})
+    assert region.numa_maps().pages_per_node == {0: 100}  # by numa_maps: still 100, none allocated
+    absent = max(observe.host_nodes()) + 1
+    assert errno_of(memory.move_range_to_node, region.addr, region.size, absent) == errno.ENODEV
