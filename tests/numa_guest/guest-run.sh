@@ -21,10 +21,12 @@ echo 1 > /proc/sys/kernel/sysrq 2>/dev/null
 # warnings and worse reach the console (lockup reports, stacks); routine info (a CPU going
 # offline) would split pytest's lines, which the launcher parses
 dmesg -n 5 2>/dev/null
-# This guest kernel (6.1 under TCG, nested KVM) panicked twice with "corrupted stack end detected
-# inside scheduler" in a vCPU thread with task_numa_fault on its stack (the systemd guest's upgrade
-# check, the migration-job tests): the kernel's automatic NUMA balancing is off for every test.
-# (bench/repair.py turns it on for its own baseline, on a plain process, and back off.)
+# The kernel's automatic NUMA balancing is off for every test: it would move pages under the
+# daemon's own placement and the tests' numa_maps checks. (This 6.1 guest kernel, under TCG with
+# nested KVM, has panicked "corrupted stack end detected inside scheduler" in a vCPU thread, once
+# with task_numa_fault on the stack and once in futex_wait with balancing already off: balancing
+# is not the cause; the launcher boots such a guest once more.) bench/repair.py turns it on for
+# its own baseline, on a plain process, and back.
 echo 0 > /proc/sys/kernel/numa_balancing 2>/dev/null
 
 # virtme-ng mounts cgroup2 today; a kernel or vng without it must not make the
