@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from dbus_fast.aio import MessageBus
 
-from kvmnumad import __version__, handover, persist, quotas, sdnotify
+from kvmnumad import __version__, handover, holder, persist, quotas, sdnotify
 from kvmnumad.adopt import autoadopt
 from kvmnumad.adopt.autoadopt import AutoAdopter
 from kvmnumad.adopt.records import AdoptionRecords
@@ -140,6 +140,7 @@ async def serve(args: argparse.Namespace) -> int:
     # First, before any other fd is opened: what an earlier process left.
     inherited = handover.Inherited.from_environ()
     record = inherited.take_record()
+    held = inherited.take_holder()  # the previous image's address space, until its VMs run again
     under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
 
     private = None
@@ -183,6 +184,8 @@ async def serve(args: argparse.Namespace) -> int:
         if record is not None:
             # A paused handover: each VM continues on its memory with its vCPU state.
             resumed = await asyncio.to_thread(handover.restore_record, manager, record, inherited)
+        if held is not None:
+            _let_holder_go(loop, held)
         if state_dir is not None:
             # Saved VMs come back before the name is requested: a client that
             # finds org.kvmnuma1 finds every VM it had.  Persistence is wired
@@ -254,7 +257,11 @@ async def serve(args: argparse.Namespace) -> int:
             saved = await asyncio.to_thread(handover.prepare, manager)
             if not reexec_wanted:
                 handover.to_fd_store(saved)  # systemctl restart: the next process resumes them
+        if held is not None:
+            held.reap()  # an earlier Reexec's holder still unmapping: the next image would not know it
         if manager is not None:
+            if saved is not None and reexec_wanted:
+                handover.keep_address_space()
             await asyncio.to_thread(manager.shutdown)
         if saved is not None and reexec_wanted:
             if private is not None:
@@ -264,6 +271,26 @@ async def serve(args: argparse.Namespace) -> int:
             saved.close()
         if private is not None:
             private.close()
+
+
+def _let_holder_go(loop: asyncio.AbstractEventLoop, held: holder.Holder) -> None:
+    """The VMs run again: the holder may go, unmapping the previous image's
+    address space as it exits (about 1 s per GiB of resident guest memory
+    here, on its own, off the pause).  Reaped when its pidfd says it exited."""
+    held.let_go()
+    try:
+        pidfd = os.pidfd_open(held.pid)
+    except OSError:  # not our child any more: reaped already
+        held.reap()
+        return
+
+    def exited() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        log.info("the previous image's address space is released (holder %d gone, %.0f ms after its release)",
+                 held.pid, held.reap())
+
+    loop.add_reader(pidfd, exited)
 
 
 def _start_sampling(loop: asyncio.AbstractEventLoop, manager: Manager, publish: Callable[[Sample], None],
