@@ -44,6 +44,7 @@ from kvmnumad.events import VmAdded
 from kvmnumad.journal import setup_logging
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
+from kvmnumad.numa.topology import read_topology
 from kvmnumad.optimizer.model import Sample
 from kvmnumad.optimizer.timer import DEFAULT_PERIOD
 from kvmnumad.state import StateStore
@@ -239,9 +240,10 @@ async def serve(args: argparse.Namespace, core: Restored) -> int:
         try:
             hotplug = HotplugMonitor(repins.request)
             hotplug.start(loop)
-            # The topology was read by the restore, before the monitor ran:
-            # one re-read now, so that no hotplug event falls between the two.
-            repins.request("start")
+            # The restore read the topology before the monitor ran: read it
+            # once more, so that no hotplug falls between the two unseen.
+            if set(read_topology().online_cpus()) != set(manager.online_cpus()):
+                repins.request("CPU hotplug during the start")
         except Exception as e:  # no netlink (e.g. a restricted sandbox): run without, say so
             log.warning("CPU hotplug monitoring unavailable: %s", e)
             hotplug = None

@@ -16,6 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from kvmnumad import libc
+from kvmnumad.vm import region
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,3 +130,24 @@ def test_a_crashed_new_image_does_not_leak_the_holder() -> None:
     assert image == -signal.SIGKILL
     assert os.WIFEXITED(holder) and os.WEXITSTATUS(holder) == 0  # EOF ended it, nobody let it go
     assert _state(s.holder) is None
+
+
+def test_a_deferred_region_closes_its_memfd_and_keeps_its_mapping_until_taken() -> None:
+    def mapped(name: str) -> bool:
+        return f"/memfd:{name}" in Path("/proc/self/maps").read_text()
+
+    r = region.GuestRegion("deferred-probe", 4 * MiB)
+    region.defer_unmaps()
+    try:
+        r.close()
+    finally:
+        kept = region.take_deferred()
+    assert kept == [(r.hva, 4 * MiB)]
+    assert mapped("deferred-probe")  # the mapping stays (for the holder), the fd does not
+    fds = [n for n in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{n}")]
+    assert not any(os.readlink(f"/proc/self/fd/{n}").startswith("/memfd:deferred-probe") for n in fds)
+    libc.munmap(r.hva, 4 * MiB)
+    assert not mapped("deferred-probe")
+    other = region.GuestRegion("undeferred-probe", 4 * MiB)  # deferral ended: close() unmaps again
+    other.close()
+    assert not mapped("undeferred-probe")
