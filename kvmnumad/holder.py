@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 CLONE_VM = 0x00000100
 CLONE_FILES = 0x00000400
 STACK_SIZE = 64 << 10  # read() and the trampoline need a few hundred bytes
-FD_MAX = 0x7FFFFFFF
 
 # The holder's stack and the thread whose TLS it runs on (the fs register is
 # inherited through clone): both stay allocated as long as this image lives.
@@ -100,7 +100,7 @@ def spawn() -> Holder:
             signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
             libc.unshare(CLONE_FILES)  # this thread's own fd table from here on
             os.closerange(0, read_end)
-            os.closerange(read_end + 1, FD_MAX)
+            os.closerange(read_end + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
             # In the child: read(read_end, stack - 16, 1).  The buffer and the
             # count are the registers glibc's trampoline leaves (rsi = the
             # child's stack minus the two slots it popped, rdx = parent_tid,
