@@ -4,9 +4,12 @@ Two figures, each against a baseline measured in the same run:
 
 - the mechanism, per VM (4 vCPUs, 2 guest nodes, 64 MiB / 256 MiB / 1 GiB,
   every page resident): pause the vCPUs and save their state, tear the old VM
-  down (its fds, threads, cpusets, as the old process does before exec), make
-  it anew on the same memfds, restore the vCPUs, re-apply placement and resume:
-  from the first vCPU stopped to the VM running again.  Baseline: creating the
+  down as the old process does before exec (its fds, threads, cpusets; its
+  guest mapping left in place, for the holder of the old address space to
+  unmap after the resume: kvmnumad/holder.py), make it anew on the same
+  memfds, restore the vCPUs, re-apply placement and resume: from the first
+  vCPU stopped to the VM running again.  The deferred unmap is timed too,
+  after the resume, as the holder's exit does it.  Baseline: creating the
   same VM from scratch (create_vm + start), which is what a restart without
   handover costs and which loses the guest's memory besides.
 - the whole re-exec of the real daemon (``Reexec()``, 4 vCPUs, 256 MiB): the
@@ -31,9 +34,10 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.report import Row, median, percentile
+from kvmnumad import libc
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions
-from kvmnumad.vm import Vm
+from kvmnumad.vm import Vm, region
 from kvmnumad.vm.saved import Resume
 
 MiB = 1 << 20
@@ -54,11 +58,12 @@ def _wait(predicate: object, timeout: float = 120.0) -> None:
         time.sleep(0.02)
 
 
-def _one_pause(manager: Manager, name: str, size: int) -> tuple[float, float, float, float]:
-    """(pause, save, teardown, rebuild) in ms for one handover of a running VM.
-    One Manager plays both processes (two in one process would share its
-    cpuset directory): the old VM is torn down as the old process's shutdown
-    does it, then made anew on the memfds."""
+def _one_pause(manager: Manager, name: str, size: int) -> tuple[float, float, float, float, float]:
+    """(pause, save, teardown, rebuild, deferred unmap) in ms for one handover
+    of a running VM.  One Manager plays both processes (two in one process
+    would share its cpuset directory): the old VM is torn down as the old
+    process's shutdown before Reexec's exec does it (mapping kept), then made
+    anew on the memfds; the old mapping goes after the resume."""
     vm = manager.create_vm(name, VCPUS, size, _options())
     _wait(lambda: min(vm.progress()) >= 1)  # every page resident: a pass touched each one
     t0 = time.perf_counter_ns()
@@ -66,13 +71,20 @@ def _one_pause(manager: Manager, name: str, size: int) -> tuple[float, float, fl
     saved = vm.pause_for_handover()
     memfds = {slot: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0) for slot, fd in vm.memory.memfds()}
     t1 = time.perf_counter_ns()
-    manager.destroy_vm(name)  # threads joined, vCPU and VM fds closed, mappings and cpusets gone
+    region.defer_unmaps()  # what handover.keep_address_space() does before the shutdown
+    try:
+        manager.destroy_vm(name)  # threads joined, vCPU and VM fds closed, cpusets gone; mappings kept
+    finally:
+        kept = region.take_deferred()
     t2 = time.perf_counter_ns()
     back: Vm = manager.restore_vm(definition, None, Resume(memfds, saved))
     t3 = time.perf_counter_ns()
+    for hva, length in kept:  # the holder's exit, off the pause
+        libc.munmap(hva, length)
+    t4 = time.perf_counter_ns()
     _wait(lambda: min(back.progress()) > min(s.progress for s in saved if s is not None))
     manager.destroy_vm(name)
-    return (t3 - t0) / 1e6, (t1 - t0) / 1e6, (t2 - t1) / 1e6, (t3 - t2) / 1e6
+    return (t3 - t0) / 1e6, (t1 - t0) / 1e6, (t2 - t1) / 1e6, (t3 - t2) / 1e6, (t4 - t3) / 1e6
 
 
 def _one_create(manager: Manager, name: str, size: int) -> float:
@@ -97,19 +109,20 @@ def _mechanism(manager: Manager, runs: int) -> list[Row]:
     rows: list[Row] = []
     for size in SIZES:
         pauses: list[float] = []
-        parts: list[tuple[float, float, float]] = []
+        parts: list[tuple[float, float, float, float]] = []
         creates: list[float] = []
         for i in range(runs):  # alternating, so both sides see the same load
-            p, s, t, r = _one_pause(manager, f"bench-ho-{i}", size)
+            p, s, t, r, u = _one_pause(manager, f"bench-ho-{i}", size)
             pauses.append(p)
-            parts.append((s, t, r))
+            parts.append((s, t, r, u))
             creates.append(_one_create(manager, f"bench-new-{i}", size))
         label = f"{size // MiB} MiB" if size < 1024 * MiB else f"{size // (1024 * MiB)} GiB"
         rows.append(Row(
             f"handover pause per VM, {VCPUS} vCPUs, {label}, median", median(pauses), median(creates), "ms",
             f"{runs} runs; pause = save {median([x[0] for x in parts]):.1f} + teardown "
             f"{median([x[1] for x in parts]):.1f} + rebuild on the same memfds and resume "
-            f"{median([x[2] for x in parts]):.1f} ms (medians); every page resident; baseline: create "
+            f"{median([x[2] for x in parts]):.1f} ms (medians); after it, off the pause, the old mapping's "
+            f"unmap {median([x[3] for x in parts]):.1f} ms; every page resident; baseline: create "
             f"the same VM from scratch (create_vm + start, memory lost); goal < 50 ms, flat in size"))
         rows.append(Row("  same, p99", percentile(pauses, 99), percentile(creates, 99), "ms", "same samples"))
     return rows

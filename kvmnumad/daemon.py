@@ -3,8 +3,10 @@
 Order matters here and is the reason this file exists:
 1. the vCPU kick signal is installed in the main thread (Python only allows
    it there; VMs are created on worker threads later);
-2. the udev monitor starts before the topology is read, so no hotplug event
-   falls between the two;
+2. the VMs come back before anything the restore does not need is imported
+   (asyncio, dbus-fast, pyudev, the bus layer: main()); the udev monitor
+   starts after that and the topology is read once more, so no hotplug event
+   falls between the restore's read and the monitor;
 3. the bus name is requested only when the core is ready, and READY=1 is sent
    only once the name is owned: a client activated by the name never sees a
    half-started daemon;
@@ -21,7 +23,6 @@ Order matters here and is the reason this file exists:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import configparser
 import contextlib
 import logging
@@ -30,32 +31,37 @@ import resource
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dbus_fast.aio import MessageBus
-
-from kvmnumad import __version__, handover, persist, quotas, sdnotify
-from kvmnumad.adopt import autoadopt
-from kvmnumad.adopt.autoadopt import AutoAdopter
+# Only what bringing the VMs back needs is imported here: after a crash or a
+# restart the guests wait for it.  The bus, udev, asyncio and the optimizer's
+# timer come after the restore (see main()), each imported where it is used.
+from kvmnumad import __version__, handover, holder, persist, quotas, sdnotify
 from kvmnumad.adopt.records import AdoptionRecords
-from kvmnumad.adopt.watch import ExitWatcher
-from kvmnumad.bus.auth import Authorizer, make_authorizer
-from kvmnumad.bus.service import connect, start_service
-from kvmnumad.demo import create_demo
 from kvmnumad.events import VmAdded
-from kvmnumad.hotplug import HotplugMonitor, RepinQueue
 from kvmnumad.journal import setup_logging
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
+from kvmnumad.numa.topology import read_topology
 from kvmnumad.optimizer.model import Sample
-
-if TYPE_CHECKING:
-    from kvmnumad.metrics import Metrics
-from kvmnumad.optimizer.timer import DEFAULT_PERIOD, SamplingTimer
-from kvmnumad.privatebus import PrivateBus
+from kvmnumad.optimizer.timer import DEFAULT_PERIOD
 from kvmnumad.state import StateStore
 from kvmnumad.vm.migration import CHUNK_PAGES
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from dbus_fast.aio import MessageBus
+
+    from kvmnumad.adopt.autoadopt import AutoAdopter
+    from kvmnumad.adopt.watch import ExitWatcher
+    from kvmnumad.bus.auth import Authorizer
+    from kvmnumad.hotplug import HotplugMonitor
+    from kvmnumad.metrics import Metrics
+    from kvmnumad.optimizer.timer import SamplingTimer
+    from kvmnumad.privatebus import PrivateBus
 
 log = logging.getLogger("kvmnumad")
 
@@ -121,60 +127,36 @@ def apply_config_file(args: argparse.Namespace) -> None:
             raise SystemExit(f"kvmnumad: {e}") from None
 
 
-async def serve(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # SIGHUP is systemctl reload's (and a closed terminal's) signal: without a
-    # handler it would kill the daemon and every VM without the orderly stop.
-    # It re-reads the quotas (quotas.conf in --config-dir).
-    manager_ref: list[Manager] = []
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup, manager_ref, args.config_dir)
-    reexec_wanted: list[bool] = []
+@dataclass
+class Restored:
+    """What the restore phase leaves to serve(): the core with its VMs back."""
 
-    def request_reexec() -> None:
-        reexec_wanted.append(True)
-        stop.set()
+    manager: Manager
+    inherited: handover.Inherited
+    record: handover.HandoverRecord | None
+    held: holder.Holder | None
+    under_systemd: bool
+    signals: list[int] = field(default_factory=list)  # SIGTERM/SIGINT that came before the loop ran
 
+
+def restore(args: argparse.Namespace, signals: list[int]) -> Restored:
+    """Bring the VMs back, before the bus stack is even imported: after a
+    crash or a restart the guests wait for this and for nothing else.  On
+    failure every VM made so far is shut down again (its memory stays in the
+    fd store, its definition in the state directory)."""
     # First, before any other fd is opened: what an earlier process left.
     inherited = handover.Inherited.from_environ()
     record = inherited.take_record()
+    held = inherited.take_holder()  # the previous image's address space, until its VMs run again
     under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
-
-    private = None
-    bus_spec = args.bus
-    if bus_spec == "private":
-        if record is not None and record.private_bus is not None:
-            private = PrivateBus.adopt(**record.private_bus)  # our own bus, kept across Reexec
-        else:
-            private = PrivateBus()
-        bus_spec = private.address
     state_dir = args.state_dir
     if state_dir is None and args.bus == "system":
         state_dir = Path(os.environ.get("STATE_DIRECTORY", "/var/lib/kvmnumad"))
-
-    manager: Manager | None = None
-    service = None
-    bus: MessageBus | None = None
-    hotplug = None
-    sampler: SamplingTimer | None = None
-    metrics: Metrics | None = None  # (the type only: imported when configured)
-    exits: ExitWatcher | None = None
-    adopter: AutoAdopter | None = None
-    repins = RepinQueue(lambda reason: manager_ref[0].on_topology_changed(reason) if manager_ref else None)
+    sdnotify.notify("STATUS=starting")
+    manager = Manager(args.kvm)
     try:
-        sdnotify.notify("STATUS=starting")
-        try:
-            hotplug = HotplugMonitor(repins.request)
-            hotplug.start(loop)
-        except Exception as e:  # no netlink (e.g. a restricted sandbox): run without, say so
-            log.warning("CPU hotplug monitoring unavailable: %s", e)
-            hotplug = None
-        manager = Manager(args.kvm)
         manager.migration_chunk_pages = max(1, args.migration_chunk_pages)
         _load_quotas(manager, args.config_dir)  # before any caller can create a VM
-        manager_ref.append(manager)
         if under_systemd:
             # Before the first VM exists (restored ones included): a crash at
             # any later point finds every memfd in the store.
@@ -182,23 +164,89 @@ async def serve(args: argparse.Namespace) -> int:
         resumed: list[str] = []
         if record is not None:
             # A paused handover: each VM continues on its memory with its vCPU state.
-            resumed = await asyncio.to_thread(handover.restore_record, manager, record, inherited)
+            resumed = handover.restore_record(manager, record, inherited)
+        if held is not None:
+            held.let_go()  # its VMs run again: the old address space may go (reaped in serve)
         if state_dir is not None:
             # Saved VMs come back before the name is requested: a client that
             # finds org.kvmnuma1 finds every VM it had.  Persistence is wired
             # only after restore, so a failed restore rewrites nothing.
             store = StateStore(state_dir)
             crash = handover.CrashResume(inherited)  # memfds kept by the fd store through a crash
-            known = await asyncio.to_thread(persist.restore, manager, store, crash, frozenset(resumed))
+            known = persist.restore(manager, store, crash, frozenset(resumed))
             crash.finish(manager)
             manager.subscribe(persist.Persister(manager, store, known))
             adoptions = AdoptionRecords(manager, state_dir)  # processes adopted before, if still there
-            await asyncio.to_thread(adoptions.reattach)
+            adoptions.reattach()
             manager.subscribe(adoptions)
             restored = [vm.name for vm in manager.list_vms()]
             if restored:
                 log.info("restored VMs: %s", ", ".join(restored))
         inherited.release_rest()  # memory of VMs whose definition is gone: freed, not leaked
+    except BaseException:
+        manager.shutdown()
+        raise
+    return Restored(manager, inherited, record, held, under_systemd, signals)
+
+
+async def serve(args: argparse.Namespace, core: Restored) -> int:
+    import asyncio  # noqa: PLC0415 -- after the restore (module docstring of main)
+
+    from kvmnumad.adopt.watch import ExitWatcher  # noqa: PLC0415
+    from kvmnumad.bus.service import connect, start_service  # noqa: PLC0415
+    from kvmnumad.demo import create_demo  # noqa: PLC0415
+    from kvmnumad.hotplug import HotplugMonitor, RepinQueue  # noqa: PLC0415
+    from kvmnumad.privatebus import PrivateBus  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if core.signals:  # asked to stop while the VMs came back: stop now, through the orderly path
+        stop.set()
+    # SIGHUP is systemctl reload's (and a closed terminal's) signal: without a
+    # handler it would kill the daemon and every VM without the orderly stop.
+    # It re-reads the quotas (quotas.conf in --config-dir).
+    manager = core.manager
+    manager_ref: list[Manager] = [manager]
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, manager_ref, args.config_dir)
+    reexec_wanted: list[bool] = []
+
+    def request_reexec() -> None:
+        reexec_wanted.append(True)
+        stop.set()
+
+    record, held, under_systemd = core.record, core.held, core.under_systemd
+    if held is not None:
+        _reap_holder(loop, held)
+
+    private: PrivateBus | None = None
+    bus_spec = args.bus
+    service = None
+    bus: MessageBus | None = None
+    hotplug: HotplugMonitor | None = None
+    sampler: SamplingTimer | None = None
+    metrics: Metrics | None = None  # (the type only: imported when configured)
+    exits: ExitWatcher | None = None
+    adopter: AutoAdopter | None = None
+    repins = RepinQueue(manager.on_topology_changed)
+    try:
+        if bus_spec == "private":
+            if record is not None and record.private_bus is not None:
+                private = PrivateBus.adopt(**record.private_bus)  # our own bus, kept across Reexec
+            else:
+                private = PrivateBus()
+            bus_spec = private.address
+        try:
+            hotplug = HotplugMonitor(repins.request)
+            hotplug.start(loop)
+            # The restore read the topology before the monitor ran: read it
+            # once more, so that no hotplug falls between the two unseen.
+            if set(read_topology().online_cpus()) != set(manager.online_cpus()):
+                repins.request("CPU hotplug during the start")
+        except Exception as e:  # no netlink (e.g. a restricted sandbox): run without, say so
+            log.warning("CPU hotplug monitoring unavailable: %s", e)
+            hotplug = None
         exits = ExitWatcher(manager, loop)  # adopted VMs go when their processes do
         bus = await connect(bus_spec)
         service = await start_service(manager, bus, await _authorizer(bus, args.bus))
@@ -248,14 +296,17 @@ async def serve(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
         saved = None
-        if manager is not None and (reexec_wanted or under_systemd):
+        if reexec_wanted or under_systemd:
             # The name is gone already: pause and save each VM only now, so
             # that its pause is as short as the hand-over itself.
             saved = await asyncio.to_thread(handover.prepare, manager)
             if not reexec_wanted:
                 handover.to_fd_store(saved)  # systemctl restart: the next process resumes them
-        if manager is not None:
-            await asyncio.to_thread(manager.shutdown)
+        if held is not None:
+            held.reap()  # an earlier Reexec's holder still unmapping: the next image would not know it
+        if saved is not None and reexec_wanted:
+            handover.keep_address_space()
+        await asyncio.to_thread(manager.shutdown)
         if saved is not None and reexec_wanted:
             if private is not None:
                 saved.record.private_bus = private.describe()
@@ -266,9 +317,30 @@ async def serve(args: argparse.Namespace) -> int:
             private.close()
 
 
+def _reap_holder(loop: asyncio.AbstractEventLoop, held: holder.Holder) -> None:
+    """The holder let go by the restore exits, unmapping the previous image's
+    address space as it does (about 1 s per GiB of resident guest memory
+    here, on its own, off the pause); reaped once its pidfd says it exited."""
+    try:
+        pidfd = os.pidfd_open(held.pid)
+    except OSError:  # not our child any more: reaped already
+        held.reap()
+        return
+
+    def exited() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        log.info("the previous image's address space is released (holder %d gone, %.0f ms after its release)",
+                 held.pid, held.reap())
+
+    loop.add_reader(pidfd, exited)
+
+
 def _start_sampling(loop: asyncio.AbstractEventLoop, manager: Manager, publish: Callable[[Sample], None],
                     args: argparse.Namespace) -> tuple[SamplingTimer, Metrics | None]:
     """The optimizer's timer, feeding the bus and, when configured, the metrics."""
+    from kvmnumad.optimizer.timer import SamplingTimer  # noqa: PLC0415 -- after the restore
+
     timer = SamplingTimer(loop, manager.take_sample, args.sample_interval)
     timer.subscribe(publish)
     metrics = None
@@ -292,6 +364,11 @@ def _start_sampling(loop: asyncio.AbstractEventLoop, manager: Manager, publish: 
 async def _start_auto_adopt(manager: Manager, config_dir: Path,
                             loop: asyncio.AbstractEventLoop) -> AutoAdopter | None:
     """Auto-adopt (kvmnumad/adopt/autoadopt.py) when adopt.conf asks for it."""
+    import asyncio  # noqa: PLC0415 -- after the restore
+
+    from kvmnumad.adopt import autoadopt  # noqa: PLC0415
+    from kvmnumad.adopt.autoadopt import AutoAdopter  # noqa: PLC0415
+
     try:
         config = await asyncio.to_thread(autoadopt.load, config_dir)
     except (OSError, ValueError) as e:
@@ -332,6 +409,8 @@ def _load_quotas(manager: Manager, config_dir: Path) -> None:
 
 async def _until_stopped_or_lost(stop: asyncio.Event, bus: MessageBus) -> str | None:
     """Wait for SIGTERM/SIGINT (None) or for the bus connection to go (why)."""
+    import asyncio  # noqa: PLC0415 -- after the restore
+
     stopping = asyncio.ensure_future(stop.wait())
     # shielded: cancelling our wait must not cancel the bus's own disconnect future
     lost = asyncio.shield(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
@@ -348,6 +427,8 @@ async def _until_stopped_or_lost(stop: asyncio.Event, bus: MessageBus) -> str | 
 
 async def _authorizer(bus: MessageBus, bus_kind: str) -> Authorizer:
     """Root passes; others go to polkit on the system bus (where polkitd lives)."""
+    from kvmnumad.bus.auth import make_authorizer  # noqa: PLC0415 -- after the restore
+
     return await make_authorizer(bus, use_polkit=bus_kind == "system")
 
 
@@ -382,13 +463,32 @@ def raise_fd_limit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Two phases: the VMs come back first (:func:`restore`, with only the
+    core imported), then asyncio, the bus, udev and the optimizer are
+    imported and serve.  Under TCG the interpreter imports about 0.1 s of
+    host CPU in 1.5-3 s, and a guest waits for every one of them."""
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_target)
     apply_config_file(args)
     raise_fd_limit()
     install_kick_signal()
+    # Until the loop's handlers take over: SIGTERM or SIGINT during the restore
+    # is kept and acted on through the orderly stop once the loop runs (their
+    # default action would end every VM unsaved); SIGHUP is ignored (the
+    # restore reads the quotas anyway).
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        return asyncio.run(serve(args))
+        core = restore(args, early)
+    except Exception as e:
+        log.exception("kvmnumad failed: %s", e)
+        return 1
+    import asyncio  # noqa: PLC0415 -- after the restore
+
+    try:
+        return asyncio.run(serve(args, core))
     except KeyboardInterrupt:
         return 0
     except Exception as e:

@@ -41,17 +41,20 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmnumad import errors, sdnotify
+from kvmnumad import errors, holder, sdnotify
 from kvmnumad.adopt.vm import is_adopted
 from kvmnumad.events import Aspect, Event, VmAdded, VmChanged, VmRemoved
 from kvmnumad.journal import EventKind, log_event
 from kvmnumad.manager import Manager
+from kvmnumad.vm import region
 from kvmnumad.vm.definition import VmDefinition
 from kvmnumad.vm.saved import Recovery, Resume, SavedVcpu
 
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "kvmnumad-handover"
+HOLDER_NAME = "kvmnumad-holder"  # the pipe end that lets the old address space go (kvmnumad/holder.py)
+HOLDER_ENV = "KVMNUMAD_HOLDER_PID"
 FORMAT = 1
 SD_LISTEN_FDS_START = 3
 MAX_RECORD = 64 << 20  # a record is ~10 KiB per vCPU: refuse anything absurd before reading it
@@ -76,8 +79,9 @@ class Inherited:
     """The fds an earlier process of the daemon left, by name; owns them
     until taken.  Whatever is never taken is released by :meth:`release_rest`."""
 
-    def __init__(self, fds: dict[str, int]) -> None:
+    def __init__(self, fds: dict[str, int], holder_pid: str | None = None) -> None:
         self._fds = fds
+        self._holder_pid = holder_pid
         self._lock = threading.Lock()
 
     @classmethod
@@ -87,6 +91,7 @@ class Inherited:
         close-on-exec again.  Variables meant for another PID are ignored."""
         env = os.environ if environ is None else environ
         pid, count, names = (env.pop(k, None) for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
+        holder_pid = env.pop(HOLDER_ENV, None)
         if pid is None or count is None or pid != str(os.getpid()):
             return cls({})
         try:
@@ -109,7 +114,14 @@ class Inherited:
             fds[label] = fd
         if fds:
             log.info("inherited %d fd(s): %s", len(fds), ", ".join(sorted(fds)))
-        return cls(fds)
+        return cls(fds, holder_pid)
+
+    def take_holder(self) -> holder.Holder | None:
+        """The child holding the previous image's address space, if exec left
+        one (Reexec): to be let go once the VMs run again."""
+        with self._lock:
+            fd = self._fds.pop(HOLDER_NAME, None)
+        return holder.from_environ_value(self._holder_pid, fd)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -288,14 +300,30 @@ def to_fd_store(handover: Handover) -> bool:
         os.close(record_fd)
 
 
+def keep_address_space() -> None:
+    """Before the shutdown that precedes :func:`reexec`: guest memory stays
+    mapped, for the holder to unmap after the VMs run again (kvmnumad/holder.py)."""
+    region.defer_unmaps()
+
+
 def reexec(handover: Handover, argv: list[str] | None = None) -> None:
     """exec the daemon again in this process (same PID), the memfds and the
     record inherited as LISTEN_FDS from 3.  Never returns; every other fd
     (the bus connection, /dev/kvm, the udev socket) is close-on-exec and goes.
+    A holder child keeps the old address space (kvmnumad/holder.py), so the
+    exec unmaps nothing; the new image lets it go (``HOLDER_NAME``'s fd).
 
     Each fd is first dup'ed above the target range, so that putting one at
     3+i never overwrites another still to be placed."""
     named = [*handover.fds, (RECORD_NAME, write_record(handover.record))]
+    try:
+        held: holder.Holder | None = holder.spawn()
+    except OSError as e:
+        log.warning("no holder for the old address space (%s): the exec unmaps guest memory in the pause", e)
+        held = None
+    if held is not None:
+        named.append((HOLDER_NAME, held.fd))
+        os.environ[HOLDER_ENV] = str(held.pid)
     low = SD_LISTEN_FDS_START + len(named)
     temps = [(name, fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)) for name, fd in named]
     for i, (_, tmp) in enumerate(temps):
@@ -307,7 +335,11 @@ def reexec(handover: Handover, argv: list[str] | None = None) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, args)
+    try:
+        os.execv(sys.executable, args)
+    finally:  # reached only if the exec failed
+        if held is not None:
+            held.reap()
 
 
 # ------------------------------------------------------------------ the new process

@@ -54,6 +54,9 @@ SIGNATURES: dict[str, tuple[list[Any], Any, ErrCheck | None]] = {
     # ioctl returns -1 with errno; KVM callers raise their own KvmError naming the request
     "ioctl": ([c_int, c_ulong, c_ulong], c_int, None),
     "prctl": ([c_int, c_char_p, c_ulong, c_ulong, c_ulong], c_int, _check_minus_one),
+    # clone(fn, stack, flags, arg, parent_tid): glibc's wrapper, variadic after arg (kvmnumad/holder.py)
+    "clone": ([c_void_p, c_void_p, c_int, c_void_p, c_void_p], c_int, _check_minus_one),
+    "unshare": ([c_int], c_int, _check_minus_one),
 }
 
 

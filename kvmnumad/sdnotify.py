@@ -22,10 +22,13 @@ Example::
 from __future__ import annotations
 
 import array
-import asyncio
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the module is on the restore path, which runs before asyncio is imported
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,8 @@ class Watchdog:
         if self.interval is None:
             return False
         if self._handle is None:
+            import asyncio  # noqa: PLC0415 -- see the TYPE_CHECKING import
+
             self._loop = asyncio.get_running_loop()
             self._ping()
         return True

@@ -108,6 +108,14 @@ def _threads(pid: int) -> Counter[str]:
     return names
 
 
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            found |= {int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()}
+    return found
+
+
 def _reexec(d: DaemonProcess, how: str) -> None:
     old = _owner(d.address)
     assert old is not None
@@ -139,7 +147,7 @@ def test_reexec_keeps_memory_counters_and_placement(daemon: DaemonProcess) -> No
     slots = _slots(pid, "acc")
     assert sorted(slots) == ["kvmnumad-acc-boot", "kvmnumad-acc-node0-slot1", "kvmnumad-acc-node1-slot2"]
     declared = _get(a, "acc", "DeclaredVcpuAffinity")
-    fds_before, threads_before = _fd_kinds(pid), _threads(pid)
+    fds_before, threads_before, children_before = _fd_kinds(pid), _threads(pid), _children(pid)
 
     # --- 1: a running VM: its counters continue (GetStats, and the pages it writes)
     before = _progress(a, "acc")
@@ -170,6 +178,8 @@ def test_reexec_keeps_memory_counters_and_placement(daemon: DaemonProcess) -> No
     # nothing left over in the new process: the same fds by kind, no handover memfd, the same threads
     wait_until(lambda: _fd_kinds(pid) == fds_before, "the fd kinds of before", timeout=10)
     assert "kvmnumad-handover" not in _memfds(pid)
+    # the holder of the old address space (kvmnumad/holder.py) is gone and reaped: no child, no zombie
+    wait_until(lambda: _children(pid) == children_before, "no child left but those of before", timeout=30)
     assert _threads(pid)["vcpu1"] == threads_before["vcpu1"] == 1
     assert sum(n for name, n in _threads(pid).items() if name.startswith("vcpu")) == 4
 
@@ -185,6 +195,7 @@ def test_reexec_keeps_memory_counters_and_placement(daemon: DaemonProcess) -> No
     wait_until(lambda: min(_progress(a, "acc")) > max(stopped), "a pass past the saved counters", timeout=60)
     log = daemon.log.read_text()
     assert log.count("resumed after a daemon restart") == 2, log
+    assert log.count("address space is released (holder") == 2, log
     assert "Traceback" not in log, log
 
 

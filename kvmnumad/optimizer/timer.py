@@ -11,12 +11,15 @@ nothing for it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kvmnumad.optimizer.model import Sample
+
+if TYPE_CHECKING:  # only the types: the loop is given (and daemon.py reads DEFAULT_PERIOD before asyncio)
+    import asyncio
 
 log = logging.getLogger(__name__)
 

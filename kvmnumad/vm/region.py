@@ -18,6 +18,51 @@ from kvmnumad import libc
 from kvmnumad.numa.memory import MemPolicy, mbind, prefault
 
 
+class _UnmapDeferral:
+    """Mappings left in place by close() while on (address, size): the
+    process is about to exec with a holder of its address space
+    (kvmnumad/holder.py), whose exit unmaps them after the guests run again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: list[tuple[int, int]] | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._kept is None:
+                self._kept = []
+
+    def take(self) -> list[tuple[int, int]]:
+        with self._lock:
+            kept, self._kept = self._kept or [], None
+        return kept
+
+    def unmap(self, hva: int, size: int) -> None:
+        with self._lock:
+            if self._kept is not None:
+                self._kept.append((hva, size))
+                return
+        libc.munmap(hva, size)
+
+
+_deferral = _UnmapDeferral()
+
+
+def defer_unmaps() -> None:
+    """From now on a closed region keeps its mapping (its memfd is closed as
+    usual) until :func:`take_deferred`.  Unmapping resident guest memory costs
+    about 1 s per GiB on this nested host: before an exec whose old address
+    space a holder keeps, that time would be spent inside the guests' pause
+    for nothing."""
+    _deferral.start()
+
+
+def take_deferred() -> list[tuple[int, int]]:
+    """End the deferral; the mappings left in place, now the caller's to
+    unmap (or to leave to the holder)."""
+    return _deferral.take()
+
+
 class GuestRegion:
     """Raises OSError (ENOMEM, ENOSPC, EMFILE...) if the kernel refuses it."""
 
@@ -80,7 +125,7 @@ class GuestRegion:
             if self._closed:
                 return
             self._closed = True
-        libc.munmap(self.hva, self.size)
+        _deferral.unmap(self.hva, self.size)
         os.close(self.fd)
 
     def __enter__(self) -> GuestRegion:

@@ -159,6 +159,17 @@ def test_dpkg_installs_and_enables_the_unit() -> None:
     # the postinst (deb-systemd-invoke) started it already
     wait_until("the unit started by dpkg", lambda: prop("ActiveState") in ("active", "failed"), T_LONG)
     assert prop("SubState") == "running"
+    # byte-compiled at install (dh_python3's py3compile in the postinst): with ProtectSystem=strict
+    # the daemon could not write __pycache__, and would compile every module at every start
+    source = {p.stem for p in PKG_DIR.rglob("*.py")}
+    compiled = {p.name.split(".")[0] for p in PKG_DIR.rglob("__pycache__/*.pyc")}
+    figure(f"byte-compiled modules of kvmnumad: {len(source & compiled)} of {len(source)}")
+    assert source <= compiled, sorted(source - compiled)
+    out = sh("python3", "-X", "importtime", "-c", "import kvmnumad.daemon", timeout=T_LONG).stderr
+    rows = [ln.split("|") for ln in out.splitlines() if ln.startswith("import time:") and "|" in ln]
+    cum = sorted(((int(r[1]), r[2].strip()) for r in rows if r[1].strip().isdigit()), reverse=True)
+    figure("import kvmnumad.daemon under TCG (cumulative ms): " + ", ".join(
+        f"{name} {us / 1000:.0f}" for us, name in cum[:12]))
 
 
 def test_security_exposure_at_most_2() -> None:
@@ -297,6 +308,7 @@ GONE = "gone"
 MiB = 1 << 20
 PAGE = 4096
 STATE_DIR = Path("/var/lib/kvmnumad")
+PKG_DIR = Path("/usr/lib/python3/dist-packages/kvmnumad")
 KILL_TO_RUNNING_LIMIT = 5.0
 _NODE_RE = re.compile(r"\bN(\d+)=(\d+)")
 
@@ -391,6 +403,40 @@ def fd_kinds(pid: int) -> Counter[str]:
         except OSError:
             continue
     return kinds
+
+
+def daemon_pids(old: int) -> list[int]:
+    """Processes named kvmnumad (the script's comm) other than ``old``, per /proc."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != old:
+            try:
+                if Path(f"/proc/{d}/comm").read_text().strip() == "kvmnumad":
+                    found.append(int(d))
+            except OSError:
+                continue
+    return found
+
+
+def vcpu_ticks(pid: int, vm: str) -> dict[int, int]:
+    """tid -> CPU time (utime + stime, clock ticks) of each vCPU thread of ``vm`` in pid, per /proc:
+    a thread named vcpuN in the VM's vCPU cpuset (its /proc/TID/cgroup)."""
+    out: dict[int, int] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            cgroup = Path(f"/proc/{pid}/task/{tid}/cgroup").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1:].rsplit(")", 1)
+        if comm.startswith("vcpu") and re.search(rf"/vm-{re.escape(vm)}/vcpu\d+$", cgroup, re.M):
+            fields = rest.split()
+            out[int(tid)] = int(fields[11]) + int(fields[12])  # stat fields 14 and 15
+    return out
 
 
 def vcpu_threads(pid: int) -> Counter[str]:
@@ -501,6 +547,18 @@ def test_handover_kill_9_restarts_the_vcpus_on_the_kept_memory() -> None:
     os.kill(old, signal.SIGKILL)
     killed = time.monotonic()
     deadline = killed + T_LONG
+    # The guest runs again when acc's 4 vCPU threads in the new process gain CPU time.  Polled
+    # through /proc only (no systemctl per round: it would slow down the start it measures).
+    ran = None
+    while time.monotonic() < deadline and ran is None:
+        for new in daemon_pids(old):
+            before = vcpu_ticks(new, ACC)
+            time.sleep(0.1)
+            after = vcpu_ticks(new, ACC)
+            if sum(after.get(tid, 0) > t for tid, t in before.items()) >= 4:
+                ran = time.monotonic() - killed
+        time.sleep(0.05)
+    # Then the bus says so: the daemon imports and connects the bus stack only after its VMs run.
     state = None
     while time.monotonic() < deadline:  # bounded: State over the bus, each call bounded too
         state = vm_prop(ACC, "State", 10, check=False)
@@ -508,8 +566,11 @@ def test_handover_kill_9_restarts_the_vcpus_on_the_kept_memory() -> None:
             break
         time.sleep(0.2)
     took = time.monotonic() - killed
-    figure(f"kill -9 of MainPID to acc running again: {took:.1f} s (goal {KILL_TO_RUNNING_LIMIT:.0f} s)")
+    figure(f"kill -9 of MainPID to acc's 4 vCPUs running again (/proc): "
+           f"{'never' if ran is None else f'{ran:.1f} s'} (goal {KILL_TO_RUNNING_LIMIT:.0f} s)")
+    figure(f"kill -9 of MainPID to acc running per the bus: {took:.1f} s")
     assert state == "running", state
+    assert ran is not None
     pid = main_pid()
     assert pid != old
     state_dir_whole()
@@ -534,9 +595,10 @@ def test_handover_kill_9_restarts_the_vcpus_on_the_kept_memory() -> None:
     usec = prop("RestartUSec")  # "100ms", "2s"
     restart_sec = float(usec[:-2]) / 1000 if usec.endswith("ms") else float(usec.removesuffix("s"))
     plain = _start_s[0] if _start_s else None
-    figure(f"kill -9 in this guest: {took:.1f} s = RestartSec={restart_sec}s + the new process's start "
-           f"and restore; this boot's plain start {plain if plain is None else f'{plain:.1f} s'}; "
-           f"goal {KILL_TO_RUNNING_LIMIT:.0f} s {'met' if took <= KILL_TO_RUNNING_LIMIT else 'NOT met'}")
+    figure(f"kill -9 in this guest: the VM runs again after {ran:.1f} s = RestartSec={restart_sec}s + the "
+           f"new process's start and restore (the bus after {took:.1f} s); this boot's plain start "
+           f"{plain if plain is None else f'{plain:.1f} s'}; "
+           f"goal {KILL_TO_RUNNING_LIMIT:.0f} s {'met' if ran <= KILL_TO_RUNNING_LIMIT else 'NOT met'}")
 
 
 def test_handover_memfd_of_a_gone_definition_is_released() -> None:
