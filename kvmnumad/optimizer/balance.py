@@ -56,6 +56,7 @@ class Thresholds:
     min_load_gain: float = 0.40  # contention the load rule must expect to shed
     dwell_s: float = 60.0  # a guest node moved less than this long ago stays where it is
     reserve_bytes: int = 64 << 20  # free memory a destination keeps besides the pages it receives
+    low_free_bytes: int = 256 << 20  # a node's free memory crossing this triggers a pass
 
 
 @dataclass(frozen=True)
@@ -243,3 +244,25 @@ def _node_load(unit: _Unit, v_node: int, load: Load, topo: HostTopology, th: Thr
            f"{best.mem_free >> 20} MiB free for its {resident >> 20} MiB: move there")
     out = [Move(vm, MEMORY, g, r.host_node, best.node, gain, "node-load", why)]
     return [*out, Move(vm, VCPUS, g, v_node, best.node, gain, "node-load", why)]
+
+
+def crossings(before: Sequence[HostNodeSample] | None, after: Sequence[HostNodeSample],
+              th: Thresholds = Thresholds()) -> list[str]:
+    """What changed between two samples that deserves a pass now, not at the
+    next period: a node's busy fraction or free memory crossing its threshold
+    (either way: load that went is room to use)."""
+    if before is None:
+        return []
+    then = {n.node: n for n in before}
+    out = []
+    for n in after:
+        old = then.get(n.node)
+        if old is None:
+            continue
+        if (old.busy >= th.busy_high) != (n.busy >= th.busy_high):
+            out.append(f"host node {n.node} busy {old.busy:.2f} -> {n.busy:.2f} "
+                       f"(threshold {th.busy_high:.2f})")
+        if (old.mem_free < th.low_free_bytes) != (n.mem_free < th.low_free_bytes):
+            out.append(f"host node {n.node} free memory {old.mem_free >> 20} -> {n.mem_free >> 20} MiB "
+                       f"(threshold {th.low_free_bytes >> 20} MiB)")
+    return out

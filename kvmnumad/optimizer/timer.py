@@ -15,31 +15,37 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from kvmnumad.optimizer.model import Sample
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PERIOD = 5.0  # seconds
 
 
-class SamplingTimer:
-    def __init__(self, loop: asyncio.AbstractEventLoop, take: Callable[[], Sample | None],
+class PeriodicTimer(Generic[T]):
+    """``take`` once per period off the loop; None from it: asleep until wake().
+    The sampling timer, and the balancing timer (rebalance.py) with ``trigger``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, take: Callable[[], T | None],
                  period: float = DEFAULT_PERIOD) -> None:
         if not period > 0:
             raise ValueError(f"sampling period must be positive, got {period}")
         self._loop = loop
         self._take = take
         self.period = period
-        self._subscribers: list[Callable[[Sample], None]] = []
+        self._subscribers: list[Callable[[T], None]] = []
         self._handle: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._woken = False
-        self.latest: Sample | None = None
+        self.latest: T | None = None
         self.samples = 0
 
-    def subscribe(self, callback: Callable[[Sample], None]) -> None:
+    def subscribe(self, callback: Callable[[T], None]) -> None:
         """``callback(sample)`` on the loop after each sample."""
         self._subscribers.append(callback)
 
@@ -50,6 +56,20 @@ class SamplingTimer:
         """From any thread: sample soon if the timer sleeps for want of a VM."""
         with contextlib.suppress(RuntimeError):  # loop closed: the daemon is stopping
             self._loop.call_soon_threadsafe(self._wake)
+
+    def trigger(self) -> None:
+        """From any thread: run soon, also when the next run is only scheduled
+        (an event asks for a pass now); triggers before it starts are one run."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._trigger)
+
+    def _trigger(self) -> None:
+        self._woken = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._task is None and not self._closed:
+            self._schedule(0.0)
 
     def _wake(self) -> None:
         self._woken = True  # a sample under way that found no VM must not put the timer to sleep
@@ -96,3 +116,6 @@ class SamplingTimer:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+
+SamplingTimer = PeriodicTimer[Sample]
