@@ -23,7 +23,8 @@ def vm(pages: dict[int, int], cpus: frozenset[int], *, mapped: int = 0, name: st
 
 def load(busy: dict[int, float], free: int = 1 << 30, *, topo: HostTopology = TOPO, interval: float = 2.0,
          vcpu_busy: dict[int, float] | None = None, delay: dict[int, float] | None = None) -> Load:
-    nodes = {n: HostNodeSample(n, frozenset(topo.cpus_of_node(n)), b, free, 0, 0, {}) for n, b in busy.items()}
+    nodes = {n: HostNodeSample(n, frozenset(topo.cpus_of_node(n)), b, free, 0, 0, {})
+             for n, b in busy.items()}
     return Load(nodes, vcpu_busy or {}, delay or {}, interval)
 
 
@@ -70,7 +71,8 @@ def test_busy_memory_node_brings_the_memory_back_instead() -> None:
 
 
 def test_no_room_no_copy() -> None:
-    assert run([VmFacts(vm({1: 1000}, NODE0), Policy.LOCAL_FIRST)], load({0: 0.1, 1: 0.9}, free=1 << 20)) == []
+    facts = [VmFacts(vm({1: 1000}, NODE0), Policy.LOCAL_FIRST)]
+    assert run(facts, load({0: 0.1, 1: 0.9}, free=1 << 20)) == []
 
 
 def test_caller_pinned_vcpus_stay_and_the_memory_comes_to_them() -> None:
@@ -113,7 +115,8 @@ def test_a_hog_moves_a_load_balanced_guest_node_away() -> None:
 
 def test_load_rule_is_load_balanced_only_and_not_on_a_first_measure() -> None:
     assert run([VmFacts(vm({0: 1000}, NODE0), Policy.LOCAL_FIRST)], load({0: 0.97, 1: 0.1})) == []
-    assert run([VmFacts(vm({0: 1000}, NODE0), Policy.LOAD_BALANCED)], load({0: 0.97, 1: 0.1}, interval=0)) == []
+    facts = [VmFacts(vm({0: 1000}, NODE0), Policy.LOAD_BALANCED)]
+    assert run(facts, load({0: 0.97, 1: 0.1}, interval=0)) == []
 
 
 def test_own_vcpus_do_not_count_as_load() -> None:
@@ -157,5 +160,6 @@ def test_memory_only_node_counts_as_local_to_its_nearest_cpus() -> None:
 
 
 def test_defaults() -> None:
-    assert balance.default_auto_balance(Policy.LOCAL_FIRST) and balance.default_auto_balance(Policy.LOAD_BALANCED)
+    assert balance.default_auto_balance(Policy.LOCAL_FIRST)
+    assert balance.default_auto_balance(Policy.LOAD_BALANCED)
     assert not balance.default_auto_balance(Policy.MANUAL)

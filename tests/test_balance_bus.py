@@ -57,7 +57,8 @@ def test_auto_balance_write_is_published_and_refusals_change_nothing(
     assert msg.body[1]["AutoBalance"].value is True and list(msg.body[1]) == ["AutoBalance"]
     assert auto(a, path) is True
     # wrong type, wrong user: typed refusals, nothing changed
-    name, _ = client.error(BUS, path, PROPS_IFACE, "Set", "ssv", [VM_IFACE, "AutoBalance", Variant("s", "no")])
+    name, _ = client.error(BUS, path, PROPS_IFACE, "Set", "ssv",
+                           [VM_IFACE, "AutoBalance", Variant("s", "no")])
     assert name == "org.kvmnuma1.Error.InvalidArgument"
     out = busctl(a, "set-property", BUS, path, VM_IFACE, "AutoBalance", "b", "false", user=unpriv_user.name,
                  check=False)
