@@ -136,19 +136,26 @@ class Rebalancer:
             if m.kind == balance.MEMORY:
                 move_memory(vm, g, m.to_node)
                 self._record(vm, m, explain.node_subject(g), f"host node {m.to_node}", None)
+                self._log(vm, m, f"memory of guest node {g}", None, None)
             else:
                 topo = self._manager.topology()
                 cpus = vm.numa.host_cpus(g, topo)
                 explicit = set(vm.explicit_vcpus())
-                for index in [i for i, tid in vm.vcpu_threads()
+                for index in [i for i, _tid in vm.vcpu_threads()
                               if vm.guest_node_of_vcpu(i) == g and i not in explicit]:
                     vm.apply_declared(index, cpus, g)
                     self._record(vm, m, explain.vcpu_subject(index), f"CPUs {cpulist.describe(cpus)}", index)
-            log_event("rebalance", f"VM {vm.name}: {m.kind} of guest node {g} moved from host node "
-                      f"{m.from_node} to {m.to_node}, expected gain {m.gain:.2f}: {m.reason}",
-                      vm=vm.name, node=m.to_node, from_node=m.from_node, to_node=m.to_node,
-                      reason="rebalance", rule=m.rule)
+                    self._log(vm, m, f"vCPU {index} of guest node {g}", index, cpus)
             self._manager.emit_event(Rebalanced(vm.name, m.kind, g, m.from_node, m.to_node, m.gain, m.reason))
+
+    @staticmethod
+    def _log(vm: Vm, m: balance.Move, what: str, vcpu: int | None, cpus: frozenset[int] | None) -> None:
+        """One journal entry per moved thing: a guest node's memory, or one vCPU (KVMNUMA_VCPU)."""
+        to = f"CPUs {cpulist.describe(cpus)} of host node {m.to_node}" if cpus is not None else \
+            f"host node {m.to_node}"
+        log_event("rebalance", f"VM {vm.name}: {what} moved from host node {m.from_node} to {to}, expected "
+                  f"gain {m.gain:.2f}: {m.reason}", vm=vm.name, vcpu=vcpu, cpus=cpus, node=m.to_node,
+                  from_node=m.from_node, to_node=m.to_node, reason="rebalance", rule=m.rule)
 
     def _record(self, vm: Vm, m: balance.Move, subject: str, placement: str, vcpu: int | None) -> None:
         self._manager.decisions.record(explain.Decision(

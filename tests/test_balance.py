@@ -23,9 +23,11 @@ def vm(pages: dict[int, int], cpus: frozenset[int], *, mapped: int = 0, name: st
 
 def load(busy: dict[int, float], free: int = 1 << 30, *, topo: HostTopology = TOPO, interval: float = 2.0,
          vcpu_busy: dict[int, float] | None = None, delay: dict[int, float] | None = None) -> Load:
+    """vCPU threads 100 and 101 measured (idle) unless ``vcpu_busy`` says otherwise."""
     nodes = {n: HostNodeSample(n, frozenset(topo.cpus_of_node(n)), b, free, 0, 0, {})
              for n, b in busy.items()}
-    return Load(nodes, vcpu_busy or {}, delay or {}, interval)
+    measured = {100: 0.0, 101: 0.0} if vcpu_busy is None else vcpu_busy
+    return Load(nodes, measured, delay or {}, interval)
 
 
 def run(facts: list[VmFacts], ld: Load, *, now: float = 100.0,
@@ -117,6 +119,7 @@ def test_load_rule_is_load_balanced_only_and_not_on_a_first_measure() -> None:
     assert run([VmFacts(vm({0: 1000}, NODE0), Policy.LOCAL_FIRST)], load({0: 0.97, 1: 0.1})) == []
     facts = [VmFacts(vm({0: 1000}, NODE0), Policy.LOAD_BALANCED)]
     assert run(facts, load({0: 0.97, 1: 0.1}, interval=0)) == []
+    assert run(facts, load({0: 0.97, 1: 0.1}, vcpu_busy={100: 0.0})) == []  # vCPU 1 new: not measured yet
 
 
 def test_own_vcpus_do_not_count_as_load() -> None:

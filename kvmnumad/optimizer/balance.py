@@ -221,8 +221,8 @@ def contention(load: Load, node: int, vcpus: Sequence[VcpuSample]) -> float:
 
 def _node_load(unit: _Unit, v_node: int, load: Load, topo: HostTopology, th: Thresholds) -> list[Move]:
     facts, g, r, vcpus = unit
-    if not load.interval_s > 0:
-        return []  # busy since boot says nothing about now
+    if not load.interval_s > 0 or any(v.tid not in load.vcpu_busy for v in vcpus):
+        return []  # busy since boot, or vCPUs not measured over the interval: nothing to judge by
     here = contention(load, v_node, vcpus)
     if here < th.busy_high:
         return []
