@@ -58,8 +58,9 @@ def daemon(journald: Journal) -> Iterator[Daemon]:
 
 def _daemon(bus: BusDaemon) -> Iterator[Daemon]:
     proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", bus.address,
-                             "--log-target", "journal", "--log-level", "info", "--sample-interval", str(PERIOD),
-                             "--balance-interval", str(PERIOD), "--balance-dwell", str(DWELL)], cwd=ROOT,
+                             "--log-target", "journal", "--log-level", "info",
+                             "--sample-interval", str(PERIOD), "--balance-interval", str(PERIOD),
+                             "--balance-dwell", str(DWELL)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: proc.poll() is not None or BUS in busctl(bus.address, "list", "--acquired",
