@@ -8,6 +8,8 @@ state file's bytes."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from tests.busfixtures import (
     MiB,
     RunningService,
     busctl,
+    daemon_process,
     options,
 )
 from tests.sysfixtures import User
@@ -122,3 +125,56 @@ def test_auto_balance_and_explicit_pins_survive_a_restart(tmp_path: Path) -> Non
         assert third.get_vm("keep").auto_balance is True
     finally:
         third.shutdown()
+
+
+def _daemon_cpu_s(pid: int, skip: set[int]) -> float:
+    """CPU seconds of the daemon (ended threads included) less its vCPU threads', from /proc."""
+
+    def ticks(stat: Path) -> int:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+    total = ticks(Path(f"/proc/{pid}/stat")) - sum(ticks(Path(f"/proc/{pid}/task/{t}/stat")) for t in skip)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_no_balancing_work_while_no_vm_has_auto_balance_on(tmp_path: Path) -> None:
+    """A pass every 50 ms would cost the daemon far more than 0.1 s of CPU in 4 s;
+    with AutoBalance off on its only VM the balancing timer sleeps: nothing runs."""
+    (tmp_path / "config").mkdir()
+    with daemon_process("kvmnumad", tmp_path, "--bus", "private", "--config-dir", str(tmp_path / "config"),
+                        "--sample-interval", "3600", "--balance-interval", "0.05") as d:
+        path = busctl(d.address, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVMSimple", "sutusb", "idle",
+                      "1", str(2 * MiB), "1", "manual", "true")["data"][0]
+        vcpus = {tid for _v, tid in busctl(d.address, "get-property", BUS, path, VM_IFACE,
+                                            "VcpuThreads")["data"]}
+        time.sleep(1)
+        before = _daemon_cpu_s(d.pid, vcpus)
+        time.sleep(4)
+        idle = _daemon_cpu_s(d.pid, vcpus) - before
+        busctl(d.address, "set-property", BUS, path, VM_IFACE, "AutoBalance", "b", "true")
+        before = _daemon_cpu_s(d.pid, vcpus)
+        time.sleep(4)
+        balancing = _daemon_cpu_s(d.pid, vcpus) - before
+    print(f"daemon CPU over 4 s: {idle:.2f} s with AutoBalance off, {balancing:.2f} s on (20 passes/s)")
+    assert idle <= 0.1
+    assert balancing > idle  # the figure above can see the timer's work
+
+
+def test_balance_options_from_the_command_line_and_the_config_file(tmp_path: Path) -> None:
+    from kvmnumad.daemon import apply_config_file, parse_args  # noqa: PLC0415 -- the daemon's own parser
+
+    args = parse_args(["--config-dir", str(tmp_path)])
+    apply_config_file(args)
+    assert (args.balance_interval, args.balance_dwell) == (10.0, 60.0)
+    (tmp_path / "kvmnumad.conf").write_text("[kvmnumad]\nbalance-interval = 3\nbalance-dwell = 30\n")
+    args = parse_args(["--config-dir", str(tmp_path)])
+    apply_config_file(args)
+    assert (args.balance_interval, args.balance_dwell) == (3.0, 30.0)
+    args = parse_args(["--config-dir", str(tmp_path), "--balance-interval", "2"])
+    apply_config_file(args)
+    assert (args.balance_interval, args.balance_dwell) == (2.0, 30.0)  # the command line wins
+    for bad in ("balance-interval = 0", "balance-interval = soon", "balance-dwell = -1"):
+        (tmp_path / "kvmnumad.conf").write_text(f"[kvmnumad]\n{bad}\n")
+        with pytest.raises(SystemExit):
+            apply_config_file(parse_args(["--config-dir", str(tmp_path)]))
