@@ -323,7 +323,8 @@ def _start_balancing(loop: asyncio.AbstractEventLoop, manager: Manager, sampler:
     or free memory crossing its threshold in the sampler's figures."""
     balancer = manager.balancer
     balancer.thresholds = dataclasses.replace(balancer.thresholds, dwell_s=args.balance_dwell)
-    timer: PeriodicTimer[list[Move]] = PeriodicTimer(loop, balancer.run, args.balance_interval)
+    timer: PeriodicTimer[list[Move]] = PeriodicTimer(loop, balancer.run, args.balance_interval,
+                                                         from_start=True)
 
     def on_event(event: Event) -> None:
         if isinstance(event, (VmAdded, TopologyChanged)) or (

@@ -31,7 +31,11 @@ class PeriodicTimer(Generic[T]):
     The sampling timer, and the balancing timer (rebalance.py) with ``trigger``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, take: Callable[[], T | None],
-                 period: float = DEFAULT_PERIOD) -> None:
+                 period: float = DEFAULT_PERIOD, *, from_start: bool = False) -> None:
+        """``from_start``: a period runs from one run's start to the next (its
+        own cost inside it: the balancer's periods stay periods where a pass is
+        slow), else from one run's end to the next start (the sampler's: its
+        publications stay at least a period apart)."""
         if not period > 0:
             raise ValueError(f"sampling period must be positive, got {period}")
         self._loop = loop
@@ -43,6 +47,8 @@ class PeriodicTimer(Generic[T]):
         self._closed = False
         self._woken = False
         self.latest: T | None = None
+        self._from_start = from_start
+        self._started = 0.0
         self.samples = 0
 
     def subscribe(self, callback: Callable[[T], None]) -> None:
@@ -84,14 +90,20 @@ class PeriodicTimer(Generic[T]):
         self._handle = None
         self._task = self._loop.create_task(self._run())
 
+    def _next(self) -> float:
+        if not self._from_start:
+            return self.period
+        return max(0.0, self.period - (self._loop.time() - self._started))
+
     async def _run(self) -> None:
         self._woken = False
+        self._started = self._loop.time()
         try:
             sample = await self._loop.run_in_executor(None, self._take)
         except Exception:
             log.exception("sampling failed; trying again next period")
             sample = None
-            self._schedule(self.period)
+            self._schedule(self._next())
             self._task = None
             return
         self._task = None
@@ -106,7 +118,7 @@ class PeriodicTimer(Generic[T]):
                 cb(sample)
             except Exception:
                 log.exception("a sample subscriber failed")
-        self._schedule(self.period)
+        self._schedule(self._next())
 
     def close(self) -> None:
         self._closed = True
