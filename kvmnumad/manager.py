@@ -309,6 +309,7 @@ class Manager:
         crashpoints.reached("create.planned")
 
         def build(vm: Vm) -> None:
+            vm.allowed_nodes = frozenset(options.host_nodes)
             self._apply_plan(vm, plan, memory_bytes, options)
             if options.start:
                 vm.start()
@@ -409,6 +410,7 @@ class Manager:
             if d.auto_balance is not None:
                 vm.auto_balance = d.auto_balance
             vm.restore_explicit(d.explicit_vcpus, d.explicit_nodes)
+            vm.allowed_nodes = frozenset(d.allowed_nodes)
             if resume is not None:
                 vm.resume_vcpus(resume.vcpus or [], recovery)
             if d.running:

@@ -88,7 +88,7 @@ class Rebalancer:
             load = self._load(s)
             by_name = {vm.name: vm for vm in vms}
             facts = [balance.VmFacts(s.vms[vm.name], vm.policy, frozenset(vm.explicit_vcpus()),
-                                     frozenset(vm.explicit_nodes), PAGE_SIZE)
+                                     frozenset(vm.explicit_nodes), PAGE_SIZE, frozenset(vm.allowed_nodes))
                      for vm in vms if vm.name in s.vms]
             now = time.monotonic()
             moves = balance.plan(facts, load, topo, now=now, last_moved=self._last_moved,

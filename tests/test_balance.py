@@ -166,3 +166,11 @@ def test_defaults() -> None:
     assert balance.default_auto_balance(Policy.LOCAL_FIRST)
     assert balance.default_auto_balance(Policy.LOAD_BALANCED)
     assert not balance.default_auto_balance(Policy.MANUAL)
+
+
+def test_the_requests_allowed_nodes_bound_every_move() -> None:
+    only0 = frozenset({0})
+    moves = run([VmFacts(vm({0: 180, 1: 820}, NODE0), Policy.LOCAL_FIRST, allowed_nodes=only0)], load(QUIET))
+    assert [(m.kind, m.to_node, m.rule) for m in moves] == [(MEMORY, 0, "memory-to-vcpus")]
+    assert run([VmFacts(vm({0: 1000}, NODE0), Policy.LOAD_BALANCED, allowed_nodes=only0)],
+               load({0: 0.97, 1: 0.1})) == []

@@ -80,6 +80,10 @@ class VmFacts:
     explicit_vcpus: frozenset[int] = frozenset()  # vCPUs a caller pinned or bound
     explicit_nodes: frozenset[int] = frozenset()  # guest nodes a caller mapped
     page_size: int = 4096
+    allowed_nodes: frozenset[int] = frozenset()  # the host nodes its request allowed; empty: all
+
+    def allows(self, node: int) -> bool:
+        return not self.allowed_nodes or node in self.allowed_nodes
 
 
 @dataclass(frozen=True)
@@ -167,20 +171,24 @@ def _guest_node(unit: _Unit, load: Load, topo: HostTopology, th: Thresholds) -> 
     figures = (f"guest node {g}: {share:.0%} of its {total} resident pages on host node {most}, "
                f"{here:.0%} on node {v_node} where its vCPUs run")
     target_busy = _busy(load, to_cpus)
-    if not pinned and target_busy < th.busy_high:
+    if not pinned and target_busy < th.busy_high and facts.allows(most) and facts.allows(to_cpus):
         if share - here < th.min_gain:
             return []
         why = f"{figures}: follow the memory (no copy; node {to_cpus} busy {target_busy:.2f})"
         out = [Move(vm, MEMORY, g, r.host_node, most, share - here, "follow-memory", why)] \
             if r.host_node != most else []
         return [*out, Move(vm, VCPUS, g, v_node, to_cpus, share - here, "follow-memory", why)]
-    # The memory comes to the vCPUs: they are the caller's, or the memory's node is busy.
-    if 1.0 - here < th.min_gain or not _room(load, v_node, (total - r.pages.get(v_node, 0)) * facts.page_size,
-                                              th):
+    # The memory comes to the vCPUs: they are the caller's, or the memory's node is busy (or not allowed).
+    copy = (total - r.pages.get(v_node, 0)) * facts.page_size
+    if 1.0 - here < th.min_gain or not facts.allows(v_node) or not _room(load, v_node, copy, th):
         return []
-    why = (f"{figures}: " + ("its vCPUs are pinned by a caller: the memory comes to them (a copy)" if pinned
-                             else f"node {most} is busy {target_busy:.2f} >= {th.busy_high:.2f}: the memory "
-                                  "comes back to the vCPUs (a copy)"))
+    if pinned:
+        why = f"{figures}: its vCPUs are pinned by a caller: the memory comes to them (a copy)"
+    elif not facts.allows(most):
+        why = f"{figures}: node {most} is not among the VM's allowed nodes: the memory comes back (a copy)"
+    else:
+        why = (f"{figures}: node {to_cpus} is busy {target_busy:.2f} >= {th.busy_high:.2f}: the memory comes "
+               "back to the vCPUs (a copy)")
     return [Move(vm, MEMORY, g, most, v_node, 1.0 - here, "memory-to-vcpus", why)]
 
 
@@ -229,7 +237,7 @@ def _node_load(unit: _Unit, v_node: int, load: Load, topo: HostTopology, th: Thr
     resident = sum(r.pages.values()) * facts.page_size
     candidates = [
         n for n in load.nodes.values()
-        if n.node != v_node and n.online_cpus and _room(load, n.node, resident, th)
+        if n.node != v_node and n.online_cpus and facts.allows(n.node) and _room(load, n.node, resident, th)
     ]
     if not candidates:
         return []

@@ -56,6 +56,7 @@ class VmDefinition:
     auto_balance: bool | None = None
     explicit_vcpus: tuple[int, ...] = ()  # pinned or bound by a caller: the balancer leaves them
     explicit_nodes: tuple[int, ...] = ()  # guest nodes a caller mapped
+    allowed_nodes: tuple[int, ...] = ()  # host nodes the request allowed (the balancer stays there); (): all
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +76,7 @@ class VmDefinition:
             "auto_balance": self.auto_balance,
             "explicit_vcpus": list(self.explicit_vcpus),
             "explicit_nodes": list(self.explicit_nodes),
+            "allowed_nodes": list(self.allowed_nodes),
         }
 
     @classmethod
@@ -103,6 +105,7 @@ class VmDefinition:
                 auto_balance=_optional_bool(d.get("auto_balance")),
                 explicit_vcpus=tuple(_uint(x) for x in d.get("explicit_vcpus", [])),
                 explicit_nodes=tuple(_uint(x) for x in d.get("explicit_nodes", [])),
+                allowed_nodes=tuple(_uint(x) for x in d.get("allowed_nodes", [])),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"bad VM definition: {type(e).__name__} {e}") from e

@@ -39,6 +39,7 @@ class VmViews:
     vcpus: Vcpus
     auto_balance: bool
     explicit_nodes: set[int]
+    allowed_nodes: frozenset[int]
 
     def explicit_vcpus(self) -> tuple[int, ...]:
         return tuple(v.index for v in self.vcpus if v.explicit)
@@ -144,4 +145,5 @@ class VmViews:
                 regions=self.memory.definitions(), vcpu_placement=self.vcpus.definitions(),
                 running=self._state == VmState.RUNNING, payload_sha256=self.payload_sha256,
                 auto_balance=self.auto_balance, explicit_vcpus=self.explicit_vcpus(),
-                explicit_nodes=tuple(sorted(self.explicit_nodes)))
+                explicit_nodes=tuple(sorted(self.explicit_nodes)),
+                allowed_nodes=tuple(sorted(self.allowed_nodes)))

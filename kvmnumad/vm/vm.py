@@ -91,6 +91,7 @@ class Vm(VmViews):
         # the policy or the saved definition; what a caller placed is kept out.
         self.auto_balance = False
         self.explicit_nodes: set[int] = set()
+        self.allowed_nodes: frozenset[int] = frozenset()  # the request's host_nodes; empty: every node
         self.serial = SerialBuffer()
         headroom.check_tasks(name, vcpus)  # refused before any kernel object exists
         try:

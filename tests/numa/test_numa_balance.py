@@ -87,11 +87,14 @@ def prop(address: str, path: str, name: str) -> Any:
 
 
 def create(d: Daemon, name: str, shape: tuple[int, int, int], policy: str) -> str:
-    """``shape``: vCPUs, memory bytes, guest nodes."""
+    """``shape``: vCPUs, memory bytes, guest nodes.  Allowed: the nodes with
+    CPUs (memonly's memory-only node would make "vCPUs and memory on one
+    node" impossible; the balancer keeps to the allowed nodes)."""
     vcpus, memory, guest_nodes = shape
-    path: str = call(d.address, MGR, MGR_IFACE, "CreateVM", "suta{sv}", name, str(vcpus), str(memory), "4",
+    allowed = [str(n) for n in nodes_with_cpus()]
+    path: str = call(d.address, MGR, MGR_IFACE, "CreateVM", "suta{sv}", name, str(vcpus), str(memory), "5",
                      "numa_nodes", "u", str(guest_nodes), "policy", "s", policy, "prealloc", "b", "true",
-                     "passes", "u", "1")[0]
+                     "passes", "u", "1", "host_nodes", "au", str(len(allowed)), *allowed)[0]
     call(d.address, path, VM_IFACE, "Start")
     return path
 
