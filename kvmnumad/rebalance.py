@@ -108,7 +108,9 @@ class Rebalancer:
                 except OSError as e:
                     log.warning("rebalance of VM %s guest node %d failed: %s", name, g, e)
                     continue
-                self._last_moved[(name, g)] = now
+                # From the move's end: a copy under load can take seconds, and the
+                # dwell is the time the guest node stays where it arrived.
+                self._last_moved[(name, g)] = time.monotonic()
                 done.extend(group)
             return done
 

@@ -86,6 +86,29 @@ def prop(address: str, path: str, name: str) -> Any:
     return busctl(address, "get-property", BUS, path, VM_IFACE, name)["data"]
 
 
+def diagnose(pid: int) -> str:
+    """Where every thread of the daemon is (kernel stack, state, Python stack), for a failure report."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda p: int(p.name)):
+        with contextlib.suppress(OSError):
+            state = next(x for x in (task / "status").read_text().splitlines() if x.startswith("State"))
+            comm = (task / "comm").read_text().strip()
+            lines.append(f"--- tid {task.name} {comm} {state} wchan={(task / 'wchan').read_text()}")
+            lines.append((task / "stack").read_text().rstrip())
+    spy = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "--pid", str(pid)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    return "\n".join([*lines, spy.stdout, spy.stderr])
+
+
+@contextlib.contextmanager
+def diagnosed(d: Daemon) -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        print(diagnose(d.pid))
+        raise
+
+
 def create(d: Daemon, name: str, shape: tuple[int, int, int], policy: str) -> str:
     """``shape``: vCPUs, memory bytes, guest nodes.  Allowed: the nodes with
     CPUs (memonly's memory-only node would make "vCPUs and memory on one
@@ -224,6 +247,11 @@ def test_a_hog_moves_a_load_balanced_vcpu_away_and_never_more_than_once_per_dwel
         daemon: Daemon, journald: Journal) -> None:
     d, name = daemon, "busy"
     path = create(d, name, (1, 32 * MiB, 1), "load-balanced")
+    with diagnosed(d):
+        _hog_test(d, journald, name, path)
+
+
+def _hog_test(d: Daemon, journald: Journal, name: str, path: str) -> None:
     try:
         assert prop(d.address, path, "AutoBalance") is True
         time.sleep(2 * PERIOD)  # its vCPU measured over a period first (the load rule judges only that)
