@@ -248,7 +248,15 @@ class Vm(VmViews):
             moved = self.memory.move(self.memory.of_guest_node(node), host_node)
             crashpoints.reached("migrate.moved")
             self.numa.node_map[node] = host_node
-            self._sync_cpuset_mems()
+            if explicit:
+                self._sync_cpuset_mems()
+            elif self.cpuset is not None:
+                # The balancer's move only widens the cpuset's nodes.  Narrowing
+                # them makes cgroup v2 (memory_migrate always on) move every page
+                # of this process's address space on the old nodes, other VMs'
+                # and the daemon's own included, under the VM's lock: 30 s and
+                # more in a 4-node TCG guest, the VM unanswering meanwhile.
+                self.cpuset.set_mems(self.cpuset.mems | set(self.memory.host_nodes()))
             for slot, pages in moved:
                 log_event("migrate", f"VM {self.name} guest node {node} slot {slot} ({pages} pages) moved "
                           f"from host node {old} to {host_node}", vm=self.name, node=host_node,
