@@ -690,6 +690,8 @@ class Manager:
             old = v.node_map[guest_node]
 
             def finish(state: JobState, moved: int) -> None:
+                if state == JobState.DONE and kind == DecisionKind.CALLER:
+                    v.explicit_nodes.add(guest_node)  # a caller's map: the balancer keeps it (rebalance.py)
                 before, followers, cpus = v.end_migration(guest_node, host_node, regions, state, moved)
                 if state == JobState.DONE:
                     self._record_migration(vm, guest_node, host_node, before=before, moved=moved,
