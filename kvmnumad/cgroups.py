@@ -328,6 +328,11 @@ class VmCpuset:
             self._write(child / "cpuset.mems", text)
         self._write(self.path / "cpuset.mems", text)
 
+    @property
+    def mems(self) -> frozenset[int]:
+        """What set_mems last wrote (empty: nothing yet)."""
+        return frozenset(self._mems)
+
     def place_vcpu(self, index: int, tid: int, cpus: Iterable[int], *, force: bool = False) -> None:
         """Put thread ``tid`` into ``vcpu<index>`` limited to ``cpus``; call
         before sched_setaffinity (see the module docstring).  The same

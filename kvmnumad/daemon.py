@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -45,6 +46,7 @@ from kvmnumad.journal import setup_logging
 from kvmnumad.kvm.runner import install_kick_signal
 from kvmnumad.manager import Manager
 from kvmnumad.numa.topology import read_topology
+from kvmnumad.optimizer.balance import Thresholds
 from kvmnumad.optimizer.model import Sample
 from kvmnumad.optimizer.timer import DEFAULT_PERIOD
 from kvmnumad.state import StateStore
@@ -60,7 +62,8 @@ if TYPE_CHECKING:
     from kvmnumad.bus.auth import Authorizer
     from kvmnumad.hotplug import HotplugMonitor
     from kvmnumad.metrics import Metrics
-    from kvmnumad.optimizer.timer import SamplingTimer
+    from kvmnumad.optimizer.balance import Move
+    from kvmnumad.optimizer.timer import PeriodicTimer, SamplingTimer
     from kvmnumad.privatebus import PrivateBus
 
 log = logging.getLogger("kvmnumad")
@@ -86,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-interval", type=float, default=None,
                    help=f"seconds between samples of every VM (default: {DEFAULT_PERIOD:g}, "
                         f"or sample-interval in {CONFIG_FILE})")
+    p.add_argument("--balance-interval", type=float, default=None,
+                   help=f"seconds between automatic balancing passes (default: {DEFAULT_BALANCE_PERIOD:g}, "
+                        f"or balance-interval in {CONFIG_FILE})")
+    p.add_argument("--balance-dwell", type=float, default=None,
+                   help=f"seconds a guest node the balancer moved stays put (default: {DEFAULT_DWELL:g}, "
+                        f"or balance-dwell in {CONFIG_FILE})")
     p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
                    help=f"serve Prometheus metrics there (default: none; metrics-address in {CONFIG_FILE})")
     p.add_argument("--metrics-textfile", default=None, metavar="PATH",
@@ -97,7 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 CONFIG_FILE = "kvmnumad.conf"  # in --config-dir: a [kvmnumad] section with the same keys as the options
-CONFIG_KEYS = ("sample-interval", "metrics-address", "metrics-textfile")
+CONFIG_KEYS = ("sample-interval", "metrics-address", "metrics-textfile", "balance-interval", "balance-dwell")
+_SECONDS_KEYS = ("sample-interval", "balance-interval", "balance-dwell")
+DEFAULT_BALANCE_PERIOD = 10.0  # seconds between balancing passes
+DEFAULT_DWELL = Thresholds().dwell_s
 
 
 def apply_config_file(args: argparse.Namespace) -> None:
@@ -113,11 +125,22 @@ def apply_config_file(args: argparse.Namespace) -> None:
         attr = key.replace("-", "_")
         if getattr(args, attr) is None and key in section:
             value: object = section[key]
-            setattr(args, attr, float(str(value)) if key == "sample-interval" else value)
+            try:
+                setattr(args, attr, float(str(value)) if key in _SECONDS_KEYS else value)
+            except ValueError:
+                raise SystemExit(f"kvmnumad: {key} in {CONFIG_FILE} must be a number, "
+                                 f"got {value!r}") from None
     if args.sample_interval is None:
         args.sample_interval = DEFAULT_PERIOD
     if not args.sample_interval > 0:
         raise SystemExit(f"kvmnumad: sample-interval must be positive, got {args.sample_interval}")
+    if args.balance_interval is None:
+        args.balance_interval = DEFAULT_BALANCE_PERIOD
+    if args.balance_dwell is None:
+        args.balance_dwell = DEFAULT_DWELL
+    if not args.balance_interval > 0 or not args.balance_dwell >= 0:
+        raise SystemExit(f"kvmnumad: balance-interval must be positive and balance-dwell not negative, got "
+                         f"{args.balance_interval} and {args.balance_dwell}")
     if args.metrics_address is not None:
         from kvmnumad import metrics  # noqa: PLC0415 -- prometheus_client only when configured
 
@@ -226,6 +249,7 @@ async def serve(args: argparse.Namespace, core: Restored) -> int:
     bus: MessageBus | None = None
     hotplug: HotplugMonitor | None = None
     sampler: SamplingTimer | None = None
+    balancing: PeriodicTimer[list[Move]] | None = None
     metrics: Metrics | None = None  # (the type only: imported when configured)
     exits: ExitWatcher | None = None
     adopter: AutoAdopter | None = None
@@ -251,6 +275,7 @@ async def serve(args: argparse.Namespace, core: Restored) -> int:
         bus = await connect(bus_spec)
         service = await start_service(manager, bus, await _authorizer(bus, args.bus))
         sampler, metrics = _start_sampling(loop, manager, service.publish_sample, args)
+        balancing = _start_balancing(loop, manager, sampler, args)
         service.on_reexec = request_reexec
         adopter = await _start_auto_adopt(manager, args.config_dir, loop)
         if args.demo:
@@ -280,6 +305,8 @@ async def serve(args: argparse.Namespace, core: Restored) -> int:
     finally:
         if sampler is not None:
             sampler.close()
+        if balancing is not None:
+            balancing.close()
         if metrics is not None:
             metrics.close()
         if adopter is not None:
@@ -359,6 +386,41 @@ def _start_sampling(loop: asyncio.AbstractEventLoop, manager: Manager, publish: 
     manager.subscribe(lambda event: timer.wake() if isinstance(event, VmAdded) else None)
     timer.start()
     return timer, metrics
+
+
+def _start_balancing(loop: asyncio.AbstractEventLoop, manager: Manager, sampler: SamplingTimer,
+                     args: argparse.Namespace) -> PeriodicTimer[list[Move]]:
+    """The balancing timer (rebalance.py): a pass each period while some VM
+    has AutoBalance on (asleep otherwise), and at once on an event that may
+    call for one: a VM added, AutoBalance switched, hotplug, a host node's load
+    or free memory crossing its threshold in the sampler's figures."""
+    from kvmnumad.events import Aspect, Event, TopologyChanged, VmChanged  # noqa: PLC0415 -- after the restore
+    from kvmnumad.optimizer.balance import crossings  # noqa: PLC0415
+    from kvmnumad.optimizer.timer import PeriodicTimer  # noqa: PLC0415
+
+    balancer = manager.balancer
+    balancer.thresholds = dataclasses.replace(balancer.thresholds, dwell_s=args.balance_dwell)
+    timer: PeriodicTimer[list[Move]] = PeriodicTimer(loop, balancer.run, args.balance_interval,
+                                                         from_start=True)
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, (VmAdded, TopologyChanged)) or (
+                isinstance(event, VmChanged) and Aspect.BALANCING in event.aspects):
+            timer.trigger()
+
+    previous: list[Sample] = []
+
+    def on_sample(sample: Sample) -> None:
+        crossed = crossings(previous[0].nodes if previous else None, sample.nodes, balancer.thresholds)
+        previous[:] = [sample]
+        if crossed and balancer.balanced():
+            log.debug("balancing pass now: %s", "; ".join(crossed))
+            timer.trigger()
+
+    manager.subscribe(on_event)
+    sampler.subscribe(on_sample)
+    timer.start()
+    return timer
 
 
 async def _start_auto_adopt(manager: Manager, config_dir: Path,

@@ -23,6 +23,7 @@ class Aspect(enum.StrEnum):
     NUMA_LAYOUT = "numa-layout"  # guest NUMA on or off, node count, guest-to-host node map
     MEMORY = "memory"  # memory regions (slots, sizes, host nodes)
     VCPU_PLACEMENT = "vcpu-placement"  # declared or effective affinity, bindings
+    BALANCING = "balancing"  # automatic balancing on or off, what a caller placed explicitly
 
 
 @dataclass(frozen=True)
@@ -84,5 +85,20 @@ class JobRemoved:
     status: JobStatus
 
 
+@dataclass(frozen=True)
+class Rebalanced:
+    """The balancer moved a guest node's vCPUs or memory (optimizer/balance.py's Move)."""
+
+    vm: str
+    kind: str  # "vcpus" or "memory"
+    guest_node: int
+    from_node: int
+    to_node: int
+    gain: float
+    reason: str
+
+
+
+
 Event = (VmAdded | VmRemoved | VmChanged | VcpuRepinned | TopologyChanged | DefaultPolicyChanged
-         | JobAdded | JobChanged | JobRemoved)
+         | JobAdded | JobChanged | JobRemoved | Rebalanced)

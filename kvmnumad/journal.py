@@ -36,6 +36,7 @@ state-corrupt     2c4bccf95d774fbf80f7427fa5979669  a saved VM definition was un
 decision          8bf6b4d99a53451088e33cb752e8230a  a placement decided, with its rule and numbers
 vm-resumed        af1e4d4f20744d998027136df341d1cf  VM continued after a restart: same memory, same vCPU state
 vm-restarted      41b5e153033f4100bdb27b09a7760262  vCPUs from entry on kept memory (after a crash)
+rebalance         58b86366047946cf8ee28c0c5e594e99  the balancer moved a guest node's vCPUs or memory
 ================  ================================  =================================
 
 Without a journal (a terminal, a container) the same fields are appended to
@@ -73,6 +74,7 @@ class EventKind(enum.StrEnum):
     DECISION = "decision"
     VM_RESUMED = "vm-resumed"
     VM_RESTARTED = "vm-restarted"
+    REBALANCE = "rebalance"
 
 
 MESSAGE_IDS: dict[EventKind, str] = {
@@ -89,6 +91,7 @@ MESSAGE_IDS: dict[EventKind, str] = {
     EventKind.VM_RESTARTED: "41b5e153033f4100bdb27b09a7760262",
     EventKind.STATE_CORRUPT: "2c4bccf95d774fbf80f7427fa5979669",
     EventKind.DECISION: "8bf6b4d99a53451088e33cb752e8230a",
+    EventKind.REBALANCE: "58b86366047946cf8ee28c0c5e594e99",
 }
 
 FIELD_PREFIX = "KVMNUMA_"

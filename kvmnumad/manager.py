@@ -47,9 +47,11 @@ from kvmnumad.model import CreateOptions, JobState, JobStatus, Policy
 from kvmnumad.numa.memory import pages_per_node
 from kvmnumad.numa.topology import HostTopology, read_free_memory, read_topology, with_free_memory
 from kvmnumad.optimizer import explain, sample, suggest
+from kvmnumad.optimizer.balance import Move, default_auto_balance
 from kvmnumad.optimizer.explain import Kind as DecisionKind
 from kvmnumad.optimizer.model import HostNodeSample, Sample
 from kvmnumad.quotas import MAX_JOBS, MAX_JOBS_PER_UID, Quotas, Usage
+from kvmnumad.rebalance import Rebalancer
 from kvmnumad.request import Limits, check_vm_name, validate_request
 from kvmnumad.vm import Vm
 from kvmnumad.vm.definition import VmDefinition
@@ -106,6 +108,7 @@ class Manager:
         # Where jobs run their chunks: the daemon sets its WorkerPool; else one of our own, made when needed
         self.executor: Executor | None = None
         self.migration_chunk_pages = CHUNK_PAGES
+        self.balancer = Rebalancer(self)  # automatic balancing (issue 14 item 5)
         if cpusets and self.cpusets is None:
             log.warning("no writable cpuset cgroup (v1 or v2): VMs run without cpusets")
 
@@ -306,6 +309,7 @@ class Manager:
         crashpoints.reached("create.planned")
 
         def build(vm: Vm) -> None:
+            vm.allowed_nodes = frozenset(options.host_nodes)
             self._apply_plan(vm, plan, memory_bytes, options)
             if options.start:
                 vm.start()
@@ -340,6 +344,7 @@ class Manager:
                 if cpuset is not None:
                     cpuset.remove()
                 raise
+            vm.auto_balance = default_auto_balance(policy)  # a restore's setup may say otherwise
             try:
                 setup(vm)
             except BaseException:
@@ -402,6 +407,10 @@ class Manager:
             for p in d.vcpu_placement:
                 cpus = frozenset(p.declared or ()) & online or None  # what is left online; None: unpinned
                 vm.apply_declared(p.vcpu, cpus, p.bound_node)
+            if d.auto_balance is not None:
+                vm.auto_balance = d.auto_balance
+            vm.restore_explicit(d.explicit_vcpus, d.explicit_nodes)
+            vm.allowed_nodes = frozenset(d.allowed_nodes)
             if resume is not None:
                 vm.resume_vcpus(resume.vcpus or [], recovery)
             if d.running:
@@ -438,6 +447,7 @@ class Manager:
                 log.exception("releasing VM %s", name)
                 failure = e
             self.decisions.forget(name)
+            self.balancer.forget(name)
             failed = f", its release failed: {failure}" if failure is not None else ""
             log_event("vm-destroyed", f"VM {name} destroyed{failed}", vm=name, reason="api")
             self._emit(VmRemoved(name))
@@ -680,6 +690,8 @@ class Manager:
             old = v.node_map[guest_node]
 
             def finish(state: JobState, moved: int) -> None:
+                if state == JobState.DONE and kind == DecisionKind.CALLER:
+                    v.explicit_nodes.add(guest_node)  # a caller's map: the balancer keeps it (rebalance.py)
                 before, followers, cpus = v.end_migration(guest_node, host_node, regions, state, moved)
                 if state == JobState.DONE:
                     self._record_migration(vm, guest_node, host_node, before=before, moved=moved,
@@ -767,3 +779,22 @@ class Manager:
                 vm, explain.vcpu_subject(index), kind, "follows-guest-node", f"CPUs {cpulist.describe(cpus)}",
                 f"bound to guest node {node}, which a migration job moved to host node {host_node}: its CPUs",
                 vcpu=index, node=host_node))
+    # ------------------------------------------------------------------ balancing (issue 14 item 5)
+    def emit_event(self, event: Event) -> None:
+        """For the balancer (rebalance.py), which moves things as the core does."""
+        self._emit(event)
+
+    def set_auto_balance(self, name: str, on: bool) -> None:
+        vm = self.get_vm(name)
+        if is_adopted(vm):
+            raise errors.Busy(f"VM {name!r} is adopted: its VMM places it, kvmnumad does not balance it",
+                              vm=name)
+        vm.set_auto_balance(on)
+
+    def rebalance(self) -> list[Move]:
+        """One balancing pass now: the moves made."""
+        return self.balancer.run() or []
+
+    def plan_rebalance(self) -> list[Move]:
+        """What a pass would do now, changing nothing."""
+        return self.balancer.plan()

@@ -207,8 +207,11 @@ CONTRACT: dict[str, tuple[str, str] | None] = {
     "MigrateNumaNode": (ACTION_MIGRATE, "migrate-numa-node"),
     "MigrateNumaSlot": (ACTION_MIGRATE, "migrate-numa-node"),
     "ListJobs": None,
+    "Rebalance": (ACTION_MIGRATE, "rebalance"),  # every VM with AutoBalance on: no vm detail
+    "PlanRebalance": None,
+    "ClearExplicitPlacement": (ACTION_PLACE, "clear-explicit-placement"),
 }
-NO_VM = {"Reexec", "AdoptProcess"}  # about the daemon, or a process: not a VM
+NO_VM = {"Reexec", "AdoptProcess", "Rebalance"}  # about the daemon, or a process: not a VM
 BUSCTL_ARGS = {"s": ["target"], "u": ["0"], "t": ["0"], "b": ["false"], "au": ["1", "0"], "a{sv}": ["0"]}
 # a policy argument is checked before authorization: empty (DefaultPolicy) gets that far
 MEMBER_ARGS = {"CreateVMSimple": ["target", "1", "0", "0", "", "false"], "PlanVMSimple": ["1", "0", "0", ""]}

@@ -27,7 +27,7 @@ def test_message_ids_are_distinct_uuids() -> None:
         assert uuid.UUID(value).hex == value
     assert {k.value for k in EventKind} == {
         "pin", "bind", "repin", "migrate", "vm-created", "vm-destroyed", "vm-started", "vm-stopped",
-        "topology-changed", "state-corrupt", "decision", "vm-resumed", "vm-restarted",
+        "topology-changed", "state-corrupt", "decision", "vm-resumed", "vm-restarted", "rebalance",
     }
 
 

@@ -22,13 +22,13 @@ from dbus_fast.service import dbus_property, method, signal
 from kvmnumad.bus.access import read_only, requires, setter
 from kvmnumad.bus.adopt_args import parse_adopt_options
 from kvmnumad.bus.args import check_name, optional_policy, parse_options, parse_policy, simple_options
-from kvmnumad.bus.auth import ACTION_ADOPT, ACTION_MANAGE, ACTION_PLACE
+from kvmnumad.bus.auth import ACTION_ADOPT, ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE
 from kvmnumad.bus.context import BusContext
 from kvmnumad.bus.dispatch import BusObject, Subject, current_call
 from kvmnumad.bus.fds import PassedFd
 from kvmnumad.bus.job_object import job_row
 from kvmnumad.bus.paths import MANAGER_INTERFACE, MANAGER_PATH, vm_path
-from kvmnumad.bus.samples import action_rows
+from kvmnumad.bus.samples import action_rows, move_rows
 from kvmnumad.errors import AccessDenied
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
@@ -229,3 +229,21 @@ class ManagerObject(BusObject):
     @signal()
     def JobRemoved(self, job_id: int, job: str, vm: str, result: str) -> "uoos":
         return [job_id, job, vm, result]
+
+    # ------------------------------------------- automatic balancing (issue 14)
+    @method()
+    @requires(ACTION_MIGRATE, verb="rebalance")
+    async def Rebalance(self) -> "a(ssuuuds)":
+        return move_rows(await asyncio.to_thread(self._context.manager.rebalance))
+
+    @method()
+    @read_only
+    async def PlanRebalance(self) -> "a(ssuuuds)":
+        return move_rows(await asyncio.to_thread(self._context.manager.plan_rebalance))
+
+    @signal()
+    def Moved(  # noqa: PLR0917 -- D-Bus arguments are positional
+        self, vm: str, kind: str, guest_node: int, from_node: int, to_node: int, gain: float,
+        reason: str,
+    ) -> "ssuuuds":
+        return [vm, kind, guest_node, from_node, to_node, gain, reason]

@@ -46,6 +46,7 @@ VM_PROPERTIES: dict[str, Callable[[Vm], Any]] = {
     "Adopted": lambda vm: adoption_of(vm)[1] != 0,
     "Vmm": lambda vm: adoption_of(vm)[0],
     "ProcessId": lambda vm: adoption_of(vm)[1],
+    "AutoBalance": lambda vm: bool(getattr(vm, "auto_balance", False)),
 }
 
 # Fixed when the VM is made (vCPU threads exist from then on).
@@ -58,6 +59,7 @@ ASPECT_PROPERTIES: dict[Aspect, frozenset[str]] = {
     Aspect.NUMA_LAYOUT: frozenset({"NumaEnabled", "NumaNodes", "NodeMap", "VcpuNodes"}),
     Aspect.MEMORY: frozenset({"MemoryBytes", "MemoryRegions"}),
     Aspect.VCPU_PLACEMENT: frozenset({"VcpuAffinity", "DeclaredVcpuAffinity", "VcpuNodes"}),
+    Aspect.BALANCING: frozenset({"AutoBalance"}),
 }
 
 # A host CPU going or coming changes effective affinities the kernel

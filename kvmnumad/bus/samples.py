@@ -9,6 +9,7 @@ from typing import Any
 from dbus_fast import Variant
 
 from kvmnumad.bus.paths import vm_path
+from kvmnumad.optimizer.balance import Move
 from kvmnumad.optimizer.explain import Decision
 from kvmnumad.optimizer.model import HostNodeSample, VmSample
 from kvmnumad.optimizer.suggest import Suggestion
@@ -42,3 +43,10 @@ def action_rows(actions: list[Suggestion]) -> list[list[Any]]:
     arguments, locality now, locality expected once applied."""
     return [[a.vm, a.kind, a.text(), vm_path(a.vm), a.method, [Variant(sig, v) for sig, v in a.args],
              float(a.locality_now), float(a.locality_expected)] for a in actions]
+
+
+def move_rows(moves: list[Move]) -> list[list[Any]]:
+    """Rebalance/PlanRebalance a(ssuuuds): vm, kind (vcpus, memory), guest node,
+    from host node, to host node, expected gain 0..1, reason (rule and numbers)."""
+    return [[m.vm, m.kind, m.guest_node, m.from_node, m.to_node, float(m.gain), f"{m.rule}: {m.reason}"]
+            for m in moves]

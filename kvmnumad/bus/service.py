@@ -54,6 +54,7 @@ from kvmnumad.events import (
     JobAdded,
     JobChanged,
     JobRemoved,
+    Rebalanced,
     TopologyChanged,
     VcpuRepinned,
     VmAdded,
@@ -74,7 +75,7 @@ class NameUnavailable(RuntimeError):
 
 
 def _path_of(event: Event) -> str:
-    if isinstance(event, (VmAdded, VmRemoved, VmChanged, VcpuRepinned)):
+    if isinstance(event, (VmAdded, VmRemoved, VmChanged, VcpuRepinned, Rebalanced)):
         return vm_path(event.vm)
     if isinstance(event, (JobAdded, JobChanged, JobRemoved)):
         return job_path(event.status.id)
@@ -300,6 +301,10 @@ class BusService:
             mo.publish({"DefaultPolicy": str(event.policy)})
         elif isinstance(event, (JobAdded, JobChanged, JobRemoved)):
             self._job_event(mo, event)
+        elif isinstance(event, Rebalanced):
+            # Its properties came with the VmChanged the move emitted first.
+            mo.Moved(event.vm, event.kind, event.guest_node, event.from_node, event.to_node, event.gain,
+                     event.reason)
 
     def _job_event(self, mo: ManagerObject, event: JobAdded | JobChanged | JobRemoved) -> None:
         """A job object exists from JobAdded to JobRemoved, like systemd's: JobNew

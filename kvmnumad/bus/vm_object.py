@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from dbus_fast import PropertyAccess
 from dbus_fast.service import dbus_property, method
 
-from kvmnumad.bus.access import read_only, requires
+from kvmnumad.bus.access import read_only, requires, setter
 from kvmnumad.bus.args import check_cpus
 from kvmnumad.bus.auth import ACTION_MANAGE, ACTION_MIGRATE, ACTION_PLACE
 from kvmnumad.bus.context import BusContext
@@ -255,3 +255,23 @@ class VmObject(BusObject):
         job = await self._core(partial(self._context.manager.start_migration, self.vm_name, node, host_node,
                                        slot, starter=starter))
         return job_path(job.id)  # exported before this reply goes: its JobAdded is ahead of the barrier
+
+    # ------------------------------------------- automatic balancing (issue 14)
+    @setter("AutoBalance")
+    @requires(ACTION_PLACE, verb="set-auto-balance")
+    async def set_auto_balance(self, on: bool) -> None:
+        await self._core(self._context.manager.set_auto_balance, self.vm_name, on)
+
+    @dbus_property()
+    def AutoBalance(self) -> "b":
+        return self._props["AutoBalance"]
+
+    @AutoBalance.setter  # type: ignore[no-redef]
+    def AutoBalance(self, value: "b") -> None:
+        # Never reached from the bus: the Dispatcher routes Set to the @setter above.
+        raise RuntimeError("AutoBalance is set through set_auto_balance")  # pragma: no cover
+
+    @method()
+    @requires(ACTION_PLACE, verb="clear-explicit-placement")
+    async def ClearExplicitPlacement(self, vcpus: "au", guest_nodes: "au") -> None:
+        await self._core(self.vm.clear_explicit, vcpus, guest_nodes)

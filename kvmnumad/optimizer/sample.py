@@ -119,7 +119,10 @@ RESIDENCY_EVERY = 10  # samples between numa_maps reads at the most (see Sampler
 class Sampler:
     """See the module docstring.  Not thread-safe: one taker at a time (the timer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, residency_every: int = RESIDENCY_EVERY) -> None:
+        """``residency_every=1``: numa_maps on every take (the balancer's, which
+        must see pages that someone else moved)."""
+        self._residency_every = residency_every
         self._cpu_times: list[Any] | None = None
         self._seen: dict[int, _Seen] = {}
         self._key: object = None
@@ -169,7 +172,7 @@ class Sampler:
         """
         key = (probe.rss_shmem(), tuple(sorted((r.hva, r.size, r.host_node) for rs in regions.values()
                                                for r in rs)))
-        self._fresh = key != self._key or self._since >= RESIDENCY_EVERY - 1
+        self._fresh = key != self._key or self._since >= self._residency_every - 1
         if self._fresh:
             self._pages = probe.numa_maps([r.hva for rs in regions.values() for r in rs])
             self._key, self._since = key, 0

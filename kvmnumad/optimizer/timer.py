@@ -14,35 +14,46 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from kvmnumad.optimizer.model import Sample
 
 if TYPE_CHECKING:  # only the types: the loop is given (and daemon.py reads DEFAULT_PERIOD before asyncio)
     import asyncio
 
+T = TypeVar("T")
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PERIOD = 5.0  # seconds
 
 
-class SamplingTimer:
-    def __init__(self, loop: asyncio.AbstractEventLoop, take: Callable[[], Sample | None],
-                 period: float = DEFAULT_PERIOD) -> None:
+class PeriodicTimer(Generic[T]):
+    """``take`` once per period off the loop; None from it: asleep until wake().
+    The sampling timer, and the balancing timer (rebalance.py) with ``trigger``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, take: Callable[[], T | None],
+                 period: float = DEFAULT_PERIOD, *, from_start: bool = False) -> None:
+        """``from_start``: a period runs from one run's start to the next (its
+        own cost inside it: the balancer's periods stay periods where a pass is
+        slow), else from one run's end to the next start (the sampler's: its
+        publications stay at least a period apart)."""
         if not period > 0:
             raise ValueError(f"sampling period must be positive, got {period}")
         self._loop = loop
         self._take = take
         self.period = period
-        self._subscribers: list[Callable[[Sample], None]] = []
+        self._subscribers: list[Callable[[T], None]] = []
         self._handle: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._woken = False
-        self.latest: Sample | None = None
+        self.latest: T | None = None
+        self._from_start = from_start
+        self._started = 0.0
         self.samples = 0
 
-    def subscribe(self, callback: Callable[[Sample], None]) -> None:
+    def subscribe(self, callback: Callable[[T], None]) -> None:
         """``callback(sample)`` on the loop after each sample."""
         self._subscribers.append(callback)
 
@@ -53,6 +64,20 @@ class SamplingTimer:
         """From any thread: sample soon if the timer sleeps for want of a VM."""
         with contextlib.suppress(RuntimeError):  # loop closed: the daemon is stopping
             self._loop.call_soon_threadsafe(self._wake)
+
+    def trigger(self) -> None:
+        """From any thread: run soon, also when the next run is only scheduled
+        (an event asks for a pass now); triggers before it starts are one run."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._trigger)
+
+    def _trigger(self) -> None:
+        self._woken = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._task is None and not self._closed:
+            self._schedule(0.0)
 
     def _wake(self) -> None:
         self._woken = True  # a sample under way that found no VM must not put the timer to sleep
@@ -67,14 +92,20 @@ class SamplingTimer:
         self._handle = None
         self._task = self._loop.create_task(self._run())
 
+    def _next(self) -> float:
+        if not self._from_start:
+            return self.period
+        return max(0.0, self.period - (self._loop.time() - self._started))
+
     async def _run(self) -> None:
         self._woken = False
+        self._started = self._loop.time()
         try:
             sample = await self._loop.run_in_executor(None, self._take)
         except Exception:
             log.exception("sampling failed; trying again next period")
             sample = None
-            self._schedule(self.period)
+            self._schedule(self._next())
             self._task = None
             return
         self._task = None
@@ -89,7 +120,7 @@ class SamplingTimer:
                 cb(sample)
             except Exception:
                 log.exception("a sample subscriber failed")
-        self._schedule(self.period)
+        self._schedule(self._next())
 
     def close(self) -> None:
         self._closed = True
@@ -99,3 +130,6 @@ class SamplingTimer:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+
+SamplingTimer = PeriodicTimer[Sample]

@@ -51,6 +51,12 @@ class VmDefinition:
     # ``<name>.payload``) and named here by its SHA-256, so a definition and
     # a payload of different saves can never be paired; None: the built-in one.
     payload_sha256: str | None = None
+    # Automatic balancing (optimizer/balance.py); None: the policy's default
+    # (a definition saved before balancing existed).
+    auto_balance: bool | None = None
+    explicit_vcpus: tuple[int, ...] = ()  # pinned or bound by a caller: the balancer leaves them
+    explicit_nodes: tuple[int, ...] = ()  # guest nodes a caller mapped
+    allowed_nodes: tuple[int, ...] = ()  # host nodes the request allowed (the balancer stays there); (): all
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +73,10 @@ class VmDefinition:
                                 "bound_node": v.bound_node} for v in self.vcpu_placement],
             "running": self.running,
             "payload_sha256": self.payload_sha256,
+            "auto_balance": self.auto_balance,
+            "explicit_vcpus": list(self.explicit_vcpus),
+            "explicit_nodes": list(self.explicit_nodes),
+            "allowed_nodes": list(self.allowed_nodes),
         }
 
     @classmethod
@@ -92,6 +102,10 @@ class VmDefinition:
                     for p in d.get("vcpu_placement", [])),
                 running=bool(d.get("running", False)),
                 payload_sha256=_sha256(d.get("payload_sha256")),
+                auto_balance=_optional_bool(d.get("auto_balance")),
+                explicit_vcpus=tuple(_uint(x) for x in d.get("explicit_vcpus", [])),
+                explicit_nodes=tuple(_uint(x) for x in d.get("explicit_nodes", [])),
+                allowed_nodes=tuple(_uint(x) for x in d.get("allowed_nodes", [])),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"bad VM definition: {type(e).__name__} {e}") from e
@@ -100,6 +114,12 @@ class VmDefinition:
 def _uint(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _optional_bool(value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"expected true, false or null, got {value!r}")
     return value
 
 

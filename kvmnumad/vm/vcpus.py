@@ -33,6 +33,7 @@ class Vcpu:
     declared: frozenset[int] | None = None  # None: not pinned by anyone
     bound_node: int | None = None  # guest node it is bound to, if any
     initialized: bool = False
+    explicit: bool = False  # a caller's pin or binding: the balancer leaves it until the caller clears it
 
     @property
     def tid(self) -> int:

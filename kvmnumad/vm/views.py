@@ -37,6 +37,12 @@ class VmViews:
     serial: SerialBuffer
     memory: GuestMemory
     vcpus: Vcpus
+    auto_balance: bool
+    explicit_nodes: set[int]
+    allowed_nodes: frozenset[int]
+
+    def explicit_vcpus(self) -> tuple[int, ...]:
+        return tuple(v.index for v in self.vcpus if v.explicit)
 
     def _alive(self) -> None:
         if self._destroyed:
@@ -137,4 +143,7 @@ class VmViews:
                 name=self.name, owner=self.owner, vcpus=len(self.vcpus), policy=self.policy,
                 passes=self._passes, numa_nodes=self.numa.nodes, node_map=tuple(self.numa.node_map),
                 regions=self.memory.definitions(), vcpu_placement=self.vcpus.definitions(),
-                running=self._state == VmState.RUNNING, payload_sha256=self.payload_sha256)
+                running=self._state == VmState.RUNNING, payload_sha256=self.payload_sha256,
+                auto_balance=self.auto_balance, explicit_vcpus=self.explicit_vcpus(),
+                explicit_nodes=tuple(sorted(self.explicit_nodes)),
+                allowed_nodes=tuple(sorted(self.allowed_nodes)))

@@ -87,6 +87,11 @@ class Vm(VmViews):
         # Where a caller's placement decision is recorded (the Manager's DecisionLog).
         self.on_decision: Callable[[Decision], object] = lambda d: None
         self.numa = GuestNuma(name)
+        # Automatic balancing (optimizer/balance.py): the Manager sets it from
+        # the policy or the saved definition; what a caller placed is kept out.
+        self.auto_balance = False
+        self.explicit_nodes: set[int] = set()
+        self.allowed_nodes: frozenset[int] = frozenset()  # the request's host_nodes; empty: every node
         self.serial = SerialBuffer()
         headroom.check_tasks(name, vcpus)  # refused before any kernel object exists
         try:
@@ -225,28 +230,46 @@ class Vm(VmViews):
         if self.cpuset is not None and self.memory.regions:
             self.cpuset.set_mems(self.memory.host_nodes())
 
-    def map_numa_node(self, node: int, host_node: int) -> list[tuple[int, int]]:
+    def map_numa_node(self, node: int, host_node: int, *, explicit: bool = True) -> list[tuple[int, int]]:
         """Remap guest node ``node`` to ``host_node`` live: its memory moves and
-        its bound vCPUs follow.  Returns (slot, pages in the slot) per region."""
+        its bound vCPUs follow.  Returns (slot, pages in the slot) per region.
+        ``explicit=False``: the balancer's move, not a caller's map; it moves
+        the pages even when the node is mapped there already (someone moved
+        them away), and records no caller decision (the balancer records its own)."""
         topo = self._topology()
         with self._lock:
             self._alive()
             self.numa.require(node)
             topo.node(host_node)
             old = self.numa.host_of(node)
-            if old == host_node:
+            if old == host_node and explicit:
+                self.explicit_nodes.add(node)
                 return []
             moved = self.memory.move(self.memory.of_guest_node(node), host_node)
             crashpoints.reached("migrate.moved")
             self.numa.node_map[node] = host_node
-            self._sync_cpuset_mems()
+            if explicit:
+                self._sync_cpuset_mems()
+            elif self.cpuset is not None:
+                # The balancer's move only widens the cpuset's nodes.  Narrowing
+                # them makes cgroup v2 (memory_migrate always on) move every page
+                # of this process's address space on the old nodes, other VMs'
+                # and the daemon's own included, under the VM's lock: 30 s and
+                # more in a 4-node TCG guest, the VM unanswering meanwhile.
+                self.cpuset.set_mems(self.cpuset.mems | set(self.memory.host_nodes()))
             for slot, pages in moved:
                 log_event("migrate", f"VM {self.name} guest node {node} slot {slot} ({pages} pages) moved "
                           f"from host node {old} to {host_node}", vm=self.name, node=host_node,
-                          from_node=old, to_node=host_node, reason="map-numa-node")
+                          from_node=old, to_node=host_node,
+                          reason="map-numa-node" if explicit else "rebalance")
             cpus = self.numa.host_cpus(node, topo)
             self.vcpus.follow_node(node, cpus)
             followers = [v.index for v in self.vcpus if v.bound_node == node]
+            if explicit:
+                self.explicit_nodes.add(node)
+        if not explicit:
+            self._changed(Aspect.NUMA_LAYOUT, Aspect.MEMORY, Aspect.VCPU_PLACEMENT)
+            return moved
         pages = sum(p for _, p in moved)
         self.on_decision(Decision(
             self.name, node_subject(node), Kind.CALLER, "caller-map", f"host node {host_node}",
@@ -267,7 +290,8 @@ class Vm(VmViews):
             self._alive()
             v = self.vcpus.get(vcpu)
             wanted = topo.require_online(cpus)
-            if not self.vcpus.declare(v, wanted, None):
+            was_explicit, v.explicit = v.explicit, True
+            if not self.vcpus.declare(v, wanted, None) and was_explicit:
                 return  # the same pin again: nothing to log, publish or persist
         log_event("pin", f"vCPU {vcpu} of VM {self.name} pinned to CPUs {cpulist.describe(wanted)}",
                   vm=self.name, vcpu=vcpu, cpus=wanted, reason="api")
@@ -292,6 +316,7 @@ class Vm(VmViews):
             self.numa.require(node)
             cpus = self.numa.host_cpus(node, topo)
             self.vcpus.declare(v, cpus, node)
+            v.explicit = True
             host = self.numa.host_of(node)
         log_event("bind", f"vCPU {vcpu} of VM {self.name} bound to guest node {node} "
                   f"(host node {host}, CPUs {cpulist.describe(cpus)})",
@@ -309,6 +334,39 @@ class Vm(VmViews):
         with self._lock:
             self.vcpus.declare(self.vcpus.get(vcpu), cpus, bound_node)
         self._changed(Aspect.VCPU_PLACEMENT)
+
+    def set_auto_balance(self, on: bool) -> bool:
+        """True if it changed."""
+        with self._lock:
+            self._alive()
+            if self.auto_balance == on:
+                return False
+            self.auto_balance = on
+        self._changed(Aspect.BALANCING)
+        return True
+
+    def clear_explicit(self, vcpus: Sequence[int], nodes: Sequence[int]) -> None:
+        """Hand these vCPUs and guest nodes back to the policy and the balancer:
+        they stay where they are until a balancing pass finds a reason to move them."""
+        with self._lock:
+            self._alive()
+            chosen = [self.vcpus.get(i) for i in vcpus]  # NoSuchVcpu before anything changes
+            for n in nodes:
+                self.numa.require(n)
+            changed = any(v.explicit for v in chosen) or bool(self.explicit_nodes & set(nodes))
+            for v in chosen:
+                v.explicit = False
+            self.explicit_nodes -= set(nodes)
+        if changed:
+            self._changed(Aspect.BALANCING)
+
+    def restore_explicit(self, vcpus: Sequence[int], nodes: Sequence[int]) -> None:
+        """The explicit placements a saved definition names (restore)."""
+        with self._lock:
+            for i in vcpus:
+                if 0 <= i < len(self.vcpus):
+                    self.vcpus.get(i).explicit = True
+            self.explicit_nodes |= {n for n in nodes if n < self.numa.nodes}
 
     def repin(self, topo: HostTopology) -> list[Repin]:
         """Effective affinities back in line with declared intent on ``topo``."""

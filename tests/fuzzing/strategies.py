@@ -54,7 +54,7 @@ RAW_ERRORS = METHOD_ERRORS | {UNKNOWN_METHOD, UNKNOWN_INTERFACE, INVALID_ARGS}
 POLICIES = ("manual", "local-first", "load-balanced", "interleave", "preferred")
 MUTATING = frozenset({"CreateVM", "CreateVMSimple", "DestroyVM", "BindVcpuToNumaNode", "Destroy",
                       "DisableNuma", "EnableNuma", "MapNumaNode", "SetVcpuAffinity", "SetupNumaMemory",
-                      "Start", "Stop", "Set"})
+                      "Start", "Stop", "Set", "Rebalance", "ClearExplicitPlacement"})
 
 # The contract's in-signatures (dbus/*.xml), for the wrong-signature calls.
 SIGNATURES: dict[tuple[str, str], str] = {
@@ -63,6 +63,8 @@ SIGNATURES: dict[tuple[str, str], str] = {
     (MANAGER_IFACE, "GetSuggestions"): "", (MANAGER_IFACE, "GetTopology"): "",
     (MANAGER_IFACE, "GetVM"): "s", (MANAGER_IFACE, "ListVMs"): "", (MANAGER_IFACE, "PlanVM"): "uta{sv}",
     (MANAGER_IFACE, "PlanVMSimple"): "utus",
+    (MANAGER_IFACE, "Rebalance"): "", (MANAGER_IFACE, "PlanRebalance"): "",
+    (VM_IFACE, "ClearExplicitPlacement"): "auau",
     (VM_IFACE, "BindVcpuToNumaNode"): "uu", (VM_IFACE, "Destroy"): "", (VM_IFACE, "DisableNuma"): "",
     (VM_IFACE, "EnableNuma"): "u", (VM_IFACE, "GetStats"): "", (VM_IFACE, "GetVcpuAffinity"): "u",
     (VM_IFACE, "GetVcpuNumaNode"): "u", (VM_IFACE, "MapNumaNode"): "uu", (VM_IFACE, "SetVcpuAffinity"): "uau",
