@@ -247,8 +247,9 @@ class CpusetBackend:
 class VmCpuset:
     """The cgroup directory of one VM and its vCPU children.
 
-    The VM directory holds the union of its vCPUs' CPUs and the nodes of its
-    memory regions; each ``vcpu<N>`` holds that vCPU's placement.
+    The VM directory holds the union of its vCPUs' CPUs; each ``vcpu<N>``
+    holds that vCPU's CPUs.  Every one keeps all memory nodes (set_mems says
+    why: the mm is shared by every VM).
     """
 
     def __init__(self, backend: CpusetBackend, name: str) -> None:
@@ -262,7 +263,7 @@ class VmCpuset:
         # to the last one costs no cgroup I/O at all.  forget() drops both
         # when the kernel may have changed files behind our back (hotplug).
         self._written: dict[Path, str] = {}
-        self._placed: dict[int, tuple[int, frozenset[int], frozenset[int]]] = {}
+        self._placed: dict[int, tuple[int, frozenset[int]]] = {}
         self._ensured = False
         self._ensured_once = False
         self._ensure()
@@ -312,25 +313,22 @@ class VmCpuset:
         return [self.path / f"vcpu{i}" for i in sorted(self._vcpus)]
 
     def set_mems(self, mems: Iterable[int]) -> None:
-        """Memory nodes of the VM's regions: written to every vCPU cgroup at
-        once, because a vCPU thread faults guest pages in and a cpuset that
-        excludes a region's node would override its mbind policy."""
-        mems = set(mems)
-        if not mems or mems == self._mems:
-            return
-        self._mems = mems
-        self._placed.clear()  # every vCPU's placement includes the mems
-        self._ensure()
-        text = cpulist(self._mems)
-        if self.backend.version == 1:  # parent wide, children, then parent narrow
-            self._write(self.path / "cpuset.mems", cpulist(self._mems | self.backend.all_mems()))
-        for child in self._children():
-            self._write(child / "cpuset.mems", text)
-        self._write(self.path / "cpuset.mems", text)
+        """Recorded, never written: every cgroup of a VM keeps all memory nodes.
+
+        A write to cpuset.mems of a cgroup holding a vCPU thread makes the
+        kernel rebind the policy of every mapping of the thread's mm and (always
+        on cgroup v2, with memory_migrate on v1) migrate that whole mm's pages
+        off the nodes dropped (update_tasks_nodemask: mpol_rebind_mm,
+        cpuset_migrate_mm).  The mm is the daemon's, shared by every VM: one
+        VM's narrowing moved the pages of every VM on the old node (seen in the
+        4-node guest, a worker blocked for over 30 s), and the rebind remaps
+        other VMs' MPOL_BIND nodes.  Guest memory is placed by each region's
+        mbind policy alone, which a cpuset holding all nodes never overrides."""
+        self._mems = set(mems)
 
     @property
     def mems(self) -> frozenset[int]:
-        """What set_mems last wrote (empty: nothing yet)."""
+        """The nodes of the VM's regions, as last recorded (empty: none yet)."""
         return frozenset(self._mems)
 
     def place_vcpu(self, index: int, tid: int, cpus: Iterable[int], *, force: bool = False) -> None:
@@ -339,14 +337,14 @@ class VmCpuset:
         placement again is free; ``force`` (a hotplug re-pin) rewrites the
         whole chain, ancestors included."""
         cpus = set(cpus)
-        placement = (tid, frozenset(cpus), frozenset(self._mems))  # no mems yet: "all", read when written
+        placement = (tid, frozenset(cpus))
         if not force and self._placed.get(index) == placement:
             return
         if force:
             self.forget()
         self._ensure()
         backend = self.backend
-        mems = self._mems or backend.all_mems()
+        mems = backend.all_mems()  # never narrowed: see set_mems
         child = self.path / f"vcpu{index}"
         child.mkdir(exist_ok=True)
         self._vcpus[index] = cpus

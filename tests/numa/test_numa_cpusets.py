@@ -53,6 +53,7 @@ def test_v2_threaded_subtree_follows_placement_and_hotplug(manager: Manager, cpu
     assert cat(vmdir / "cgroup.type") == "threaded"
     assert "cpuset" in cat(inst / "cgroup.subtree_control").split()
     assert "cpuset" in cat(vmdir / "cgroup.subtree_control").split()
+    all_mems = set(parse_cpulist(cat(inst / "cpuset.mems.effective")))
     region_nodes: set[int] = set()
     for r in vm.memory_regions():
         (node,) = numa_maps_at(r.hva).pages_per_node  # one node per region under local-first
@@ -67,10 +68,12 @@ def test_v2_threaded_subtree_follows_placement_and_hotplug(manager: Manager, cpu
         affinity = taskset_affinity(tid)
         assert len({n for n in region_nodes if affinity <= node_cpus(n)}) == 1, (affinity, region_nodes)
         assert cpus_of(d) == cpus_of(d, effective=True) == affinity
-        assert parse_cpulist(cat(d / "cpuset.mems")) == region_nodes
+        # never narrowed to the regions' nodes: a cpuset.mems write rebinds and migrates the
+        # daemon's whole mm, every VM's memory (cgroups.VmCpuset.set_mems); mbind places it
+        assert parse_cpulist(cat(d / "cpuset.mems.effective")) == all_mems
         union |= affinity
     assert cpus_of(vmdir) == union
-    assert parse_cpulist(cat(vmdir / "cpuset.mems")) == region_nodes
+    assert parse_cpulist(cat(vmdir / "cpuset.mems.effective")) == all_mems
 
     # Hotplug: vCPU 0 pinned to CPU 3; CPU 3 goes; it moves to CPU 2 (node 1 in
     # 2node, node 2 at distance 15 in 4node); CPU 3 returns, so does vCPU 0.
@@ -94,3 +97,35 @@ def test_v2_threaded_subtree_follows_placement_and_hotplug(manager: Manager, cpu
     manager.destroy_vm("cg2")
     assert not vmdir.exists()
     assert inst.is_dir() and thread_cgroup(os.getpid()) == f"/kvmnumad/{os.getpid()}"
+
+
+def test_a_remap_leaves_the_other_vms_memory_and_policy_alone(manager: Manager) -> None:
+    """Two VMs on different host nodes, then the first one's guest node is
+    remapped (MapNumaNode's job): the second's pages stay where they were and
+    its region keeps its bind policy, by numa_maps.  Before set_mems stopped
+    writing cpuset.mems, the first VM's narrowing made the kernel rebind and
+    migrate the daemon's whole mm (update_tasks_nodemask), the second VM's
+    memory with it."""
+    assert manager.cpusets is not None
+    nodes = [n for n in sorted(manager.topology().nodes) if node_cpus(n)]
+    assert len(nodes) >= 2
+    first, second = nodes[0], nodes[1]
+    options = CreateOptions(numa_nodes=1, policy=Policy.MANUAL, prealloc=True, start=True)
+    a = manager.create_vm("remap-a", 1, 16 * MiB, options)
+    b = manager.create_vm("remap-b", 1, 16 * MiB, options)
+    try:
+        manager.map_numa_node("remap-a", 0, first)
+        manager.map_numa_node("remap-b", 0, second)
+        (rb,) = b.memory_regions()
+        before = numa_maps_at(rb.hva)
+        assert set(before.pages_per_node) == {second}, before.raw
+        manager.map_numa_node("remap-a", 0, second)  # a's cgroup would have narrowed to {second}...
+        manager.map_numa_node("remap-a", 0, first)  # ...and then to {first}: b's node dropped
+        (ra,) = a.memory_regions()
+        assert set(numa_maps_at(ra.hva).pages_per_node) == {first}
+        after = numa_maps_at(rb.hva)
+        assert after.pages_per_node == before.pages_per_node, (before.raw, after.raw)
+        assert after.policy == before.policy == f"bind:{second}", (before.raw, after.raw)
+    finally:
+        manager.destroy_vm("remap-a")
+        manager.destroy_vm("remap-b")
