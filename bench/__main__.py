@@ -31,6 +31,7 @@ from bench import (
     migratejob,
     placement,
     rawkvm,
+    repair,
     sampling,
     scale,
     vmcreate,
@@ -42,10 +43,10 @@ from kvmnumad.manager import Manager
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("idle", "lifecycle", "stop", "affinity", "dbus", "create", "scale", "hotplug", "placement",
-         "migrate", "sampling", "handover", "adopt", "migrate-job")
+         "migrate", "sampling", "handover", "adopt", "migrate-job", "repair")
 EXTRA = ("adopt-repair",)  # only when asked (--only): about 5 min in the guest, numad's 60 s wait per run
 # need 2+ host nodes (4 for placement)
-GUEST = ("hotplug", "placement", "migrate", "adopt-repair", "migrate-job")
+GUEST = ("hotplug", "placement", "migrate", "adopt-repair", "migrate-job", "repair")
 
 
 def _host() -> str:
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ("adopt", lambda: bench.adopt.adopt_to_pinned(3 if q else 20)),
         ("adopt-repair", lambda: bench.adopt.repair_vs_numad(1 if q else 3)),
         ("migrate-job", lambda: migratejob.migrate_job(manager, 1 if q else 3)),
+        ("repair", lambda: repair.repair(1 if q else 3)),
     ]
     rows: list[Row] = []
     started = time.monotonic()

@@ -19,7 +19,7 @@ from tests.numa_guest.launcher import EXIT_TIMEOUT, run_guest
 from tests.numa_guest.topology import TOPOLOGIES
 
 REPO = Path(__file__).resolve().parents[1]
-GUEST_FIGURES = ("hotplug", "placement", "migrate", "migrate-job")
+GUEST_FIGURES = ("hotplug", "placement", "migrate", "migrate-job", "repair")
 EXTRA_FIGURES = ("adopt-repair",)  # only with --only
 IN_GUEST = Path(__file__).resolve().parent / "in_guest" / "run_bench.py"
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.guest", description=__doc__)
     p.add_argument("--topology", default="4node", choices=sorted(TOPOLOGIES))
     p.add_argument("--only", action="append", choices=GUEST_FIGURES + EXTRA_FIGURES,
-                   help="the figures to run (repeatable; default all three)")
+                   help="the figures to run (repeatable; default all of GUEST_FIGURES)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rows-json", type=Path, default=None, help="also write the rows here, as JSON")
     p.add_argument("--timeout", type=float, default=1500.0)
