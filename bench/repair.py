@@ -308,14 +308,16 @@ def repair(runs: int) -> list[Row]:
 
     k, k_note = fig(ours)
     n, n_note = fig(numad)
+    moved = f"from the start of migratepages (itself {median(_moved):.1f} s)" if _moved else ""
     rows = [
         Row(
             "repair a misplaced guest (memory moved off its vCPUs' node): kvmnumad vs numad, median",
             k,
             n,
             "s",
-            f"kvmnumad {k_note} (balancing period 10 s); numad {n_note} (-S 0 -p PID, "
-            f"a busy plain process of the same shape, {SIZE_MIB} MiB, {VCPUS} threads)",
+            f"{moved}; kvmnumad {k_note} (balancing period 10 s), last: {_last.get('kvmnumad')}; "
+            f"numad {n_note} (-S 0 -p PID, a busy plain process of the same shape, {SIZE_MIB} MiB, "
+            f"{VCPUS} threads), last: {_last.get('numad')}",
         )
     ]
     if auto:
@@ -326,7 +328,8 @@ def repair(runs: int) -> list[Row]:
                 k,
                 x,
                 "s",
-                f"numa_balancing {x_note} (unpinned threads of the same busy plain process)",
+                f"numa_balancing {x_note} (unpinned threads of the same busy plain process), "
+                f"last: {_last.get('numa_balancing')}",
             )
         )
     else:
