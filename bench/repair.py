@@ -172,8 +172,11 @@ def _kvmnumad_once(daemon: Daemon, name: str, nodes: dict[int, frozenset[int]]) 
         t0 = time.monotonic()
         _migratepages(daemon.pid, home, other)
         _moved.append(time.monotonic() - t0)
+        after = pages()  # the repair may have begun already: said, not judged
         took = _wait_repaired(lambda: _local(pages(), vcpu_node()), t0)
-        _last["kvmnumad"] = _state(pages(), vcpu_node())
+        _last["kvmnumad"] = (
+            f"{_state(pages(), vcpu_node())}, right after migratepages {dict(sorted(after.items()))}"
+        )
         return took
     finally:
         _busctl(a, "call", BUS, "/org/kvmnuma1", "org.kvmnuma1.Manager", "DestroyVM", "s", name)
@@ -212,7 +215,11 @@ def _workload(cpus: frozenset[int]) -> Iterator[tuple[subprocess.Popen[str], int
 def _workload_state(
     pid: int, addr: int, nodes: dict[int, frozenset[int]]
 ) -> tuple[dict[int, int], int | None]:
-    pages = _pages(pid, lambda parts: int(parts[0], 16) == addr)
+    # The VMA holding the memory: an anonymous mapping may merge with its neighbours, so the
+    # one starting at the highest address <= addr (it is dominated by our 320 MiB).
+    with open(f"/proc/{pid}/numa_maps") as f:
+        start = max((s for s in (int(line.split()[0], 16) for line in f) if s <= addr), default=addr)
+    pages = _pages(pid, lambda parts: int(parts[0], 16) == start)
     last: set[int] = set()
     for tid in os.listdir(f"/proc/{pid}/task"):
         if int(tid) == pid:
