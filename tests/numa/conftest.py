@@ -7,6 +7,7 @@ run it (``python -m tests.numa_guest``). ``-m "not numa"`` deselects them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -93,6 +95,29 @@ def cpu_offline() -> Iterator[CpuHotplug]:
         hotplug.restore()
 
 
+@contextlib.contextmanager
+def daemon_process(address: str, *args: str, stderr: IO[bytes] | int = subprocess.DEVNULL,
+                   timeout: float = 180) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m kvmnumad --bus ADDRESS ARGS`` as its own process, returned
+    once it owns org.kvmnuma1 (an exit before that fails at once), and stopped
+    with SIGTERM (SIGKILL after 60 s) whatever happens."""
+    proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", address, *args], cwd=HERE.parents[1],
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_until(lambda: proc.poll() is not None or "org.kvmnuma1" in busctl(
+            address, "list", "--acquired", json_=False, check=False).stdout,
+                   "kvmnumad to own org.kvmnuma1", timeout=timeout)
+        assert proc.poll() is None, f"kvmnumad exited with {proc.returncode}"
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class Daemon:
     address: str
@@ -112,19 +137,6 @@ def numa_daemon(numa_daemon_bus: BusDaemon, journald: Journal,
     """kvmnumad as its own process, logging to the journal; one for the session,
     because under TCG a daemon start costs a minute or more on a loaded host."""
     stderr = tmp_path_factory.mktemp("daemon") / "kvmnumad.stderr"
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", numa_daemon_bus.address,
-                                 "--log-target", "journal"], cwd=HERE.parents[1],
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        wait_until(lambda: "org.kvmnuma1" in busctl(numa_daemon_bus.address, "list", "--acquired",
-                                                     json_=False, check=False).stdout,
-                   "kvmnumad to own org.kvmnuma1", timeout=300)
+    with stderr.open("wb") as err, daemon_process(numa_daemon_bus.address, "--log-target", "journal",
+                                                  stderr=err, timeout=300) as proc:
         yield Daemon(numa_daemon_bus.address, proc.pid, stderr)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

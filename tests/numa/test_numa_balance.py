@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests.busfixtures import BusClient, BusDaemon, busctl, start_bus_daemon
+from tests.numa.conftest import daemon_process
 from tests.observe import host_nodes, node_cpus, numa_maps_of_slot, taskset_affinity
 from tests.sysfixtures import Journal
 from tests.waiting import wait_until
@@ -57,24 +57,10 @@ def daemon(journald: Journal) -> Iterator[Daemon]:
 
 
 def _daemon(bus: BusDaemon) -> Iterator[Daemon]:
-    proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", bus.address,
-                             "--log-target", "journal", "--log-level", "info",
-                             "--sample-interval", str(PERIOD), "--balance-interval", str(PERIOD),
-                             "--balance-dwell", str(DWELL)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: proc.poll() is not None or BUS in busctl(bus.address, "list", "--acquired",
-                                                                    json_=False, check=False).stdout,
-                   "kvmnumad to own org.kvmnuma1", timeout=300)
-        assert proc.poll() is None, f"kvmnumad exited with {proc.returncode}"
+    with daemon_process(bus.address, "--log-target", "journal", "--log-level", "info",
+                        "--sample-interval", str(PERIOD), "--balance-interval", str(PERIOD),
+                        "--balance-dwell", str(DWELL), timeout=300) as proc:
         yield Daemon(proc.pid, bus.address)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def call(address: str, path: str, iface: str, method: str, sig: str = "", *args: str) -> Any:

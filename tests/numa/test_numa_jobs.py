@@ -17,9 +17,6 @@ what numa_maps and Residency must both show, to the page.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +27,7 @@ import pytest
 from dbus_fast import Message, MessageType
 
 from tests.busfixtures import BusClient, BusDaemon, busctl, start_bus_daemon
+from tests.numa.conftest import daemon_process
 from tests.observe import host_nodes, numa_maps_of_slot
 from tests.waiting import wait_until
 
@@ -73,23 +71,10 @@ def daemon(no_numa_balancing: None) -> Iterator[tuple[int, str]]:
 
 
 def _daemon(bus: BusDaemon) -> Iterator[tuple[int, str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", bus.address, "--log-target", "stderr",
-                             "--log-level", "warning", "--sample-interval", "1",
-                             "--migration-chunk-pages", str(CHUNK)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: proc.poll() is not None or BUS in busctl(bus.address, "list", "--acquired",
-                                                                    json_=False, check=False).stdout,
-                   "kvmnumad to own org.kvmnuma1", timeout=180)
-        assert proc.poll() is None, f"kvmnumad exited with {proc.returncode}"
+    with daemon_process(bus.address, "--log-target", "stderr",
+                        "--log-level", "warning", "--sample-interval", "1",
+                        "--migration-chunk-pages", str(CHUNK), timeout=180) as proc:
         yield proc.pid, bus.address
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def call(address: str, path: str, iface: str, method: str, sig: str = "", *args: str) -> Any:

@@ -11,9 +11,6 @@ node A's CPUs by taskset, and a decision recorded for every pin and binding.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import pytest
 
 from kvmnumad import cpulist
 from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
+from tests.numa.conftest import daemon_process
 from tests.observe import host_nodes, node_cpus, numa_maps_of_slot, taskset_affinity
 from tests.waiting import wait_until
 
@@ -39,22 +37,9 @@ def daemon_pid_address() -> Iterator[tuple[int, str]]:
 
 
 def _daemon(bus: BusDaemon) -> Iterator[tuple[int, str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", bus.address, "--log-target", "stderr",
-                             "--log-level", "warning", "--sample-interval", "1"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: proc.poll() is not None or BUS in busctl(bus.address, "list", "--acquired",
-                                                                    json_=False, check=False).stdout,
-                   "kvmnumad to own org.kvmnuma1", timeout=180)
-        assert proc.poll() is None, f"kvmnumad exited with {proc.returncode}"
+    with daemon_process(bus.address, "--log-target", "stderr",
+                        "--log-level", "warning", "--sample-interval", "1", timeout=180) as proc:
         yield proc.pid, bus.address
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def call(address: str, path: str, iface: str, method: str, sig: str = "", *args: str) -> Any:
