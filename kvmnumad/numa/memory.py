@@ -151,15 +151,23 @@ def move_range_to_node(addr: int, length: int, node: int, page_size: int = PAGE_
     on_node = 0
     failed: dict[int, int] = {}
     for pages in _page_addresses(addr, length, page_size):
-        status = (c_int * len(pages))()
-        targets = (c_int * len(pages))(*([node] * len(pages)))
-        libnuma.sys_move_pages((c_void_p * len(pages))(*pages), targets, status, pid=pid)
-        for s in status:
-            if s == node:
-                on_node += 1
-            elif s < 0 and s != -errno.ENOENT:
-                failed[-s] = failed.get(-s, 0) + 1
+        on_node += _move(pages, node, pid, failed)
     return on_node, failed
+
+
+def _move(pages: list[int], node: int, pid: int, failed: dict[int, int]) -> int:
+    """One move_pages(2) call: the pages now on ``node``; the others that did
+    not move counted into ``failed`` by errno (an absent page, ENOENT, is neither)."""
+    status = (c_int * len(pages))()
+    targets = (c_int * len(pages))(*([node] * len(pages)))
+    libnuma.sys_move_pages((c_void_p * len(pages))(*pages), targets, status, pid=pid)
+    on_node = 0
+    for s in status:
+        if s == node:
+            on_node += 1
+        elif s < 0 and s != -errno.ENOENT:
+            failed[-s] = failed.get(-s, 0) + 1
+    return on_node
 
 
 def move_to_node(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, *,
@@ -176,16 +184,8 @@ def move_to_node(addr: int, length: int, node: int, page_size: int = PAGE_SIZE, 
     failed: dict[int, int] = {}
     for pages in _page_addresses(addr, length, page_size):
         todo = [p for p, where in zip(pages, _query(pages, pid), strict=True) if where >= 0 and where != node]
-        if not todo:
-            continue
-        status = (c_int * len(todo))()
-        targets = (c_int * len(todo))(*([node] * len(todo)))
-        libnuma.sys_move_pages((c_void_p * len(todo))(*todo), targets, status, pid=pid)
-        for s in status:
-            if s == node:
-                moved += 1
-            elif s < 0 and s != -errno.ENOENT:
-                failed[-s] = failed.get(-s, 0) + 1
+        if todo:
+            moved += _move(todo, node, pid, failed)
     return moved, failed
 
 
