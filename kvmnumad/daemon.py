@@ -280,8 +280,10 @@ async def serve(args: argparse.Namespace, core: Restored) -> int:
         adopter = await _start_auto_adopt(manager, args.config_dir, loop)
         if args.demo:
             await asyncio.to_thread(create_demo, manager)
-        if args.address_file:
-            args.address_file.write_text(bus_spec + "\n")
+        if args.address_file:  # whole or absent: a reader polls for it (rename is atomic)
+            partial = args.address_file.with_name(args.address_file.name + ".partial")
+            partial.write_text(bus_spec + "\n")
+            partial.replace(args.address_file)
         log.info("kvmnumad %s serving org.kvmnuma1 on %s", __version__, bus_spec)
         sdnotify.notify("READY=1", f"STATUS=serving org.kvmnuma1, {len(manager.list_vms())} VM(s)")
         watchdog = sdnotify.Watchdog()

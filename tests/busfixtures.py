@@ -135,8 +135,10 @@ def daemon_process(module: str, tmp: Path, *args: str, stop: int = signal.SIGTER
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )
     try:
-        wait_until(lambda: proc.poll() is not None or address_file.is_file(), f"{module}'s bus address",
-                   timeout=60)
+        # the daemon renames the file into place whole; the newline check also covers an old one
+        wait_until(lambda: proc.poll() is not None
+                   or (address_file.is_file() and address_file.read_text().endswith("\n")),
+                   f"{module}'s bus address", timeout=60)
         assert proc.poll() is None, log.read_text()
         yield DaemonProcess(address_file.read_text().strip(), proc.pid, log)
     finally:
