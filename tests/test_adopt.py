@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from dbus_fast import Message, Variant
 
+from kvmnumad.bus.service import BUS_NAME
 from tests.busfixtures import (
-    BUS_NAME,
     MANAGER_IFACE,
     MANAGER_PATH,
     VM_IFACE,

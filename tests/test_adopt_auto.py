@@ -11,9 +11,9 @@ import pytest
 
 from kvmnumad.adopt import autoadopt
 from kvmnumad.model import Policy
-from tests.busfixtures import BusClient, DaemonProcess, daemon_process, start_bus_daemon
+from tests.busfixtures import VM_IFACE, BusClient, DaemonProcess, daemon_process, start_bus_daemon
 from tests.observe import taskset_affinity
-from tests.test_adopt import VM_IFACE, qemu, running, vcpu_tids
+from tests.test_adopt import qemu, running, vcpu_tids
 from tests.waiting import wait_until
 
 pytest_plugins = ["tests.busfixtures"]

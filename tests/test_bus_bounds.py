@@ -27,8 +27,8 @@ from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
 from kvmnumad.bus.framing import LARGEST_CALL, MAX_BODY, MAX_CPUS
+from kvmnumad.bus.service import BUS_NAME
 from tests.busfixtures import (
-    BUS_NAME,
     VM_IFACE,
     BusClient,
     BusDaemon,

@@ -182,11 +182,11 @@ def test_flood_without_reading_disconnects_mid_call_and_500_connections(daemon: 
     assert after["threads"] <= base["threads"] + 1
     assert after["rss_kib"] < base["rss_kib"] + 32 * 1024
     # and it still answers
-    c = BusClient(daemon.address)
+    client = BusClient(daemon.address)
     try:
-        assert [row[0] for row in c.manager("ListVMs")[0]] == ["big"]
+        assert [row[0] for row in client.manager("ListVMs")[0]] == ["big"]
     finally:
-        c.close()
+        client.close()
 
 
 def test_a_dead_flooders_calls_leave_no_task_in_the_dispatcher(manager: Manager) -> None:

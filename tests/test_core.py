@@ -117,7 +117,7 @@ def _bad_calls(vm: Vm) -> list[tuple[Callable[[], object], type[errors.KvmnumaEr
     ]
 
 
-def _kernel_view(vm: Vm) -> tuple[list[tuple[int, str, str | None]], dict[int, set[int]]]:
+def _kernel_view(vm: Vm) -> tuple[list[tuple[int, str, str]], dict[int, set[int]]]:
     """What the kernel says of a VM: its guest-memory mappings (start, policy, memfd) from
     numa_maps, and each vCPU thread's affinity from taskset."""
     mappings = [(e.start, e.policy, e.file) for e in numa_maps()

@@ -114,7 +114,7 @@ def test_sd_notify_ready_watchdog_stopping(bus_daemon: BusDaemon,
             got.append((time.monotonic(), sock.recv(4096).decode()))
         # READY only once the name is owned (a bus-activated client must find it)
         assert _name_owned(bus_daemon.address)
-        pings = []
+        pings: list[float] = []
         while len(pings) < 4:
             msg = sock.recv(4096).decode()
             if "WATCHDOG=1" in msg:
@@ -122,7 +122,7 @@ def test_sd_notify_ready_watchdog_stopping(bus_daemon: BusDaemon,
         gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert all(0.1 < g < 0.4 for g in gaps), gaps  # every usec/2 = 0.2 s
         proc.send_signal(signal.SIGTERM)
-        rest = []
+        rest: list[str] = []
         while not any("STOPPING=1" in m for m in rest):
             rest.append(sock.recv(4096).decode())
     finally:

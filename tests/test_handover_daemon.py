@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -166,7 +167,7 @@ def test_reexec_keeps_memory_counters_and_placement(daemon: DaemonProcess) -> No
             assert min(_page_counters(pid, fd)) >= pages_before[n] - 1  # every page moved on, none reset
     # placement re-applied, per the kernel
     assert _get(a, "acc", "DeclaredVcpuAffinity") == declared
-    tids = dict(_get(a, "acc", "VcpuThreads"))  # type: ignore[arg-type]
+    tids = dict(cast("list[tuple[int, int]]", _get(a, "acc", "VcpuThreads")))
     assert taskset_affinity(tids[1]) == {1}
     for vcpu, cpus in declared:  # type: ignore[attr-defined]
         if cpus:
@@ -355,8 +356,8 @@ def test_fd_store_keeps_memory_through_kill_9_and_releases_orphans(
         # the restarted VM's memory is the kept one (read before its vCPUs overwrite it: the boot slot
         # holds the code, which no pass touches)
         boot = _memfds(proc.pid)["kvmnumad-crash-boot"]
-        with open(f"/proc/{proc.pid}/fd/{boot}", "rb") as f:
-            assert hashlib.sha256(f.read()).hexdigest() == kept["crash.0"]
+        with open(f"/proc/{proc.pid}/fd/{boot}", "rb") as image:
+            assert hashlib.sha256(image.read()).hexdigest() == kept["crash.0"]
         wait_until(lambda: min(_progress(bus.address, "crash")) >= 1, "the vCPUs run again", timeout=60)
         assert "restarted its vCPUs from their entry state" in log.read_text()
     finally:

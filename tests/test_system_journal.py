@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from kvmnumad import journal
-from kvmnumad.journal import MESSAGE_IDS, EventKind, format_cpulist, log_event, setup_logging
+from kvmnumad.cpulist import format as format_cpulist
+from kvmnumad.journal import MESSAGE_IDS, EventKind, log_event, setup_logging
 
 if TYPE_CHECKING:
     from tests.sysfixtures import Journal

@@ -70,7 +70,7 @@ class RecordingService:
         """Close the connection and return once dbus_fast has seen it closed."""
         assert self.bus is not None
         self.bus.disconnect()
-        await self.bus.wait_for_disconnect()
+        await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]  # dbus-fast leaves it unannotated
 
     async def _connect(self) -> None:
         self.bus = await MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM).connect()

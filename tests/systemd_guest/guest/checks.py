@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -109,7 +110,7 @@ def list_vms(user: str | None = None) -> str:
 
 def memfds(pid: int) -> set[str]:
     """memfd names a process holds (``/memfd:NAME (deleted)``)."""
-    names = set()
+    names: set[str] = set()
     fd_dir = Path(f"/proc/{pid}/fd")
     try:
         fds = list(fd_dir.iterdir())
@@ -376,7 +377,7 @@ def vcpu_affinity(pid: int, vm: str) -> dict[int, set[int]]:
     which vCPU comes from VcpuThreads, checked against /proc: a task of the
     new MainPID, named vcpuN (names alone repeat across VMs)."""
     out = {}
-    for vcpu, tid in vm_prop(vm, "VcpuThreads"):  # type: ignore[union-attr]
+    for vcpu, tid in cast("list[list[int]]", vm_prop(vm, "VcpuThreads")):
         assert Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() == f"vcpu{vcpu}"
         mask = sh("taskset", "-p", str(tid)).stdout.strip().rsplit(":", 1)[1].strip()
         bits = int(mask, 16)
@@ -490,7 +491,7 @@ def test_handover_setup_a_two_node_vm_in_a_fresh_daemon() -> None:
     assert len(_fresh["affinity"]) == 4  # type: ignore[arg-type]  # vcpu0..vcpu3 (each VM counts its own)
 
 
-def _survives(action: Callable[[], None], what: str) -> None:
+def _survives(action: Callable[[], object], what: str) -> None:
     assert _fresh, "the setup test did not run"
     old = main_pid()
     cold = digests(old, COLD)
@@ -632,7 +633,10 @@ def test_handover_memfd_of_a_gone_definition_is_released() -> None:
         vm_call(vm, "Destroy")
         assert not slots(pid, vm)
         if before is not None:
-            wait_until(f"the store without {vm}", lambda b=before, k=n: n_fd_store() == b - k, T_SHORT)
+            def emptied(b: int = before, k: int = n) -> bool:
+                return n_fd_store() == b - k
+
+            wait_until(f"the store without {vm}", emptied, T_SHORT)
     sh("systemctl", "reset-failed", UNIT, check=False)
 
 
