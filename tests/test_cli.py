@@ -7,6 +7,7 @@ for the message flags the client puts on the wire.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -44,6 +45,9 @@ COMMANDS = (
     "report",
     "suggestions",
     "monitor",
+    "migrate",
+    "jobs",
+    "job-cancel",
 )
 
 
@@ -68,6 +72,13 @@ def empty_bus() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """A real bus with the real kvmnumad on it; yields (address, daemon pid)."""
+    with daemon_on_bus(tmp_path_factory) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def daemon_on_bus(tmp_path_factory: pytest.TempPathFactory, *options: str) -> Iterator[tuple[str, int]]:
+    """kvmnumad (with ``options``) on a bus of its own: (address, daemon pid) until the end."""
     address, bus_pid = start_bus()
     ready = tmp_path_factory.mktemp("kvmnumad") / "address"
     daemon = subprocess.Popen(
@@ -83,6 +94,7 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
             "warning",
             "--log-target",
             "stderr",
+            *options,
         ],
         cwd=ROOT,
     )
@@ -198,6 +210,11 @@ USAGE_ERRORS = [
     (["numa", "x", "enable"], "needs a node count"),
     (["numa", "x", "disable", "2"], "takes no node count"),
     (["--bus", "nonsense", "list"], "invalid bus 'nonsense'"),
+    (["migrate", "x", "a", "0"], "GUEST_NODE"),
+    (["migrate", "x", "0"], "required: HOST_NODE"),
+    (["migrate", "x", "0", "0", "--slot", "-1"], "--slot"),
+    (["job-cancel", "web"], "invalid job 'web'"),
+    (["job-cancel", "/org/kvmnuma1/vm/web"], "invalid job"),
 ]
 
 
@@ -588,6 +605,9 @@ def test_every_command_prints_one_json_object(bus: tuple[str, int]) -> None:
         assert vm_prop(address, name, "NodeMap") == [0, 0]
         memory = run("memory", name, "1", "8M", "0x1000000")
         assert memory == {"vm": name, "node": 1, "size": 8 << 20, "gpa": 16 << 20, "slot": memory["slot"]}
+        migrated = run("migrate", name, "1", "0")  # job-cancel: tests/test_cli_jobs.py (a job that lasts)
+        assert migrated["result"] == "done" and migrated["job"] == f"/org/kvmnuma1/job/{migrated['id']}"
+        assert run("jobs") == {"jobs": []} and manager_call(address, "ListJobs") == [[]]
         regions = {r[0]: r for r in vm_prop(address, name, "MemoryRegions")}
         assert regions[memory["slot"]][1:5] == [16 << 20, 8 << 20, 1, 0]
         assert run("bind", name, "1", "1") == {"vm": name, "vcpu": 1, "node": 1}
@@ -630,4 +650,4 @@ def test_every_command_prints_one_json_object(bus: tuple[str, int]) -> None:
         assert isinstance(report["report"], str)
     suggestions = run("suggestions")["suggestions"]
     assert all(set(s) == {"vm", "action", "reason"} for s in suggestions)
-    assert used == set(COMMANDS) - {"monitor"}
+    assert used == set(COMMANDS) - {"monitor", "job-cancel"}

@@ -21,6 +21,8 @@ SERVICE = "org.kvmnuma1"
 MANAGER_PATH = "/org/kvmnuma1"
 MANAGER_IFACE = "org.kvmnuma1.Manager"
 VM_IFACE = "org.kvmnuma1.VM"
+JOB_IFACE = "org.kvmnuma1.Job"
+JOB_PATH_PREFIX = "/org/kvmnuma1/job/"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
 DBUS_NAME = "org.freedesktop.DBus"
@@ -35,6 +37,15 @@ class BusError(Exception):
     def __init__(self, name: str, message: str) -> None:
         super().__init__(f"{name}: {message}")
         self.name = name
+        self.message = message
+
+
+class Interrupted(Exception):
+    """Ctrl-C, after what it stopped was put right (a migration job cancelled):
+    exit status 130 as for any Ctrl-C, with ``message`` saying what was left."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
         self.message = message
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from kvmnumad.cli.client import BusChoice, BusError, Client, connect, parse_bus
+from kvmnumad.cli.client import BusChoice, BusError, Client, Interrupted, connect, parse_bus
 from kvmnumad.cli.parser import PROG, build_parser, wants_json
 from kvmnumad.cli.values import UsageError
 
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         short = e.name.rsplit(".", 1)[-1]
         fail(args.json, e.name, e.message, f"{PROG}: {short}: {e.message}".rstrip(": "))
         return 1
+    except Interrupted as e:
+        fail(args.json, "interrupted", e.message, f"{PROG}: {e.message}")
+        return 130
     except KeyboardInterrupt:
         if args.json:
             fail(True, "interrupted", "interrupted by SIGINT", "")

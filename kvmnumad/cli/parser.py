@@ -30,6 +30,7 @@ from kvmnumad.cli.commands import (
     cmd_topology,
     vm_call,
 )
+from kvmnumad.cli.jobs import cmd_job_cancel, cmd_jobs, cmd_migrate, job_path
 from kvmnumad.cli.monitor import cmd_monitor
 from kvmnumad.cli.values import UsageError, argtype, parse_cpulist, parse_size, parse_u32
 
@@ -188,4 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", dest="wait", action="store_false",
                    help="return after the reply, before the name is owned again")
     p.add_argument("--wait-timeout", type=float, default=60.0, metavar="SECONDS", help=argparse.SUPPRESS)
+    p = add("migrate", cmd_migrate,
+            "move a guest node's memory to a host node as a job, live, and follow it to its end")
+    _vm_arg(p)
+    p.add_argument("node", type=parse_u32, metavar="GUEST_NODE")
+    p.add_argument("host_node", type=parse_u32, metavar="HOST_NODE")
+    p.add_argument("--slot", type=parse_u32, metavar="N", help="move only this memory slot of the guest node")
+    p.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="print the job's path and return; the job runs on")
+    add("jobs", cmd_jobs, "list the running memory migration jobs")
+    p = add("job-cancel", cmd_job_cancel, "cancel a memory migration job (what moved stays moved)")
+    p.add_argument("job", type=argtype(job_path), metavar="JOB",
+                   help="its number, as 'jobs' lists it, or its path")
     return parser
