@@ -15,7 +15,9 @@ jobs and the VM, ``busctl monitor`` for what the client sent while it waited.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import os
 import queue
 import re
 import signal
@@ -110,6 +112,31 @@ def test_migrate_waits_for_the_job_and_exits_0_when_done(bus: tuple[str, int]) -
     (path,) = manager_call(address, "GetVM", "s", vm)
     decisions = busctl(address, "call", "org.kvmnuma1", path, "org.kvmnuma1.VM", "GetDecisions")["data"][0]
     assert any(d[0] == "guest node 0" and d[2] == "caller-migrate" for d in decisions), decisions
+
+
+def test_progress_is_one_line_on_a_terminal(bus: tuple[str, int]) -> None:
+    """On a terminal (stderr a pty) the job's progress is a line rewritten in place, ended
+    once the job is; a pipe, as in the other tests, gets none of it."""
+    address, _pid = bus
+    master, slave = os.openpty()
+    try:
+        r = subprocess.run([*CLI, "--bus", address, "migrate", "cli-short", "0", "0"],
+                           stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, text=True,
+                           cwd=ROOT, timeout=30, check=False)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the pty's last writer is gone
+            while chunk := os.read(master, 4096):
+                shown += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert r.returncode == 0 and r.stdout == ""
+    text = shown.decode()
+    assert re.fullmatch(r"(\r\S[^\r\n]*\x1b\[K)+\r?\n", text), text  # \r rewrites, \x1b[K clears the rest
+    assert re.search(r"job \d+ \(cli-short guest node 0 to host node 0\): 0/0 pages moved", text), text
 
 
 class Monitor:

@@ -80,7 +80,12 @@ class JobWatch:
             await self.c.call(DBUS_PATH, DBUS_NAME, "AddMatch", signature="s", body=[rule],
                               destination=DBUS_NAME)
         lost = asyncio.ensure_future(self.c.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
-        lost.add_done_callback(lambda _f: self._lose("the bus connection closed"))
+        lost.add_done_callback(self._disconnected)
+
+    def _disconnected(self, f: asyncio.Future[Any]) -> None:
+        if not f.cancelled():
+            f.exception()  # the reason is the bus's; retrieved so that asyncio does not log it
+        self._lose("the bus connection closed")
 
     def _lose(self, why: str) -> None:
         self.lost = self.lost or why
