@@ -40,6 +40,7 @@ from tests.test_cli import (
     ok,
     ok_json,
     one_error_line,
+    read_until,
     vm_prop,
 )
 from tests.waiting import wait_until
@@ -137,6 +138,27 @@ def test_progress_is_one_line_on_a_terminal(bus: tuple[str, int]) -> None:
     text = shown.decode()
     assert re.fullmatch(r"(\r\S[^\r\n]*\x1b\[K)+\r?\n", text), text  # \r rewrites, \x1b[K clears the rest
     assert re.search(r"job \d+ \(cli-short guest node 0 to host node 0\): 0/0 pages moved", text), text
+
+
+def test_monitor_prints_job_signals(bus: tuple[str, int]) -> None:
+    address, _pid = bus
+    proc = subprocess.Popen([*CLI, "--bus", address, "monitor", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stderr is not None
+        assert "Monitoring org.kvmnuma1" in proc.stderr.readline()
+        done = ok_json(address, "migrate", "cli-short", "0", "0")
+        new = json.loads(read_until(proc, lambda s: '"JobNew"' in s))
+        removed = json.loads(read_until(proc, lambda s: '"JobRemoved"' in s))
+        (vm_path,) = manager_call(address, "GetVM", "s", "cli-short")
+        assert new["vm"] == "cli-short"
+        assert new["args"] == {"id": done["id"], "job": done["job"], "vm": vm_path}
+        assert removed["vm"] == "cli-short" and removed["args"]["result"] == "done"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 class Monitor:

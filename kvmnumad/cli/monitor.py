@@ -37,7 +37,13 @@ _SIGNALS = {
     (PROPERTIES_IFACE, "PropertiesChanged"): ("interface", "changed", "invalidated"),
     (OBJECT_MANAGER_IFACE, "InterfacesAdded"): ("path", "interfaces"),
     (OBJECT_MANAGER_IFACE, "InterfacesRemoved"): ("path", "interfaces"),
+    (MANAGER_IFACE, "JobNew"): ("id", "job", "vm"),
+    (MANAGER_IFACE, "JobRemoved"): ("id", "job", "vm", "result"),
 }
+
+
+def member_is_job(msg: Message) -> bool:
+    return msg.interface == MANAGER_IFACE and msg.member in ("JobNew", "JobRemoved")
 
 
 class Monitor:
@@ -66,7 +72,8 @@ class Monitor:
             props = args["interfaces"].get(VM_IFACE, {})
             if "Name" in props:
                 self.names[args["path"]] = plain(props["Name"])
-        vm = self.names.get(args.get("path", path), "")
+        # the object a signal is about: an added or removed one, a job's VM, else the sender's
+        vm = self.names.get(args.get("path", args["vm"] if member_is_job(msg) else path), "")
         self.emit(msg.member or "", path, args, vm)
         if msg.member == "InterfacesRemoved":
             self.names.pop(args["path"], None)
@@ -98,6 +105,9 @@ class Monitor:
             return f"{where} {a['path']} {' '.join(sorted(a['interfaces']))}"
         if member == "InterfacesRemoved":
             return f"{where} {a['path']} {' '.join(a['interfaces'])}"
+        if member in ("JobNew", "JobRemoved"):
+            result = f" result={a['result']}" if "result" in a else ""
+            return f"job={a['id']} {where if vm else 'vm=' + a['vm']} {a['job']}{result}"
         if member == "ServiceOwnerChanged":
             return f"{SERVICE} {'appeared' if a['new'] else 'vanished'} {a['new'] or a['old']}"
         return where
