@@ -222,16 +222,12 @@ async def _follow(c: Client, watch: JobWatch, path: str, interrupt: asyncio.Even
                   sent: dict[str, Any], *, as_json: bool) -> None:
     progress = _Progress(not as_json and sys.stderr.isatty())
     await watch.read(path)
-    result = None
     try:
-        while result is None:
+        while path not in watch.results and not watch.lost and not interrupt.is_set():
             progress.show(_progress_text(path, watch.props.get(path, {})))
-            if path in watch.results or watch.lost or interrupt.is_set():
-                result = await watch.outcome(path, interrupt)
-                if result is None:
-                    break
-            else:
-                await watch.next_change(interrupt)
+            await watch.next_change(interrupt)
+        progress.show(_progress_text(path, watch.props.get(path, {})))
+        result = await watch.outcome(path, interrupt)
         if result is None:  # Ctrl-C: cancel, then wait for what the job left
             progress.end()
             if not as_json:  # with --json, stderr holds the one error object
