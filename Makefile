@@ -50,6 +50,7 @@ lint: deps
 	$(VENV)/bin/mypy --strict kvmnumad/kvm kvmnumad/numa
 	$(VENV)/bin/mypy kvmnumad
 	$(VENV)/bin/mypy --strict bench
+	$(VENV)/bin/mypy tests
 
 test: deps lint test-host bench-quick test-numa test-systemd  # the guests last: their closing line "N passed, N failed" ends the run
 
