@@ -155,3 +155,19 @@ def numa_daemon(numa_daemon_bus: BusDaemon, journald: Journal,
     with stderr.open("wb") as err, daemon_process(numa_daemon_bus.address, "--log-target", "journal",
                                                   stderr=err, timeout=300) as proc:
         yield Daemon(numa_daemon_bus.address, proc.pid, stderr)
+
+
+JOB_CHUNK_PAGES = 128  # --migration-chunk-pages: 512 chunks for a 256 MiB node, a job long enough to watch
+
+
+@pytest.fixture(scope="session")
+def sampling_daemon() -> Iterator[tuple[int, str]]:
+    """kvmnumad sampling every second, its jobs moving small chunks: (pid, address).
+
+    The optimizer and migration-job tests share it (each used to start its own):
+    under TCG a daemon start costs some 40 s of the guest's minutes.  Its own bus
+    keeps its signals out of the session daemon's tests."""
+    with start_bus_daemon() as bus, daemon_process(
+            bus.address, "--log-target", "stderr", "--log-level", "warning", "--sample-interval", "1",
+            "--migration-chunk-pages", str(JOB_CHUNK_PAGES), timeout=180) as proc:
+        yield proc.pid, bus.address

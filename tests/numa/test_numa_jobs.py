@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 from dbus_fast import Message, MessageType
 
-from tests.busfixtures import BusClient, BusDaemon, busctl, start_bus_daemon
-from tests.numa.conftest import daemon_process
+from tests.busfixtures import BusClient, busctl
+from tests.numa.conftest import JOB_CHUNK_PAGES
 from tests.observe import host_nodes, numa_maps_of_slot
 from tests.waiting import wait_until
 
@@ -39,7 +39,7 @@ JOB_IFACE = "org.kvmnuma1.Job"
 MiB = 1 << 20
 SIZE = 256 * MiB
 PAGES = SIZE // 4096
-CHUNK = 128  # pages per chunk (--migration-chunk-pages)
+CHUNK = JOB_CHUNK_PAGES  # pages per chunk of the daemon's jobs
 
 
 BALANCING = Path("/proc/sys/kernel/numa_balancing")
@@ -65,16 +65,8 @@ def no_numa_balancing() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def daemon(no_numa_balancing: None) -> Iterator[tuple[int, str]]:
-    with start_bus_daemon() as bus:
-        yield from _daemon(bus)
-
-
-def _daemon(bus: BusDaemon) -> Iterator[tuple[int, str]]:
-    with daemon_process(bus.address, "--log-target", "stderr",
-                        "--log-level", "warning", "--sample-interval", "1",
-                        "--migration-chunk-pages", str(CHUNK), timeout=180) as proc:
-        yield proc.pid, bus.address
+def daemon(no_numa_balancing: None, sampling_daemon: tuple[int, str]) -> tuple[int, str]:
+    return sampling_daemon
 
 
 def call(address: str, path: str, iface: str, method: str, sig: str = "", *args: str) -> Any:

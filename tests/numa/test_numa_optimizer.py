@@ -11,15 +11,13 @@ node A's CPUs by taskset, and a decision recorded for every pin and binding.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kvmnumad import cpulist
-from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
-from tests.numa.conftest import daemon_process
+from tests.busfixtures import busctl
 from tests.observe import host_nodes, node_cpus, numa_maps_of_slot, taskset_affinity
 from tests.waiting import wait_until
 
@@ -30,16 +28,9 @@ BUS, MGR, MGR_IFACE, VM_IFACE = "org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.M
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def daemon_pid_address() -> Iterator[tuple[int, str]]:
-    with start_bus_daemon() as bus:
-        yield from _daemon(bus)
-
-
-def _daemon(bus: BusDaemon) -> Iterator[tuple[int, str]]:
-    with daemon_process(bus.address, "--log-target", "stderr",
-                        "--log-level", "warning", "--sample-interval", "1", timeout=180) as proc:
-        yield proc.pid, bus.address
+@pytest.fixture
+def daemon_pid_address(sampling_daemon: tuple[int, str]) -> tuple[int, str]:
+    return sampling_daemon
 
 
 def call(address: str, path: str, iface: str, method: str, sig: str = "", *args: str) -> Any:
