@@ -28,16 +28,18 @@ from tests.waiting import wait_until
 
 HERE = Path(__file__).resolve().parent
 
-# Modules the memory-only-node guest does not run: each proves a feature whose rule 3
-# home is the 2- and 4-node guests (balancing, the storm, adoption, handover), and with
-# one CPU node memonly would rerun it with less to place, at some 6 min of `make test`.
-# What memonly is for (policies, memory moves and jobs to a node without CPUs, residency,
-# re-pins when the one CPU node loses CPUs) runs there in full.
+# Modules the memory-only-node guest does not run: each proves a feature whose home is
+# the 2- and 4-node guests (rule 3; the optimizer's issue names them), and with one CPU
+# node memonly would rerun it with less to place, at some 8 min of `make test`.  What
+# memonly is for (policies and their admission, MapNumaNode to and from a node without
+# CPUs, numa_maps placement, re-pins when the one CPU node loses CPUs) runs there in full.
 NOT_ON_MEMONLY = {
     "test_numa_balance.py": "balancing moves vCPUs between CPU nodes; memonly has one",
     "test_numa_hotplug_storm.py": "the storm runs on 2 and 4 nodes; memonly's hotplug test re-pins there",
     "test_numa_adopt.py": "adoption's placement is proven on 2 and 4 nodes",
     "test_numa_handover.py": "the restart handover is proven on 2 and 4 nodes",
+    "test_numa_jobs.py": "migration jobs are proven on 2 and 4 nodes (MapNumaNode runs one here)",
+    "test_numa_optimizer.py": "the misplaced-VM acceptance is on 2 and 4 nodes",
 }
 
 
