@@ -209,10 +209,14 @@ def _meminfo(path: Path) -> tuple[int, int]:
     return fields.get("MemTotal:", 0), fields.get("MemFree:", 0)
 
 
-def _read_nodes(node_dir: Path) -> dict[int, _RawNode]:
+def _node_ids(node_dir: Path) -> list[int]:
     online = _read(node_dir / "online", "").strip()
+    return sorted(parse_cpulist(online) if online else _ids(node_dir, _NODE_DIR))
+
+
+def _read_nodes(node_dir: Path) -> dict[int, _RawNode]:
     out: dict[int, _RawNode] = {}
-    for nid in sorted(parse_cpulist(online) if online else _ids(node_dir, _NODE_DIR)):
+    for nid in _node_ids(node_dir):
         d = node_dir / f"node{nid}"
         cpus = parse_cpulist(_read(d / "cpulist", "")) | _ids(d, _CPU_DIR)
         row = [int(x) for x in _read(d / "distance", "").split()]
@@ -275,10 +279,12 @@ def read_free_memory(sysfs: Path = Path("/sys")) -> dict[int, int]:
     start kept its free memory while VMs became resident (issue 12 finding 3:
     the planner saw 23.05 GiB free when the kernel said 22.03)."""
     node_dir = sysfs / "devices/system/node"
-    raw = _read_nodes(node_dir) if node_dir.is_dir() else {0: _RawNode(frozenset(), 0, 0, [10])}
-    if len(raw) == 1:
-        return {nid: int(psutil.virtual_memory().free) for nid in raw}
-    return {nid: r.mem_free for nid, r in raw.items()}
+    nids = _node_ids(node_dir) if node_dir.is_dir() else [0]
+    if len(nids) == 1:
+        return {nid: int(psutil.virtual_memory().free) for nid in nids}
+    # Only the meminfo files: the whole _read_nodes (cpulists, a listing of each node's
+    # directory) costs ten times as much, and the sampler reads this every period.
+    return {nid: _meminfo(node_dir / f"node{nid}" / "meminfo")[1] for nid in nids}
 
 
 def with_free_memory(topo: HostTopology, free: dict[int, int]) -> HostTopology:
