@@ -61,9 +61,12 @@ def sampling(manager: Manager, runs: int) -> list[Row]:
         tids = [tid for vm in vms for _, tid in vm.vcpu_threads()]
         _wait_halted(manager, made)
         topo = manager.topology()
-        steady = Sampler()
-        steady.take(vms, topo)  # the first sample reads everything; the timer's next ones need not
-        idle = [_cpu_ms(lambda: steady.take(vms, topo)) for _ in range(runs)]
+        steady = Sampler(keep_open=True)  # as the timer's (Manager's): its files stay open
+        try:
+            steady.take(vms, topo)  # the first sample reads everything; the timer's next ones need not
+            idle = [_cpu_ms(lambda: steady.take(vms, topo)) for _ in range(runs)]
+        finally:
+            steady.close()
         fresh = [_cpu_ms(lambda: Sampler().take(vms, topo)) for _ in range(runs)]
         floor = [_cpu_ms(lambda: _floor(tids)) for _ in range(runs)]
         floor_vcpus = [_cpu_ms(lambda: _schedstats(tids)) for _ in range(runs)]

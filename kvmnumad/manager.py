@@ -101,7 +101,7 @@ class Manager:
         self._reserved: dict[int, Usage] = {}  # uid -> what creations and additions in flight will add
         self.cpusets = CpusetBackend.detect() if cpusets else None
         self.decisions = explain.DecisionLog()  # why each VM's placements are what they are
-        self._sampler = sample.Sampler()
+        self._sampler = sample.Sampler(keep_open=True)  # the timer's: its files stay open between samples
         self._jobs: dict[int, MigrationJob] = {}  # running memory migration jobs by id
         self._jobs_lock = threading.Lock()  # taken before a VM's lock, never under it
         self._job_ids = itertools.count(1)
@@ -448,6 +448,7 @@ class Manager:
                 failure = e
             self.decisions.forget(name)
             self.balancer.forget(name)
+            self._sampler.forget(name)
             failed = f", its release failed: {failure}" if failure is not None else ""
             log_event("vm-destroyed", f"VM {name} destroyed{failed}", vm=name, reason="api")
             self._emit(VmRemoved(name))
@@ -498,6 +499,7 @@ class Manager:
             self._kvm = None
         if self.cpusets is not None:
             self.cpusets.close()
+        self._sampler.close()
 
     # ------------------------------------------------------------------ adopted processes
     def adopt_process(self, pid: int, options: discovery.AdoptOptions, owner: int = 0,
@@ -569,6 +571,7 @@ class Manager:
             del self._vms[name]
         vm.release()
         self.decisions.forget(name)
+        self._sampler.forget(name)
         log_event("vm-destroyed", f"adopted VM {name} released ({reason}): {vm.vmm or 'VMM'} process "
                   f"{vm.pid}", vm=name, reason=reason)
         self._emit(VmRemoved(name))

@@ -12,6 +12,8 @@ The aggregation below is pure: (facts read) -> figures.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -52,10 +54,11 @@ def process_of(vm: object) -> str:
 
 
 class _Seen(NamedTuple):
-    cpu_time_ns: int
-    cpu: int
-    migrations: int
-    affinity: frozenset[int]
+    """A vCPU thread's schedstat path, its last line as read, and the figures made of it."""
+
+    path: str
+    raw: bytes
+    sample: VcpuSample
 
 
 def residency(regions: Sequence[MemoryRegionInfo], node_map: Sequence[int], numa_enabled: bool,
@@ -117,11 +120,16 @@ RESIDENCY_EVERY = 10  # samples between numa_maps reads at the most (see Sampler
 
 
 class Sampler:
-    """See the module docstring.  Not thread-safe: one taker at a time (the timer)."""
+    """See the module docstring.  Not thread-safe: one taker at a time (the
+    timer); ``forget`` and ``close`` may come from any thread."""
 
-    def __init__(self, residency_every: int = RESIDENCY_EVERY) -> None:
+    def __init__(self, residency_every: int = RESIDENCY_EVERY, *, keep_open: bool = False) -> None:
         """``residency_every=1``: numa_maps on every take (the balancer's, which
-        must see pages that someone else moved)."""
+        must see pages that someone else moved).  ``keep_open``: the files a
+        take reads stay open for the next (probe.KeptFiles: a sixth of the
+        cost), one per vCPU thread and up to three for one that ran; for a
+        sampler that takes again and again, whose owner calls ``forget`` when
+        a VM goes and ``close`` at the end."""
         self._residency_every = residency_every
         self._cpu_times: list[Any] | None = None
         self._seen: dict[int, _Seen] = {}
@@ -129,9 +137,19 @@ class Sampler:
         self._since = 0
         self._fresh = True
         self._pages: Mapping[int, Mapping[int, int]] = {}
+        self._generation = 0  # of self._pages: a VM's residency is made again when it moves on
+        self._files = probe.KeptFiles() if keep_open else None
+        self._read: probe.Read = self._files.read if self._files is not None else probe.read_file
+        self._topo: HostTopology | None = None
+        self._last: dict[str, tuple[tuple[object, ...], VmSample]] = {}  # per VM: its sample and what made it
+        self._lock = threading.Lock()
+        self._threads: dict[str, tuple[str, list[int]]] = {}  # per VM: (pid, tids) of its last take
+        self._forgotten: set[str] = set()  # VMs forgotten since the take under way began
 
     def take(self, vms: Sequence[SampledVm], topo: HostTopology) -> Sample:
         started = time.thread_time()
+        with self._lock:
+            self._forgotten.clear()
         seen: dict[int, _Seen] = {}
         regions = {}
         for vm in vms:
@@ -142,50 +160,142 @@ class Sampler:
         # them.  An adopted VM's is its VMM's (a mapping address of another
         # address space): read from that process, each sample.
         pages_at = self._pages_at({vm.name: regions[vm.name] for vm in vms if process_of(vm) == "self"})
+        # A topology re-read (hotplug) makes every vCPU's figures afresh: their CPUs' nodes may differ
+        previous = self._seen if topo is self._topo else {}
+        self._topo = topo
         vm_samples = {}
+        last: dict[str, tuple[tuple[object, ...], VmSample]] = {}
+        threads: dict[str, tuple[str, list[int]]] = {}
         for vm in vms:
             pid = process_of(vm)
-            own = pid == "self"
+            # An adopted VM's pages are read afresh each take: a token that never matches
+            pages, token = ((pages_at, self._generation) if pid == "self" else
+                            (probe.numa_maps([r.hva for r in regions[vm.name]], pid), object()))
             try:
-                vm_samples[vm.name] = measure_vm(
-                    vm, topo, self._seen, seen, regions=regions[vm.name],
-                    pages_at=pages_at if own else probe.numa_maps([r.hva for r in regions[vm.name]], pid))
+                made = self._measure(vm, topo, previous=previous, seen=seen, regions=regions[vm.name],
+                                     pages_at=pages, token=token, pid=pid)
             except NoSuchVM:
                 continue  # destroyed under the sample: its removal is an event of its own
+            vm_samples[vm.name] = made[1]
+            last[vm.name] = made
+            threads[vm.name] = (pid, [v.tid for v in made[1].vcpus])
         self._seen = seen  # threads of VMs gone are forgotten here
+        self._last = last
         after = list(psutil.cpu_times(percpu=True))
         busy = busy_fractions(self._cpu_times, after)
         self._cpu_times = after
-        nodes = host_nodes(topo, busy, read_free_memory(), list(vm_samples.values()), probe.numastat)
+        nodes = host_nodes(topo, busy, read_free_memory(), list(vm_samples.values()),
+                           lambda node: probe.numastat(node, self._read))
+        self._keep(threads)
         return Sample(time.time(), vm_samples, nodes, time.thread_time() - started, self._fresh)
+
+    def _keep(self, threads: dict[str, tuple[str, list[int]]]) -> None:
+        """Close the files this take did not read (threads and VMs gone, files
+        of a vCPU that did not run), and those of VMs forgotten while it ran."""
+        if self._files is None:
+            return
+        with self._lock:
+            for name in self._forgotten:
+                if name in threads:
+                    self._files.discard(_paths(*threads.pop(name)))
+            self._threads = threads
+            self._files.retain_read()
+
+    def forget(self, vm: str) -> None:
+        """The VM is gone: close its threads' files now (and, at its end, those
+        the take under way opened for it)."""
+        if self._files is None:
+            return
+        with self._lock:
+            self._forgotten.add(vm)
+            if vm in self._threads:
+                self._files.discard(_paths(*self._threads.pop(vm)))
+
+    def close(self) -> None:
+        if self._files is not None:
+            self._files.close()
+
+    def open_files(self) -> set[str]:
+        """The files kept open (for the tests' cross-check against /proc/PID/fd)."""
+        return self._files.paths() if self._files is not None else set()
+
+    def _measure(self, vm: SampledVm, topo: HostTopology, *, previous: Mapping[int, _Seen],
+                 seen: dict[int, _Seen], regions: Sequence[MemoryRegionInfo],
+                 pages_at: Mapping[int, Mapping[int, int]], token: object,
+                 pid: str) -> tuple[tuple[object, ...], VmSample]:
+        """One VM, the previous sample's objects kept where nothing changed:
+        an idle VM's sample is the same VmSample again, no churn."""
+        node_map = tuple(vm.node_map)
+        numa = vm.numa_enabled
+        guests = vm.numa_nodes if numa else 0
+        key = (tuple(regions), node_map, numa, token)
+        before = self._last.get(vm.name)
+        if before is not None and before[0] == key:
+            nodes = before[1].residency
+        else:
+            nodes = residency(regions, node_map, numa, pages_at)
+        threads = vm.vcpu_threads()
+        count = len(threads)
+        read = self._read
+        vcpus = []
+        for index, tid in threads:
+            guest = guest_node_of_vcpu(index, count, guests) if guests else 0
+            last = previous.get(tid)
+            if last is not None:
+                # The steady case inline (a function call per vCPU is a tenth of the sample)
+                raw = read(last.path)
+                old = last.sample
+                if raw == last.raw and old.vcpu == index and old.guest_node == guest \
+                        and _affinity(tid) == old.affinity:
+                    seen[tid] = last
+                    vcpus.append(old)
+                    continue
+            else:
+                raw = read(probe.task_path(pid, tid, "schedstat"))
+            vcpus.append(_vcpu(index, tid, guest, topo, raw=raw, last=last, seen=seen, pid=pid, read=read))
+        made = tuple(vcpus)
+        if before is not None:
+            old_vm = before[1]
+            if old_vm.residency is nodes and old_vm.vcpus == made and old_vm.node_map == node_map \
+                    and old_vm.numa_enabled == numa:
+                return key, old_vm
+        return key, VmSample(vm.name, numa, node_map, nodes, made)
 
     def _pages_at(self, regions: Mapping[str, Sequence[MemoryRegionInfo]]) -> Mapping[int, Mapping[int, int]]:
         """numa_maps, read again only when residency may have changed.
 
         One read costs in proportion to *all* the process's mappings (each
-        vCPU thread adds a stack, its guard and a kvm_run mapping): 11 ms for
-        64 VMs of 4 vCPUs here, twice the budget of a whole sample.  So it is
-        read when the process's resident shared memory (RssShmem: guest memory
-        is shmem) or the set of regions and their nodes changed since the last
-        read, and at least every RESIDENCY_EVERY samples for what neither
-        shows (pages moved by someone else, e.g. migratepages).
+        vCPU thread adds a stack, its guard and a kvm_run mapping) and to the
+        guest pages it walks: 9 ms for 64 VMs of 4 vCPUs and 512 MiB here,
+        twice the budget of a whole sample (a move_pages query of the same
+        pages costs 25 ms).  So it is read when the process's resident shared
+        memory (RssShmem: guest memory is shmem) or the set of regions and
+        their nodes changed since the last read, and at least every
+        RESIDENCY_EVERY samples for what neither shows (pages moved by
+        someone else, e.g. migratepages).
         """
-        key = (probe.rss_shmem(), tuple(sorted((r.hva, r.size, r.host_node) for rs in regions.values()
-                                               for r in rs)))
+        key = (probe.rss_shmem(self._read),
+               tuple(sorted((r.hva, r.size, r.host_node) for rs in regions.values() for r in rs)))
         self._fresh = key != self._key or self._since >= self._residency_every - 1
         if self._fresh:
             self._pages = probe.numa_maps([r.hva for rs in regions.values() for r in rs])
             self._key, self._since = key, 0
+            self._generation += 1
         else:
             self._since += 1
         return self._pages
 
 
+_FILES = ("schedstat", "stat", "sched")  # what a vCPU's sample may read (probe.py)
 
-def measure_vm(vm: SampledVm, topo: HostTopology, previous: Mapping[int, _Seen] | None = None,
-               seen: dict[int, _Seen] | None = None, *, regions: Sequence[MemoryRegionInfo] | None = None,
+
+def _paths(pid: str, tids: list[int]) -> list[str]:
+    return [probe.task_path(pid, tid, name) for tid in tids for name in _FILES]
+
+
+def measure_vm(vm: SampledVm, topo: HostTopology, *, regions: Sequence[MemoryRegionInfo] | None = None,
                pages_at: Mapping[int, Mapping[int, int]] | None = None) -> VmSample:
-    """One VM now (stateless without ``previous``: every figure read)."""
+    """One VM now, every figure read (a new bus object's first values)."""
     if regions is None:
         regions = vm.memory_regions()
     node_map = tuple(vm.node_map)
@@ -193,29 +303,40 @@ def measure_vm(vm: SampledVm, topo: HostTopology, previous: Mapping[int, _Seen] 
     pid = process_of(vm)
     if pages_at is None:
         pages_at = probe.numa_maps([r.hva for r in regions], pid) if regions else {}
-    vcpus = []
     threads = vm.vcpu_threads()
     guests = vm.numa_nodes if numa else 0
-    for index, tid in threads:
-        guest = guest_node_of_vcpu(index, len(threads), guests) if guests else 0
-        vcpus.append(_vcpu(index, tid, guest, topo, previous=previous or {}, seen=seen, pid=pid))
-    nodes = residency(regions, node_map, numa, pages_at)
-    return VmSample(vm.name, numa, node_map, nodes, tuple(vcpus))
+    read = probe.read_file
+    vcpus = tuple(_vcpu(index, tid, guest_node_of_vcpu(index, len(threads), guests) if guests else 0, topo,
+                        raw=read(probe.task_path(pid, tid, "schedstat")), last=None, seen=None, pid=pid,
+                        read=read)
+                  for index, tid in threads)
+    return VmSample(vm.name, numa, node_map, residency(regions, node_map, numa, pages_at), vcpus)
 
 
-def _vcpu(index: int, tid: int, guest_node: int, topo: HostTopology, *, previous: Mapping[int, _Seen],
-          seen: dict[int, _Seen] | None, pid: str = "self") -> VcpuSample:
-    stat = probe.schedstat(tid, pid)
-    cpu_ns, delay_ns = stat if stat is not None else (0, 0)
-    last = previous.get(tid)
-    if last is not None and stat is not None and last.cpu_time_ns == cpu_ns:
-        # Not run since: the kernel cannot have moved it (a sleeping task
-        # changes CPU only when it wakes, and then it runs).
-        now = _Seen(cpu_ns, last.cpu, last.migrations, probe.affinity(tid))
+def _affinity(tid: int) -> set[int] | frozenset[int]:
+    try:
+        return os.sched_getaffinity(tid)
+    except OSError:
+        return frozenset()
+
+
+def _vcpu(index: int, tid: int, guest_node: int, topo: HostTopology, *, raw: bytes | None, last: _Seen | None,
+          seen: dict[int, _Seen] | None, pid: str, read: probe.Read) -> VcpuSample:
+    """One vCPU from its schedstat line ``raw`` and ``last``, its figures of
+    the previous take.  A CPU time that has not moved means the thread has
+    not run since: the kernel cannot have moved it (a sleeping task changes
+    CPU only when it wakes, and then it runs), so its stat and sched are not
+    read again."""
+    if raw is None:  # gone: no figures, and nothing kept of it
+        return VcpuSample(index, tid, guest_node, 0, 0, -1, -1, 0, frozenset(_affinity(tid)))
+    cpu_ns, delay_ns = probe.parse_schedstat(raw)
+    if last is not None and last.sample.cpu_time_ns == cpu_ns:
+        cpu, migrations = last.sample.cpu, last.sample.migrations
     else:
-        now = _Seen(cpu_ns, probe.last_cpu(tid, pid), probe.migrations(tid, pid), probe.affinity(tid))
-    if seen is not None and stat is not None:
-        seen[tid] = now
-    node = topo.cpus[now.cpu].node if now.cpu in topo.cpus else -1
-    return VcpuSample(index, tid, guest_node, cpu_ns, delay_ns, now.cpu, node, max(0, now.migrations),
-                      now.affinity)
+        cpu, migrations = probe.last_cpu(tid, pid, read), max(0, probe.migrations(tid, pid, read))
+    cpu_info = topo.cpus.get(cpu)
+    now = VcpuSample(index, tid, guest_node, cpu_ns, delay_ns, cpu, cpu_info.node if cpu_info else -1,
+                     migrations, frozenset(_affinity(tid)))
+    if seen is not None:
+        seen[tid] = _Seen(last.path if last is not None else probe.task_path(pid, tid, "schedstat"), raw, now)
+    return now
