@@ -199,17 +199,22 @@ class Sampler:
                 if name in threads:
                     self._files.discard(_paths(*threads.pop(name)))
             self._threads = threads
-            self._files.retain_read()
+            if threads:
+                self._files.retain_read()
+            else:  # no VM left: the host's files (status, numastat) go too, the timer now sleeps
+                self._files.close()
 
     def forget(self, vm: str) -> None:
         """The VM is gone: close its threads' files now (and, at its end, those
-        the take under way opened for it)."""
+        the take under way opened for it); with the last VM, all."""
         if self._files is None:
             return
         with self._lock:
             self._forgotten.add(vm)
             if vm in self._threads:
                 self._files.discard(_paths(*self._threads.pop(vm)))
+            if not self._threads:
+                self._files.close()
 
     def close(self) -> None:
         if self._files is not None:
