@@ -93,11 +93,14 @@ def _page_counters(pid: int, fd: int) -> list[int]:
 
 
 def _fd_kinds(pid: int) -> Counter[str]:
-    """What the daemon's fds are, numbers and inodes left out (socket:[123] -> socket)."""
+    """What the daemon's fds are, numbers and inodes left out (socket:[123] -> socket;
+    the sampler's /proc/PID/task/TID/schedstat -> /proc/task/schedstat: new vCPU threads
+    after an exec)."""
     kinds: Counter[str] = Counter()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(FileNotFoundError):
-            kinds[re.sub(r":\[\d+\]$", "", os.readlink(f"/proc/{pid}/fd/{fd}"))] += 1
+            target = re.sub(r":\[\d+\]$", "", os.readlink(f"/proc/{pid}/fd/{fd}"))
+            kinds[re.sub(r"^/proc/\d+/task/\d+/", "/proc/task/", target)] += 1
     return kinds
 
 
