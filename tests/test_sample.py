@@ -12,6 +12,8 @@ thread's exit and a VM's destroy.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from tests.busfixtures import DaemonProcess, busctl, daemon_process
 from tests.observe import numa_maps_at, online_cpus, taskset_affinity
 from tests.waiting import wait_until
 
+ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 BUS = "org.kvmnuma1"
 MGR, MGR_IFACE, VM_IFACE = "/org/kvmnuma1", "org.kvmnuma1.Manager", "org.kvmnuma1.VM"
@@ -265,3 +268,37 @@ def test_destroy_closes_the_vms_sampler_files(daemon: DaemonProcess, others: int
         _call(daemon, MGR, MGR_IFACE, "DestroyVM", "s", f"other{i}")
     wait_until(lambda: len(os.listdir(f"/proc/{daemon.pid}/fd")) <= base, "the daemon's fds back to before",
                timeout=10)
+
+
+def test_an_adopted_vms_files_close_at_release_and_at_its_exit(manager: Manager) -> None:
+    """An adopted VM's threads are another process's (/proc/VMM/task/TID):
+    ReleaseVM closes the files kept of them, and so does the VMM's exit
+    (its threads' reads fail with ESRCH) at the next take."""
+    from kvmnumad.adopt.discovery import AdoptOptions  # noqa: PLC0415
+
+    argv = [sys.executable, "-m", "tests.vmm_threads", "cloud-hypervisor", "2", "8"]
+    for end in ("release", "exit"):
+        with subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) as p:
+            assert p.stdout is not None and p.stdout.readline().startswith("ready")
+            vm = manager.adopt_process(p.pid, AdoptOptions())
+            _create(manager, "own", passes=1, prealloc=True, start=True)  # a VM that stays sampled
+            tids = {tid for _i, tid in vm.vcpu_threads()}
+            s = manager.take_sample()
+            assert s is not None and s.vms[vm.name].vcpus[0].cpu_time_ns > 0
+            assert {f"/proc/{p.pid}/task/{tid}/schedstat" for tid in tids} <= fd_targets()
+            if end == "release":
+                manager.release_vm(vm.name)
+                assert not {t for t in fd_targets() if t.startswith(f"/proc/{p.pid}/")}
+                p.kill()
+            else:
+                p.kill()
+                p.wait(10)
+                s = manager.take_sample()  # the VM is still listed until its pidfd is seen
+                assert s is not None
+                if vm.name in s.vms:
+                    assert all(v.cpu_time_ns == 0 and v.cpu == -1 for v in s.vms[vm.name].vcpus)
+                assert not {t for t in fd_targets() if t.startswith(f"/proc/{p.pid}/")}
+                manager.release_vm(vm.name)
+            p.wait(10)
+            manager.destroy_vm("own")
