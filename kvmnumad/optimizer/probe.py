@@ -137,12 +137,6 @@ def parse_schedstat(raw: bytes) -> tuple[int, int]:
     return int(cpu_ns), int(delay_ns)
 
 
-def schedstat(tid: int, pid: str = "self", read: Read = read_file) -> tuple[int, int] | None:
-    """(CPU time ns, run delay ns) of a thread of process ``pid``."""
-    raw = read(task_path(pid, tid, "schedstat"))
-    return None if raw is None else parse_schedstat(raw)
-
-
 def last_cpu(tid: int, pid: str = "self", read: Read = read_file) -> int:
     """Field 39 of stat (the CPU it last ran on), -1 if gone.  Fields after
     the command name, which may hold spaces and ')', start at field 3."""
@@ -165,9 +159,11 @@ def migrations(tid: int, pid: str = "self", read: Read = read_file) -> int:
     return int(line.rsplit(b":", 1)[1])
 
 
-def affinity(tid: int) -> frozenset[int]:
+def affinity(tid: int) -> set[int] | frozenset[int]:
+    """sched_getaffinity, empty once the thread is gone; a set as the kernel
+    call gives it (compared as is with a kept frozenset: no copy per vCPU)."""
     try:
-        return frozenset(os.sched_getaffinity(tid))
+        return os.sched_getaffinity(tid)
     except OSError:
         return frozenset()
 
