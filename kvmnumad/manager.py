@@ -62,7 +62,7 @@ from kvmnumad.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
-VCPU_CAP = 256  # per VM, whatever KVM allows: each vCPU is a host thread and 2 fds
+VCPU_CAP = 256  # per VM, whatever KVM allows: each vCPU is a host thread and 2 fds (3 once sampled)
 
 
 class Manager:
