@@ -514,8 +514,7 @@ def _print_howto(address: str) -> None:
 def raise_fd_limit() -> None:
     """Soft RLIMIT_NOFILE up to the hard one: each vCPU costs 2 fds (its vCPU fd
     and the dup its kvm_run mmap keeps), 1 more while the sampler keeps its
-    schedstat open, and
-    each VM a few more; systemd's default soft limit (1024) stops at about 70
+    schedstat open, and each VM a few more; systemd's default soft limit (1024) stops at about 70
     VMs of 4 vCPUs.  The hard limit stays as the unit (LimitNOFILE=) set it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == hard:
