@@ -397,12 +397,16 @@ def placement(pid: int, vm: str) -> dict[str, tuple[str, set[int]]]:
 
 
 def fd_kinds(pid: int) -> Counter[str]:
+    """What the daemon's fds are, numbers and inodes left out (socket:[123] -> socket),
+    and the sampler's kept /proc/PID/task/TID/* without the ids: after a restart the
+    vCPU threads are new ones."""
     kinds: Counter[str] = Counter()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            kinds[re.sub(r":\[\d+\]$", "", os.readlink(f"/proc/{pid}/fd/{fd}"))] += 1
+            target = re.sub(r":\[\d+\]$", "", os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
             continue
+        kinds[re.sub(r"^/proc/\d+/task/\d+/", "/proc/task/", target)] += 1
     return kinds
 
 
@@ -518,7 +522,12 @@ def _survives(action: Callable[[], object], what: str) -> None:
     assert vcpu_affinity(pid, ACC) == _fresh["affinity"]
     assert placement(pid, ACC) == _fresh["placement"]
     # nothing extra in the new process: fds by kind (memfds included) and vCPU threads as a fresh start
-    wait_until("the fresh start's fds", lambda: fd_kinds(pid) == _fresh["fds"], 30)
+    fresh_fds = cast("Counter[str]", _fresh["fds"])
+    try:
+        wait_until("the fresh start's fds", lambda: fd_kinds(pid) == fresh_fds, 30)
+    except AssertionError as e:
+        now = fd_kinds(pid)
+        raise AssertionError(f"{e}: extra {now - fresh_fds}, missing {fresh_fds - now}") from None
     assert vcpu_threads(pid) == _fresh["threads"]
     logged = journal(mark, f"_SYSTEMD_UNIT={UNIT}")
     assert any(e.get("KVMNUMA_EVENT") == "vm-resumed" and e.get("KVMNUMA_VM") == ACC for e in logged)
