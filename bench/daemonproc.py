@@ -99,6 +99,9 @@ class Daemon:
     tasks_max: int | None = None  # a pids cgroup of this size, as TasksMax= would make
     profile: Path | None = None  # write a cProfile of the daemon here
     log_level: str = "warning"
+    # Seconds to wait for the address file. Under TCG (the NUMA guest) the daemon's imports and first
+    # topology read alone have taken most of a minute while the host's two CPUs were shared.
+    start_timeout: float = 300.0
     address: str = ""
     proc: subprocess.Popen[bytes] | None = None
     _bus_pid: int = 0
@@ -154,10 +157,15 @@ class Daemon:
                                      preexec_fn=preexec)  # noqa: PLW1509 (no threads yet)
         log.close()
         self._log = workdir / "daemon.log"
-        deadline = time.monotonic() + 60
+        t0 = time.monotonic()
         while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"kvmnumad did not come up: {self.log_tail()}")
+            waited = time.monotonic() - t0
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kvmnumad exited with status {self.proc.returncode} after {waited:.1f} s "
+                                   f"without owning the bus name; its log: {self.log_tail()}")
+            if waited > self.start_timeout:
+                raise RuntimeError(f"kvmnumad (pid {self.proc.pid}, still running) did not own the bus name "
+                                   f"within {self.start_timeout:.0f} s; its log: {self.log_tail()}")
             time.sleep(0.02)
 
     def log_tail(self, chars: int = 2000) -> str:

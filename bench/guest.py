@@ -32,9 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rows-json", type=Path, default=None, help="also write the rows here, as JSON")
     p.add_argument("--timeout", type=float, default=1500.0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="the markdown file the guest writes (default bench/results-numa-TOPOLOGY.md); "
+                        "inside the repository, the guest's only read-write mount")
     args = p.parse_args(argv)
     topo = TOPOLOGIES[args.topology]
-    out = REPO / "bench" / f"results-numa-{topo.name}.md"
+    out = (args.out or REPO / "bench" / f"results-numa-{topo.name}.md").resolve()
+    if not out.is_relative_to(REPO):
+        p.error(f"--out {out}: the guest writes only inside {REPO}")
     bench_args = [a for n in args.only or GUEST_FIGURES for a in ("--only", n)]
     bench_args += ["--quick"] if args.quick else []
     bench_args += ["--rows-json", str(args.rows_json)] if args.rows_json else []
