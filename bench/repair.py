@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,7 @@ BUS = "org.kvmnuma1"
 WORKLOAD = Path(__file__).resolve().parent / "in_guest" / "workload.py"
 NUMAD_LOG = Path("/var/log/numad.log")
 NUMAD_PIDFILE = Path("/var/run/numad.pid")
+_NUMAD_DATE = re.compile(r"^\w{3} \w{3} +\d+ [\d:]+ \d{4}: ")  # "Tue Dec  1 18:04:02 2026: "
 KNOB = Path("/proc/sys/kernel/numa_balancing")
 Nodes = dict[int, frozenset[int]]
 
@@ -257,13 +259,15 @@ def _numad_once(nodes: Nodes) -> Outcome:
     log_from = NUMAD_LOG.stat().st_size if NUMAD_LOG.exists() else 0
     with _workload(nodes[a], nodes) as proc:
         t0, moved, misplaced = _misplace(proc, a, b)
-        started = subprocess.run(["numad", "-S", "0", "-p", str(proc.pid)], capture_output=True, text=True,
-                                 timeout=60, check=False)
+        # -l 7 (debug) only says more in its log, why it left the process alone; it decides the same
+        started = subprocess.run(["numad", "-S", "0", "-p", str(proc.pid), "-l", "7"], capture_output=True,
+                                 text=True, timeout=60, check=False)
         try:
             if started.returncode != 0:
                 raise RuntimeError(f"numad did not start: {started.stderr.strip()[:200]}")
             took = _wait_repaired(proc, t0)
-            return Outcome(took, moved, misplaced, proc.describe(), f"numad.log: {_numad_log(log_from)}")
+            return Outcome(took, moved, misplaced, proc.describe(),
+                           f"numad.log: {_numad_log(log_from, proc.pid)}")
         finally:
             _stop_numad()
 
@@ -280,15 +284,26 @@ def _stop_numad() -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def _numad_log(offset: int) -> str:
-    """What numad logged in this run, its last lines."""
+def _numad_log(offset: int, pid: int) -> str:
+    """What numad logged in this run that says what it made of the process: its last view of each
+    node, its last line on the process, and its last decision."""
     try:
         with NUMAD_LOG.open("rb") as f:
             f.seek(offset)
-            lines = f.read().decode(errors="replace").splitlines()
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines()]
     except OSError:
         return f"no {NUMAD_LOG}"
-    return " | ".join(line.split(": ", 1)[-1] for line in lines[-4:])[:400] or "nothing"
+    picked: dict[str, str] = {}
+    for line in lines:
+        text = _NUMAD_DATE.sub("", line)
+        if text.startswith("Node "):
+            picked[text.split(":", 1)[0]] = text  # "Node 0: MBs_total ..., CPUs_free ..."
+        elif f"PID {pid}:" in text:
+            picked["process"] = text
+        elif any(w in text for w in ("Skipping", "Advising", "insignificant", "Moving", "migrat", "bind")):
+            picked["decision"] = text
+    said = " | ".join(" ".join(v.split()) for v in picked.values())
+    return said[:700] or f"nothing on pid {pid} ({len(lines)} lines)"
 
 
 def _autonuma_once(nodes: Nodes) -> Outcome:
@@ -336,6 +351,11 @@ class Figure:
         mid = times[len(times) // 2] if times else math.inf
         return None if math.isinf(mid) else mid
 
+    def _after_end(self) -> str:
+        """The repair's own share: from the end of migratepages (median of the repaired runs)."""
+        after = [o.took - o.moved for o in self.outcomes if o.took is not None]
+        return f"{median(after):.1f} s after migratepages ended; " if after else ""
+
     def said(self) -> str:
         """"median X s" or "> LIMIT s, not repaired", with how many runs did and the last run's end."""
         runs = self.outcomes
@@ -348,7 +368,7 @@ class Figure:
         last = runs[-1]
         text = (f"{self.name}: {head} ({len(done)}/{len(runs)} repaired within {REPAIR_LIMIT:.0f} s"
                 f"{', times ' + ', '.join(f'{t:.1f}' for t in done) if len(runs) > 1 and done else ''}; "
-                f"migratepages {median([o.moved for o in runs]):.1f} s, after it "
+                f"{self._after_end()}migratepages {median([o.moved for o in runs]):.1f} s, after it "
                 f"{min(o.misplaced for o in runs):.0%} of pages off the threads' node; "
                 f"last run ended: {last.end}{'; ' + last.extra if last.extra else ''})")
         return text + (f"; {len(failed)} run(s) failed: {failed[-1]}" if failed else "")
