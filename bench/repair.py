@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -60,6 +61,7 @@ SAMPLE = 0.2
 STREAK = 3  # samples in a row
 LOCAL = 0.99
 BUS = "org.kvmnuma1"
+WORKLOAD_START = 180.0  # seconds for it to touch its memory and start its threads (TCG: a few)
 WORKLOAD = Path(__file__).resolve().parent / "in_guest" / "workload.py"
 NUMAD_LOG = Path("/var/log/numad.log")
 NUMAD_PIDFILE = Path("/var/run/numad.pid")
@@ -231,9 +233,13 @@ def _workload(cpus: frozenset[int], nodes: Nodes) -> Iterator[Subject]:
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
+        # A bounded wait: a stuck workload would otherwise hang the guest until its timeout, the
+        # heartbeat keeping the launcher's silence watch quiet.
+        ready, _w, _x = select.select([proc.stdout], [], [], WORKLOAD_START)
+        line = proc.stdout.readline() if ready else ""
         if not line.strip():
-            raise RuntimeError(f"the workload did not start (status {proc.poll()})")
+            raise RuntimeError(f"the workload did not start within {WORKLOAD_START:.0f} s "
+                               f"(status {proc.poll()})")
 
         def starts_at(addr: int) -> Callable[[list[str]], bool]:
             return lambda parts: int(parts[0], 16) == addr
