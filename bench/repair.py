@@ -20,15 +20,20 @@ each as an administrator would run it, one after the other in the same guest:
 
 The misplacement is the same for all three: every page of the memory moved
 off its threads' node by ``migratepages PID A B`` (numa_maps shows it before
-and after), and each time runs from the start of that migratepages.  Repaired
+and after).  The figure runs from the end of that migratepages, when all three
+face the same whole misplacement: migratepages' own time is the
+administrator's, not a repairer's, and it differs by what it moves (the
+daemon's memfd pages and its own heap, the plain process's anonymous pages).
+The time from its start is in the notes; kvmnumad's balancer already works
+during it (it follows the pages as they move).  Repaired
 means, observed from outside with the kernel's own views, three samples in a
 row (0.2 s apart): every thread's memory has >= 99 % of its pages (numa_maps)
 on the thread's node, where a thread's node is the node of its affinity
 (sched_getaffinity) when that lies in one node, else the node of the CPU it
 last ran on (/proc/PID/task/TID/stat).  A VM's vCPUs share their guest node's
 memory; each thread of the plain process has its own share, in a mapping of
-its own.  A repairer that does not repair within REPAIR_LIMIT counts as
-"> REPAIR_LIMIT s, not repaired", a figure too (numad leaves a process alone
+its own.  A repairer that does not repair within REPAIR_LIMIT after the
+misplacement counts as "> REPAIR_LIMIT s, not repaired", a figure too (numad leaves a process alone
 for minutes by design).  Times are TCG times; only the ratios mean something.
 """
 
@@ -56,7 +61,7 @@ from kvmnumad import cpulist
 MiB = 1 << 20
 SIZE_MIB = 320  # over numad's 300 MB floor
 VCPUS = 2
-REPAIR_LIMIT = 90.0  # seconds from the start of migratepages
+REPAIR_LIMIT = 90.0  # seconds from the end of migratepages
 SAMPLE = 0.2
 STREAK = 3  # samples in a row
 LOCAL = 0.99
@@ -151,7 +156,7 @@ def _local(pages: dict[int, int], node: int | None) -> bool:
 
 @dataclass
 class Outcome:
-    """One repairer's run: seconds from the start of migratepages (None: not within the limit)."""
+    """One repairer's run: seconds from the end of migratepages (None: not within the limit)."""
 
     took: float | None
     moved: float  # migratepages' own time
@@ -161,13 +166,14 @@ class Outcome:
 
 
 def _misplace(subject: Subject, src: int, dst: int) -> tuple[float, float, float]:
-    """migratepages PID src dst: (t0, its own seconds, share of pages on dst just after)."""
+    """migratepages PID src dst: (when it ended, its own seconds, share of pages on dst just after)."""
     if not subject.repaired():
         raise RuntimeError(f"not placed on one node to begin with: {subject.describe()}")
     t0 = time.monotonic()
     subprocess.run(["migratepages", str(subject.pid), str(src), str(dst)], check=True,
                    capture_output=True, timeout=300)
-    return t0, time.monotonic() - t0, subject.pages_on(dst)
+    end = time.monotonic()
+    return end, end - t0, subject.pages_on(dst)
 
 
 def _wait_repaired(subject: Subject, t0: float) -> float | None:
@@ -215,8 +221,8 @@ def _kvmnumad_once(daemon: Daemon, name: str, nodes: Nodes) -> Outcome:
         home = vm.state()[0][0]
         if home is None:
             raise RuntimeError(f"the VM's vCPUs are not on one node: {vm.describe()}")
-        t0, moved, misplaced = _misplace(vm, home, next(n for n in nodes if n != home))
-        took = _wait_repaired(vm, t0)
+        end, moved, misplaced = _misplace(vm, home, next(n for n in nodes if n != home))
+        took = _wait_repaired(vm, end)
         return Outcome(took, moved, misplaced, vm.describe())
     finally:
         _busctl(a, "call", BUS, "/org/kvmnuma1", "org.kvmnuma1.Manager", "DestroyVM", "s", name)
@@ -264,14 +270,14 @@ def _numad_once(nodes: Nodes) -> Outcome:
         raise RuntimeError(f"a numad is running already (pid {_numad_pid()}): not ours to drive")
     log_from = NUMAD_LOG.stat().st_size if NUMAD_LOG.exists() else 0
     with _workload(nodes[a], nodes) as proc:
-        t0, moved, misplaced = _misplace(proc, a, b)
+        end, moved, misplaced = _misplace(proc, a, b)
         # -l 7 (debug) only says more in its log, why it left the process alone; it decides the same
         started = subprocess.run(["numad", "-S", "0", "-p", str(proc.pid), "-l", "7"], capture_output=True,
                                  text=True, timeout=60, check=False)
         try:
             if started.returncode != 0:
                 raise RuntimeError(f"numad did not start: {started.stderr.strip()[:200]}")
-            took = _wait_repaired(proc, t0)
+            took = _wait_repaired(proc, end)
             return Outcome(took, moved, misplaced, proc.describe(),
                            f"numad.log: {_numad_log(log_from, proc.pid)}")
         finally:
@@ -292,7 +298,7 @@ def _stop_numad() -> None:
 
 def _numad_log(offset: int, pid: int) -> str:
     """What numad logged in this run that says what it made of the process: its last view of each
-    node, its last line on the process, and its last decision."""
+    node, its last line on the process, and its first and last decisions."""
     try:
         with NUMAD_LOG.open("rb") as f:
             f.seek(offset)
@@ -307,7 +313,10 @@ def _numad_log(offset: int, pid: int) -> str:
         elif f"PID {pid}:" in text:
             picked["process"] = text
         elif any(w in text for w in ("Skipping", "Advising", "insignificant", "Moving", "migrat", "bind")):
+            picked.setdefault("first decision", text)  # the one that stamped the process, often
             picked["decision"] = text
+    if picked.get("first decision") == picked.get("decision"):
+        picked.pop("first decision", None)
     said = " | ".join(" ".join(v.split()) for v in picked.values())
     return said[:700] or f"nothing on pid {pid} ({len(lines)} lines)"
 
@@ -316,12 +325,12 @@ def _autonuma_once(nodes: Nodes) -> Outcome:
     a, b = list(nodes)[:2]
     before = KNOB.read_text().strip()
     with _workload(nodes[a], nodes) as proc:
-        t0, moved, misplaced = _misplace(proc, a, b)
+        end, moved, misplaced = _misplace(proc, a, b)
         every = cpulist.format(frozenset().union(*nodes.values()))
         subprocess.run(["taskset", "-a", "-p", "-c", every, str(proc.pid)], check=True, capture_output=True)
         KNOB.write_text("1\n")
         try:
-            took = _wait_repaired(proc, t0)
+            took = _wait_repaired(proc, end)
             return Outcome(took, moved, misplaced, proc.describe())
         finally:
             KNOB.write_text(f"{before}\n")
@@ -357,10 +366,10 @@ class Figure:
         mid = times[len(times) // 2] if times else math.inf
         return None if math.isinf(mid) else mid
 
-    def _after_end(self) -> str:
-        """The repair's own share: from the end of migratepages (median of the repaired runs)."""
-        after = [o.took - o.moved for o in self.outcomes if o.took is not None]
-        return f"{median(after):.1f} s after migratepages ended; " if after else ""
+    def _since_start(self) -> str:
+        """With migratepages' own time: from its start (median of the repaired runs)."""
+        since = [o.took + o.moved for o in self.outcomes if o.took is not None]
+        return f"{median(since):.1f} s from migratepages' start; " if since else ""
 
     def said(self) -> str:
         """"median X s" or "> LIMIT s, not repaired", with how many runs did and the last run's end."""
@@ -369,12 +378,12 @@ class Figure:
         if not runs:
             return f"{self.name}: not measured: {failed[-1] if failed else 'no run'}"
         done = [o.took for o in runs if o.took is not None]
-        head = (f"{self.value:.1f} s" if self.value is not None
+        head = (f"{self.value:.1f} s after migratepages ended" if self.value is not None
                 else f"> {REPAIR_LIMIT:.0f} s, not repaired")
         last = runs[-1]
         text = (f"{self.name}: {head} ({len(done)}/{len(runs)} repaired within {REPAIR_LIMIT:.0f} s"
                 f"{', times ' + ', '.join(f'{t:.1f}' for t in done) if len(runs) > 1 and done else ''}; "
-                f"{self._after_end()}migratepages {median([o.moved for o in runs]):.1f} s, after it "
+                f"{self._since_start()}migratepages {median([o.moved for o in runs]):.1f} s, after it "
                 f"{min(o.misplaced for o in runs):.0%} of pages off the threads' node; "
                 f"last run ended: {last.end}{'; ' + last.extra if last.extra else ''})")
         return text + (f"; {len(failed)} run(s) failed: {failed[-1]}" if failed else "")
@@ -410,7 +419,7 @@ def repair(runs: int) -> list[Row]:
     else:
         auto.runs.append("no /proc/sys/kernel/numa_balancing in this kernel")
     shape = (f"{SIZE_MIB} MiB, {VCPUS} threads; the same misplacement (migratepages of all its memory off "
-             f"its threads' node), timed from migratepages' start until every thread's memory is >= 99 % "
+             f"its threads' node), timed from migratepages' end until every thread's memory is >= 99 % "
              f"on its node for {STREAK} samples")
     return [
         Row("repair a misplaced guest: kvmnumad, median", ours.value, None, "s",
