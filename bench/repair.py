@@ -392,7 +392,7 @@ class Figure:
 def _row(title: str, ours: Figure, theirs: Figure, how: str) -> Row:
     k, b = ours.value, theirs.value
     if k is not None and b is None and theirs.outcomes:
-        bound = f"ratio < {k / REPAIR_LIMIT:.2f} (kvmnumad / the bound); "
+        bound = f"ratio < {k / REPAIR_LIMIT:.2g} (kvmnumad / the bound); "
     else:
         bound = ""
     return Row(title, k, b, "s", f"{bound}{theirs.said()}; {how}")
