@@ -48,9 +48,12 @@ TOLD = synthetic({0: [2, 3], 1: [0, 1]})
 MEMORY = 128 * MiB  # 32768 one-page chunks: a job of a second or more
 
 
+DEFAULTS = balance.Thresholds()
+
+
 def told_plan(vms: Sequence[balance.VmFacts], load: balance.Load, topo: HostTopology, *, now: float,
-              last_moved: Mapping[tuple[str, int], float], thresholds: balance.Thresholds,
-              moving: Collection[tuple[str, int]]) -> list[balance.Move]:
+              last_moved: Mapping[tuple[str, int], float], thresholds: balance.Thresholds = DEFAULTS,
+              moving: Collection[tuple[str, int]] = frozenset()) -> list[balance.Move]:
     """balance.plan itself (its dwell and in-flight guards are the ones under
     test) on the told topology, with node 1 hogged and the vCPUs measured idle."""
     nodes = {0: HostNodeSample(0, frozenset({2, 3}), 0.05, 1 << 34, 0, 0, {}),
