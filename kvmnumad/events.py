@@ -96,6 +96,7 @@ class Rebalanced:
     to_node: int
     gain: float
     reason: str
+    job: int | None = None  # a memory move: the migration job that moves it (started, not yet done)
 
 
 

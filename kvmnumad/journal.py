@@ -14,6 +14,7 @@ KVMNUMA_FROM_NODE  node memory or a vCPU moved away from
 KVMNUMA_TO_NODE    node it moved to
 KVMNUMA_REASON     why (``api``, ``policy``, ``hotplug``, ``rebalance``, ...)
 KVMNUMA_RULE       the placement rule a decision followed (``local-first``, ``caller``, ...)
+KVMNUMA_JOB        the memory migration job (its Id: object ``/org/kvmnuma1/job/<Id>``)
 =================  ===========================================================
 
 Each event kind has a fixed MESSAGE_ID (sd-id128, generated once, never
@@ -181,6 +182,7 @@ def event_fields(
     to_node: int | None = None,
     reason: str | None = None,
     rule: str | None = None,
+    job: int | None = None,
 ) -> dict[str, str]:
     """The journal fields of one event; unknown kinds raise ValueError (a typo must not log silently)."""
     kind = EventKind(kind)
@@ -193,6 +195,7 @@ def event_fields(
         "TO_NODE": to_node,
         "REASON": reason,
         "RULE": rule,
+        "JOB": job,
     }
     fields = {"MESSAGE_ID": MESSAGE_IDS[kind], "KVMNUMA_EVENT": kind.value}
     fields.update({FIELD_PREFIX + k: str(v) for k, v in values.items() if v is not None})
@@ -212,6 +215,7 @@ def log_event(
     reason: str | None = None,
     level: int = logging.INFO,
     rule: str | None = None,
+    job: int | None = None,
 ) -> None:
     """Log one placement/lifecycle event with its MESSAGE_ID and KVMNUMA_* fields.
 
@@ -219,7 +223,7 @@ def log_event(
     """
     fields = event_fields(
         kind, vm=vm, vcpu=vcpu, cpus=cpus, node=node, from_node=from_node, to_node=to_node, reason=reason,
-        rule=rule,
+        rule=rule, job=job,
     )
     # No args: a "%" in a VM name must not be taken for a format.
     event_log.log(level, message, extra=fields)

@@ -709,7 +709,7 @@ class Manager:
                                starter=starter,
                                regions=regions, executor=self._job_executor(), finish=finish,
                                on_progress=progress, on_end=self._job_ended,
-                               chunk_pages=self.migration_chunk_pages)
+                               chunk_pages=self.migration_chunk_pages, origin=str(kind))
             self._jobs[job_id] = job
         log_event("migrate", f"VM {vm} guest node {guest_node}"
                   + (f" slot {slot}" if slot is not None else "")

@@ -102,3 +102,4 @@ class JobStatus:
     pages_total: int  # resident pages off the destination when the job began; 0 until counted
     failed: tuple[tuple[int, int], ...] = ()  # (errno, pages) of pages that did not move, by errno
     error: str = ""  # why it FAILED
+    origin: str = "caller"  # who started it: "caller" (a method call) or "rebalance" (the balancer)

@@ -174,3 +174,10 @@ def test_the_requests_allowed_nodes_bound_every_move() -> None:
     assert [(m.kind, m.to_node, m.rule) for m in moves] == [(MEMORY, 0, "memory-to-vcpus")]
     assert run([VmFacts(vm({0: 1000}, NODE0), Policy.LOAD_BALANCED, allowed_nodes=only0)],
                load({0: 0.97, 1: 0.1})) == []
+
+
+def test_a_guest_node_a_job_moves_is_not_planned() -> None:
+    """Whoever's job it is: a second move would only be refused Busy."""
+    facts = [VmFacts(vm({1: 1000}, NODE0), Policy.LOCAL_FIRST)]
+    assert plan(facts, load(QUIET), TOPO, now=100.0, last_moved={}, thresholds=TH, moving={("web", 0)}) == []
+    assert plan(facts, load(QUIET), TOPO, now=100.0, last_moved={}, thresholds=TH, moving={("web", 1)})

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 JOB_IFACE = "org.kvmnuma1.Job"
 IFACES = [MANAGER_IFACE, VM_IFACE, JOB_IFACE]
 # What a job object never changes after export (bus/job_object.py publishes the rest)
-JOB_CONSTANT = {"Id", "VM", "VMName", "GuestNode", "Slot", "HostNode", "Starter"}
+JOB_CONSTANT = {"Id", "VM", "VMName", "GuestNode", "Slot", "HostNode", "Starter", "Origin"}
 DOC = "org.freedesktop.DBus.DocString"
 EMITS = "org.freedesktop.DBus.Property.EmitsChangedSignal"
 QT = "org.qtproject.QtDBus.QtTypeName"

@@ -42,6 +42,7 @@ def job_props(s: JobStatus) -> dict[str, Any]:
         "PagesMoved": s.pages_moved,
         "PagesTotal": s.pages_total,
         "FailedPages": [[e, n] for e, n in s.failed],
+        "Origin": s.origin,
     }
 
 
@@ -123,3 +124,7 @@ class JobObject(BusObject):
     @dbus_property(access=PropertyAccess.READ)
     def FailedPages(self) -> "a(iu)":
         return self._props["FailedPages"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Origin(self) -> "s":
+        return self._props["Origin"]

@@ -244,6 +244,6 @@ class ManagerObject(BusObject):
     @signal()
     def Moved(  # noqa: PLR0917 -- D-Bus arguments are positional
         self, vm: str, kind: str, guest_node: int, from_node: int, to_node: int, gain: float,
-        reason: str,
-    ) -> "ssuuuds":
-        return [vm, kind, guest_node, from_node, to_node, gain, reason]
+        reason: str, job: str,
+    ) -> "ssuuudso":
+        return [vm, kind, guest_node, from_node, to_node, gain, reason, job]

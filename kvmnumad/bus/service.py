@@ -304,7 +304,7 @@ class BusService:
         elif isinstance(event, Rebalanced):
             # Its properties came with the VmChanged the move emitted first.
             mo.Moved(event.vm, event.kind, event.guest_node, event.from_node, event.to_node, event.gain,
-                     event.reason)
+                     event.reason, job_path(event.job) if event.job is not None else "/")
 
     def _job_event(self, mo: ManagerObject, event: JobAdded | JobChanged | JobRemoved) -> None:
         """A job object exists from JobAdded to JobRemoved, like systemd's: JobNew

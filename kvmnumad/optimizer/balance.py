@@ -24,12 +24,13 @@ A caller's explicit pin (SetVcpuAffinity, BindVcpuToNumaNode) or map
 (MapNumaNode) is never changed: the other half of the guest node comes to it
 instead (memory to pinned vCPUs, vCPUs to mapped memory), and when both are
 explicit nothing moves.  Guest nodes whose vCPUs are unpinned or spread over
-several host nodes, and VMs without guest NUMA, are left alone.
+several host nodes, guest nodes a migration job is moving (whoever started
+it), and VMs without guest NUMA, are left alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -99,8 +100,12 @@ class Load:
 
 
 def plan(vms: Sequence[VmFacts], load: Load, topo: HostTopology, *, now: float,
-         last_moved: Mapping[tuple[str, int], float], thresholds: Thresholds = Thresholds()) -> list[Move]:
-    """Every move one pass makes now, guest node by guest node."""
+         last_moved: Mapping[tuple[str, int], float], thresholds: Thresholds = Thresholds(),
+         moving: Collection[tuple[str, int]] = frozenset()) -> list[Move]:
+    """Every move one pass makes now, guest node by guest node.  ``moving``:
+    the (VM, guest node)s a migration job moves now, the balancer's or a
+    caller's: each is left alone (its figures are a move half-way, and a
+    second job on it would only be refused Busy)."""
     moves: list[Move] = []
     for facts in vms:
         vm = facts.sample
@@ -108,6 +113,8 @@ def plan(vms: Sequence[VmFacts], load: Load, topo: HostTopology, *, now: float,
             continue
         by_guest = {r.guest_node: r for r in vm.residency}
         for g, r in sorted(by_guest.items()):
+            if (vm.name, g) in moving:
+                continue
             if now - last_moved.get((vm.name, g), float("-inf")) < thresholds.dwell_s:
                 continue
             vcpus = [v for v in vm.vcpus if v.guest_node == g]

@@ -62,7 +62,7 @@ class MigrationJob:
                  from_node: int, starter: int, regions: list[Region], executor: Executor,
                  finish: Callable[[JobState, int], None], on_progress: Callable[[JobStatus], None],
                  on_end: Callable[[MigrationJob], None],
-                 chunk_pages: int = CHUNK_PAGES) -> None:
+                 chunk_pages: int = CHUNK_PAGES, origin: str = "caller") -> None:
         self.id = job_id
         self.vm = vm
         self.guest_node = guest_node
@@ -70,6 +70,7 @@ class MigrationJob:
         self.host_node = host_node
         self.from_node = from_node  # the guest node's host node when it started
         self.starter = starter
+        self.origin = origin  # "caller" or "rebalance" (explain.Kind's value): JobStatus.origin
         self._regions = regions
         self._executor = executor
         self._finish = finish
@@ -97,7 +98,7 @@ class MigrationJob:
         with self._lock:
             return JobStatus(self.id, self.vm, self.guest_node, self.slot, self.host_node, self.starter,
                              self._state, self._moved, self._total, tuple(sorted(self._failed.items())),
-                             str(self._error) if self._error is not None else "")
+                             str(self._error) if self._error is not None else "", self.origin)
 
     @property
     def state(self) -> JobState:
