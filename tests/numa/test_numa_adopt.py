@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
+from tests.numa.conftest import daemon_process
 from tests.numa.test_numa_hotplug import _nearest_online
 from tests.numa_guest.hotplug import CpuHotplug
 from tests.observe import node_cpus, taskset_affinity
@@ -47,21 +46,11 @@ def daemon_bus() -> Iterator[BusDaemon]:
 @pytest.fixture(scope="module")
 def daemon(daemon_bus: BusDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("adopt-daemon") / "daemon.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "kvmnumad", "--bus", daemon_bus.address,
-                                 "--log-target", "stderr"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "org.kvmnuma1" in busctl(daemon_bus.address, "list", "--acquired",
-                                                     json_=False, check=False).stdout,
-                   "kvmnumad to own org.kvmnuma1", timeout=180)
-        yield daemon_bus.address
+        with log.open("wb") as out, daemon_process(daemon_bus.address, "--log-target", "stderr",
+                                                   stderr=out, timeout=180):
+            yield daemon_bus.address
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         print(log.read_text()[-3000:])
 
 
