@@ -24,7 +24,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -262,20 +262,30 @@ def test_no_wait_then_jobs_then_job_cancel(bus: tuple[str, int]) -> None:
     assert ok_json(address, "jobs") == {"jobs": []}
 
 
-@pytest.mark.parametrize("as_json", [False, True])
-def test_ctrl_c_cancels_the_job_and_says_so(bus: tuple[str, int], as_json: bool) -> None:
-    address, _pid = bus
-    argv = [*CLI, "--bus", address, "migrate", LONG, "0", "0", *(["--json"] if as_json else [])]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+def migrate_until(address: str, argv: list[str],
+                  act: Callable[[subprocess.Popen[str], str], object]) -> tuple[int, str, str, int, str]:
+    """``kvmnumactl ARGV`` waiting on its job, ``act(proc, job path)`` once the job runs, then
+    its exit: (status, stdout, stderr, job number, job path); no job is left either way."""
+    proc = subprocess.Popen([*CLI, "--bus", address, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         number, path = running_job(address)[:2]
-        proc.send_signal(signal.SIGINT)
+        act(proc, path)
         out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
         proc.wait()
         cancel_all(address)
-    assert proc.returncode == 130, err
+    return proc.returncode, out, err, number, path
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_cancels_the_job_and_says_so(bus: tuple[str, int], as_json: bool) -> None:
+    address, _pid = bus
+    argv = ["migrate", LONG, "0", "0", *(["--json"] if as_json else [])]
+    returncode, out, err, number, path = migrate_until(
+        address, argv, lambda proc, _path: proc.send_signal(signal.SIGINT))
+    assert returncode == 130, err
     assert out == ""
     if as_json:
         (line,) = err.splitlines()
@@ -293,17 +303,9 @@ def test_ctrl_c_cancels_the_job_and_says_so(bus: tuple[str, int], as_json: bool)
 
 def test_a_job_cancelled_by_someone_else_fails_the_waiting_migrate(bus: tuple[str, int]) -> None:
     address, _pid = bus
-    proc = subprocess.Popen([*CLI, "--bus", address, "migrate", LONG, "0", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        number, path = running_job(address)[:2]
-        busctl_cancel(address, path)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-        cancel_all(address)
-    assert proc.returncode == 1, err
+    returncode, out, err, number, _path = migrate_until(
+        address, ["migrate", LONG, "0", "0"], lambda _proc, path: busctl_cancel(address, path))
+    assert returncode == 1, err
     assert out == ""
     line = one_error_line(subprocess.CompletedProcess([], 1, out, err), "JobCancelled")
     assert f"job {number} was cancelled" in line
