@@ -139,9 +139,11 @@ class Accel:
     unscheduled, so every such all-CPU wait costs the slowest thread's delay.
     Every boot also shows "tsc: Marking TSC unstable due to TSCs unsynchronized"
     and switches to the hpet clocksource (each clock read an MMIO exit under
-    QEMU's big lock).  None of this is proven to be the cause: in the runs of
+    QEMU's big lock).  None of this is proven to be the cause: in some runs of
     2026-12-01 (host load 6-19 on 2 CPUs) no guest froze, so no mitigation
-    could be shown to help, and the defaults stay QEMU's.  What is in place:
+    could be shown to help, and the defaults stay QEMU's; later that day 4 of
+    9 boots of two quiet fresh-clone runs froze, all with nested vCPUs running
+    while their memory moved (balance hog test, cpusets).  What is in place:
     a kernel lockup report starts LOCKUP_GRACE (_LOCKUP_RE), and
     freeze_repro.py / soak.py with these knobs measure a candidate.
     """
