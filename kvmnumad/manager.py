@@ -24,7 +24,7 @@ import psutil
 
 from kvmnumad import __version__, cpulist, crashpoints, errors, headroom, placement, report
 from kvmnumad.adopt import discovery
-from kvmnumad.adopt.vm import AdoptedVm, is_adopted
+from kvmnumad.adopt.vm import AdoptedVm, adoption_of, is_adopted
 from kvmnumad.cgroups import CpusetBackend
 from kvmnumad.events import (
     DefaultPolicyChanged,
@@ -533,6 +533,8 @@ class Manager:
             size = sum(r.size for r in found.regions)
             with self._admit(owner, Usage(1, len(found.vcpus), size, len(found.regions))):
                 vm = AdoptedVm(name, found, pidfd, self.topology, owner=owner, policy=policy, options=options)
+                vm.auto_balance = (default_auto_balance(policy) if options.auto_balance is None
+                                   else options.auto_balance)
                 before = vm.vcpu_affinity()
                 try:
                     if declared is not None:
@@ -568,9 +570,14 @@ class Manager:
             if not isinstance(vm, AdoptedVm):
                 raise errors.InvalidArgument(f"VM {name!r} is kvmnumad's own, not adopted: DestroyVM ends it",
                                              vm=name)
+        self._end_jobs(name)  # a job moving its pages ends first (one chunk at most): none acts on it after
+        with self._lock:
+            if self._vms.get(name) is not vm:
+                raise errors.NoSuchVM(f"VM {name!r} has been released", vm=name)
             del self._vms[name]
         vm.release()
         self.decisions.forget(name)
+        self.balancer.forget(name)
         self._sampler.forget(name)
         log_event("vm-destroyed", f"adopted VM {name} released ({reason}): {vm.vmm or 'VMM'} process "
                   f"{vm.pid}", vm=name, reason=reason)
@@ -675,9 +682,6 @@ class Manager:
         ``rule`` and ``why`` are what the decision recorded for a finished
         job says (the balancer passes its own)."""
         v = self.get_vm(vm)
-        if is_adopted(v):
-            raise errors.InvalidArgument(f"VM {vm!r} is adopted: its memory is another process's, "
-                                         "MapNumaNode moves it", vm=vm)
         with self._jobs_lock:  # held across begin_migration: two starts cannot both pass the Busy check
             for j in self._jobs.values():
                 if j.vm == vm and j.guest_node == guest_node:
@@ -709,7 +713,8 @@ class Manager:
                                starter=starter,
                                regions=regions, executor=self._job_executor(), finish=finish,
                                on_progress=progress, on_end=self._job_ended,
-                               chunk_pages=self.migration_chunk_pages, origin=str(kind))
+                               chunk_pages=self.migration_chunk_pages, origin=str(kind),
+                               pid=adoption_of(v)[1])  # an adopted VM's pages are its VMM's
             self._jobs[job_id] = job
         log_event("migrate", f"VM {vm} guest node {guest_node}"
                   + (f" slot {slot}" if slot is not None else "")
@@ -725,13 +730,10 @@ class Manager:
 
     def map_numa_node(self, vm: str, node: int, host_node: int, starter: int = 0) -> None:
         """MapNumaNode: as a migration job, waited for, when the guest node has
-        memory to move and is kvmnumad's own; else (no memory, the node mapped
-        there already, an adopted VM) the VM's own synchronous remap.  The
-        errors are a synchronous move's: the job's, typed, when it failed."""
+        memory to move (an adopted VM's too: move_pages on its VMM); else (no
+        memory, the node mapped there already) the VM's own synchronous remap.
+        The errors are a synchronous move's: the job's, typed, when it failed."""
         v = self.get_vm(vm)
-        if is_adopted(v):
-            v.map_numa_node(node, host_node)
-            return
         v.numa.require(node)
         if not v.memory.of_guest_node(node) or v.node_map[node] == host_node:
             v.map_numa_node(node, host_node)  # nothing to move: the map alone, checked as ever
@@ -788,11 +790,7 @@ class Manager:
         self._emit(event)
 
     def set_auto_balance(self, name: str, on: bool) -> None:
-        vm = self.get_vm(name)
-        if is_adopted(vm):
-            raise errors.Busy(f"VM {name!r} is adopted: its VMM places it, kvmnumad does not balance it",
-                              vm=name)
-        vm.set_auto_balance(on)
+        self.get_vm(name).set_auto_balance(on)
 
     def rebalance(self) -> list[Move]:
         """One balancing pass now: the moves made."""

@@ -90,8 +90,8 @@ class Rebalancer:
         manager.subscribe(self._on_event)
 
     def balanced(self) -> list[Vm]:
-        return [vm for vm in self._manager.list_vms()
-                if getattr(vm, "auto_balance", False) and not getattr(vm, "adopted", False)]
+        """Adopted VMs too: their memory moves as a job on the VMM's pid (adopt/vm.py)."""
+        return [vm for vm in self._manager.list_vms() if vm.auto_balance]
 
     def forget(self, vm: str) -> None:
         with self._state:

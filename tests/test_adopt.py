@@ -30,7 +30,7 @@ from tests.busfixtures import (
     daemon_process,
     start_bus_daemon,
 )
-from tests.observe import taskset_affinity, thread_affinity
+from tests.observe import numa_maps, taskset_affinity, thread_affinity
 from tests.waiting import wait_until
 
 pytest_plugins = ["tests.busfixtures"]
@@ -269,6 +269,7 @@ def test_adoptions_are_reattached_after_a_restart_while_the_process_lives(tmp_pa
                 path = adopt(c, q.pid)
                 adopt(c, lost.pid)
                 c.vm(path, "SetVcpuAffinity", "uau", 1, [0])
+                busctl(d.address, "set-property", BUS_NAME, path, VM_IFACE, "AutoBalance", "b", "true")
             finally:
                 c.close()
         # the daemon is gone; the threads stay where it put them, one process ends, and
@@ -285,6 +286,7 @@ def test_adoptions_are_reattached_after_a_restart_while_the_process_lives(tmp_pa
                 got = c.get_all(path, VM_IFACE)
                 assert (got["Adopted"], got["ProcessId"]) == (True, q.pid)
                 assert got["DeclaredVcpuAffinity"] == [[0, []], [1, [0]]]
+                assert got["AutoBalance"] is True  # kept with the adoption (policy manual's default is off)
                 assert taskset_affinity(tids[1]) == {0}  # the declared pin, applied again
             finally:
                 c.close()
@@ -336,5 +338,67 @@ def test_an_adopted_vms_sampled_figures_are_its_vmms() -> None:
             stateless = measure_vm(vm, manager.topology())  # what a new object is exported with
             assert sum(sum(r.pages.values()) for r in stateless.residency) == pages
             assert all(v.cpu_time_ns > 0 for v in stateless.vcpus)
+    finally:
+        manager.shutdown()
+
+
+def test_an_adopted_vm_is_balanced_and_its_memory_moves_as_a_job(daemon: DaemonProcess,
+                                                                 client: BusClient) -> None:
+    """AutoBalance as a VM of kvmnumad's own has it (the policy's default,
+    the option, the property), and MigrateNumaNode on an adopted VM is a
+    migration job on the VMM's pages.  One node here: the job moves nothing;
+    the pages it moves from node to node are tests/numa/test_numa_adopt.py's."""
+    a = daemon.address
+    with running([sys.executable, "-m", "tests.vmm_threads", "cloud-hypervisor", "2", "8"]) as p, \
+            qemu("lb", smp=2) as q:
+        assert p.stdout is not None and p.stdout.readline().startswith("ready")
+        path = adopt(client, p.pid, name=Variant("s", "ch"), policy=Variant("s", "local-first"))
+        assert busctl(a, "get-property", BUS_NAME, path, VM_IFACE, "AutoBalance")["data"] is True
+        # the option, checked by type before anything is adopted
+        name, _ = error_of(client, MANAGER_PATH, MANAGER_IFACE, "AdoptProcess", "ua{sv}", q.pid,
+                           {"auto_balance": Variant("s", "yes")})
+        assert name == ERR + "InvalidArgument"
+        assert [row[0] for row in client.manager("ListVMs")[0]] == ["ch"]
+        qpath = adopt(client, q.pid, policy=Variant("s", "local-first"), auto_balance=Variant("b", False))
+        assert busctl(a, "get-property", BUS_NAME, qpath, VM_IFACE, "AutoBalance")["data"] is False
+        busctl(a, "set-property", BUS_NAME, qpath, VM_IFACE, "AutoBalance", "b", "true")
+        assert busctl(a, "get-property", BUS_NAME, qpath, VM_IFACE, "AutoBalance")["data"] is True
+
+        # MigrateNumaNode: a job of its own on the bus, ending done; the VMM's pages all still there
+        (job,) = client.vm(path, "MigrateNumaNode", "uu", 0, 0)
+        removed = client.wait_signal(lambda m: m.member == "JobRemoved" and m.body[1] == job, timeout=60)
+        assert removed.body[3] == "done"
+        pages = (8 << 20) // os.sysconf("SC_PAGESIZE")
+        memfd = [e for e in numa_maps(p.pid) if "memfd:cloud-hypervisor" in e.raw]
+        assert sum(e.pages_per_node.get(0, 0) for e in memfd) == pages
+        assert busctl(a, "get-property", BUS_NAME, path, VM_IFACE, "NodeMap")["data"] == [0]
+
+
+def test_a_job_on_an_adopted_vm_whose_process_exits_ends_and_the_object_goes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The VMM exits while a job moves its pages (one page a chunk: a job of
+    seconds): the job ends (its move_pages gets ESRCH), the object goes, and
+    nothing is logged as a bug."""
+    from kvmnumad.adopt.discovery import AdoptOptions  # noqa: PLC0415
+    from kvmnumad.manager import Manager  # noqa: PLC0415
+    from kvmnumad.model import JobState  # noqa: PLC0415
+
+    manager = Manager(cpusets=False)
+    manager.migration_chunk_pages = 1
+    try:
+        with running([sys.executable, "-m", "tests.vmm_threads", "cloud-hypervisor", "2", "128"]) as p:
+            assert p.stdout is not None and p.stdout.readline().startswith("ready")
+            vm = manager.adopt_process(p.pid, AdoptOptions(name="exits"))
+            job = manager.start_migration(vm.name, 0, 0)
+            time.sleep(0.1)
+            assert not job.ended, "the job ended before the process did: make it longer"
+            p.kill()
+            p.wait()
+            status = job.wait(30)
+            assert status.state == JobState.FAILED and "exited" in status.error, status
+            manager.release_vm(vm.name, reason="exited")
+            assert manager.list_vms() == [] and manager.jobs == []
+            print(f"job {status.state}: {status.pages_total} pages counted, error {status.error!r}")
+            assert not [r for r in caplog.records if r.exc_info], caplog.text
     finally:
         manager.shutdown()

@@ -18,11 +18,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
+from dbus_fast import Variant
 
 from kvmnumad.journal import setup_logging
 from kvmnumad.manager import Manager
@@ -39,6 +42,7 @@ from tests.busfixtures import (
     busctl,
     options,
 )
+from tests.observe import node_cpus, taskset_affinity
 from tests.sysfixtures import Journal
 
 pytest_plugins = ["tests.busfixtures", "tests.sysfixtures"]
@@ -205,3 +209,46 @@ def test_a_callers_job_on_the_guest_node_is_left_alone(
     client.wait_signal(lambda m: m.member == "JobRemoved" and m.body[1] == job, timeout=60)
     assert rebalance(a) == []  # the caller's cancel holds it for a dwell too
     assert not [r for r in caplog.records if "Busy" in r.getMessage() or "being moved" in r.getMessage()]
+
+
+def test_an_adopted_vm_is_balanced_as_one_of_ours(
+        service: RunningService, client: BusClient, told: Manager, logged: Journal, vm_name: str) -> None:
+    """Another process's guest (tests/vmm_threads.py: a real KVM VM fd, a
+    memfd, threads named as cloud-hypervisor names its vCPUs): the same
+    pass moves its guest node as a job on the VMM's pages, and its vCPU
+    threads follow when the job is done, seen by taskset on the VMM's threads."""
+    a, name = service.address, vm_name
+    with subprocess.Popen([sys.executable, "-m", "tests.vmm_threads", "cloud-hypervisor", "2",
+                           str(MEMORY // MiB)],
+                          stdout=subprocess.PIPE, text=True) as p:
+        try:
+            assert p.stdout is not None and p.stdout.readline().startswith("ready")
+            (path,) = client.manager("AdoptProcess", "ua{sv}", p.pid,
+                                     {"name": Variant("s", name), "policy": Variant("s", "load-balanced")})
+            assert client.get(path, VM_IFACE, "AutoBalance") is True
+            tids = [tid for _i, tid in client.get(path, VM_IFACE, "VcpuThreads")]
+            # The VMM narrowed its threads itself: on CPU 1 of the told "node 1", the hogged one.
+            for tid in tids:
+                subprocess.run(["taskset", "-pc", "1", str(tid)], check=True, capture_output=True)
+            moves = rebalance(a)
+            assert [(m[0], m[1], m[2], m[3], m[4]) for m in moves] == [
+                (name, "memory", 0, 0, 0), (name, "vcpus", 0, 1, 0)]
+            ((job_id, job, vm, *_),) = jobs(a)
+            assert vm == path and job_prop(a, job, "Origin") == "rebalance"
+            removed = client.wait_signal(lambda m: m.member == "JobRemoved" and m.body[0] == job_id,
+                                         timeout=120)
+            assert removed.body[3] == "done"
+            vcpus = [e for e in entries(logged, name, 3) if "KVMNUMA_VCPU" in e]
+            assert sorted(e["KVMNUMA_VCPU"] for e in vcpus) == ["0", "1"]
+            assert [taskset_affinity(t) for t in tids] == [node_cpus(0)] * 2
+            decisions = {row[0]: row for row in client.vm(path, "GetDecisions")[0]}
+            assert decisions["guest node 0"][1:3] == ["rebalance", "node-load"]
+            assert rebalance(a) == []  # the dwell
+            # A caller's pin is explicit here too: handed back only by ClearExplicitPlacement.
+            client.vm(path, "SetVcpuAffinity", "uau", 0, [1])
+            told.balancer.thresholds = dataclasses.replace(told.balancer.thresholds, dwell_s=0)
+            assert [m[1] for m in rebalance(a, "PlanRebalance")] == ["memory"]  # memory to the pin
+            client.vm(path, "ClearExplicitPlacement", "auau", [0], [])
+            assert [m[1] for m in rebalance(a, "PlanRebalance")] == ["memory", "vcpus"]
+        finally:
+            p.kill()

@@ -22,6 +22,7 @@ class AdoptOptions:
     qmp: str | None = None  # QEMU's QMP socket
     vcpu_nodes: tuple[int, ...] | None = None  # guest node of each vCPU, by index
     memory_nodes: tuple[int, ...] | None = None  # guest node of each guest memory mapping, by address
+    auto_balance: bool | None = None  # None: the policy's default (optimizer/balance.py)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class Region:
     size: int
     guest_node: int
     name: str  # the backend's id (QMP), else the mapping's path
+
+    @property
+    def hva(self) -> int:
+        """Its address in the VMM's address space (what a migration job moves, with the VMM's pid)."""
+        return self.start
 
 
 @dataclass(frozen=True)

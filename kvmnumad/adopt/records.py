@@ -39,13 +39,16 @@ def record_of(vm: AdoptedVm) -> dict[str, Any]:
         "vcpu_nodes": None if o.vcpu_nodes is None else list(o.vcpu_nodes),
         "memory_nodes": None if o.memory_nodes is None else list(o.memory_nodes),
         "node_map": node_map, "vcpus": [list(v) for v in vcpus],
+        "auto_balance": vm.auto_balance, "explicit_vcpus": list(vm.explicit_vcpus()),
+        "explicit_nodes": sorted(vm.explicit_nodes),
     }
 
 
-def _restorer(node_map: list[int],
-              vcpus: list[tuple[int, list[int] | None, int | None]]) -> Callable[[AdoptedVm], None]:
+def _restorer(node_map: list[int], vcpus: list[tuple[int, list[int] | None, int | None]],
+              explicit_vcpus: list[int], explicit_nodes: list[int]) -> Callable[[AdoptedVm], None]:
     def restore(vm: AdoptedVm) -> None:
         vm.restore_placement(node_map, vcpus)
+        vm.restore_explicit(explicit_vcpus, explicit_nodes)
 
     return restore
 
@@ -101,12 +104,15 @@ class AdoptionRecords:
                 options = AdoptOptions(
                     name=name, policy=Policy(raw["policy"]), qmp=raw.get("qmp"),
                     vcpu_nodes=None if raw.get("vcpu_nodes") is None else tuple(raw["vcpu_nodes"]),
-                    memory_nodes=None if raw.get("memory_nodes") is None else tuple(raw["memory_nodes"]))
+                    memory_nodes=None if raw.get("memory_nodes") is None else tuple(raw["memory_nodes"]),
+                    auto_balance=None if raw.get("auto_balance") is None else bool(raw["auto_balance"]))
                 node_map = [int(n) for n in raw["node_map"]]
                 vcpus = [(int(i), None if c is None else [int(x) for x in c], None if b is None else int(b))
                          for i, c, b in raw["vcpus"]]
+                explicit = ([int(i) for i in raw.get("explicit_vcpus", [])],
+                            [int(n) for n in raw.get("explicit_nodes", [])])
                 self._manager.adopt_process(pid, options, int(raw["owner"]),
-                                            declared=_restorer(node_map, vcpus))
+                                            declared=_restorer(node_map, vcpus, *explicit))
                 self._written[name] = raw
                 back.append(name)
             except (errors.KvmnumaError, KeyError, TypeError, ValueError) as e:

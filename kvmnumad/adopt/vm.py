@@ -9,6 +9,11 @@ by libvirt lives in libvirt's machine.slice and libvirt owns that.
 Lifecycle verbs (start, stop, destroy, guest NUMA changes) are refused: the
 guest is the VMM's.  Release leaves every thread and page where it is.
 
+Balancing (AutoBalance, rebalance.py) treats it as one of kvmnumad's own: a
+guest node's memory moves as a migration job (vm/migration.py, move_pages
+on the VMM's pid) and its vCPUs follow.  What a caller pinned, bound or
+mapped is explicit here too, and the balancer leaves it be.
+
 The process is held by a pidfd opened before anything was read from /proc,
 so the pid cannot be reused under the adoption; watch.py waits on it.
 """
@@ -27,7 +32,7 @@ from kvmnumad.adopt import procfs
 from kvmnumad.adopt.discovery import AdoptOptions, Discovery, Region
 from kvmnumad.events import Aspect, Event, VmChanged
 from kvmnumad.journal import log_event
-from kvmnumad.model import MemoryRegionInfo, Policy, VcpuStats, VmState, VmStats
+from kvmnumad.model import JobState, MemoryRegionInfo, Policy, VcpuStats, VmState, VmStats
 from kvmnumad.numa import memory as numa_memory
 from kvmnumad.numa.topology import HostTopology
 from kvmnumad.vm.numa import GuestNuma
@@ -43,6 +48,7 @@ class AdoptedVcpu:
     tid: int
     declared: frozenset[int] | None = None
     bound_node: int | None = None
+    explicit: bool = False  # a caller's pin or bind (not the policy's, not the balancer's)
 
     def effective(self) -> frozenset[int]:
         return frozenset(os.sched_getaffinity(self.tid))
@@ -54,10 +60,15 @@ class AdoptedMemory:
 
     regions: tuple[Region, ...]
 
+    def of_guest_node(self, node: int) -> list[Region]:
+        return [r for r in self.regions if r.guest_node == node]
+
 
 class AdoptedVm:
     adopted = True
     recovery = Recovery.NONE  # a daemon restart re-attaches it (records.py), it is never re-made
+
+    allowed_nodes: frozenset[int] = frozenset()  # no request limited its host nodes: the balancer may use all
 
     def __init__(self, name: str, found: Discovery, pidfd: int, topology: Callable[[], HostTopology], *,
                  owner: int = 0, policy: Policy = Policy.MANUAL,
@@ -77,6 +88,8 @@ class AdoptedVm:
         self._lock = threading.RLock()
         self._released = False
         self.vcpus = [AdoptedVcpu(i, found.vcpus[i]) for i in sorted(found.vcpus)]
+        self.auto_balance = False
+        self.explicit_nodes: set[int] = set()  # guest nodes a caller mapped (MapNumaNode, a caller's job)
         self.numa = GuestNuma(name)
         topo = topology()
         observed = list(node_map) if node_map is not None else self._observed_map(topo)
@@ -201,7 +214,9 @@ class AdoptedVm:
             self._alive()
             v = self._vcpu(vcpu)
             wanted = topo.require_online(cpus)
-            if not self._declare(v, wanted, None):
+            changed = self._declare(v, wanted, None) or not v.explicit
+            v.explicit = True
+            if not changed:
                 return
         log_event("pin", f"vCPU {vcpu} of adopted VM {self.name} (thread {v.tid}) pinned to CPUs "
                   f"{cpulist.describe(wanted)}", vm=self.name, vcpu=vcpu, cpus=wanted, reason="api")
@@ -220,6 +235,7 @@ class AdoptedVm:
             self.numa.require(node)
             cpus = self.numa.host_cpus(node, topo)
             self._declare(v, cpus, node)
+            v.explicit = True
         log_event("bind", f"vCPU {vcpu} of adopted VM {self.name} bound to guest node {node} "
                   f"(CPUs {cpulist.describe(cpus)})", vm=self.name, vcpu=vcpu, cpus=cpus,
                   node=self.numa.host_of(node), reason="api")
@@ -275,13 +291,101 @@ class AdoptedVm:
                           f"moved from host node {old} to {host_node}", vm=self.name, node=host_node,
                           from_node=old, to_node=host_node, reason="map-numa-node")
             self.numa.node_map[node] = host_node
-            cpus = self.numa.host_cpus(node, topo)
-            for v in self.vcpus:
-                if v.bound_node == node:
-                    self._apply(v, cpus)
-                    v.declared = cpus
+            self.explicit_nodes.add(node)
+            self._follow(node, self.numa.host_cpus(node, topo))
         self._changed(Aspect.NUMA_LAYOUT, Aspect.MEMORY, Aspect.VCPU_PLACEMENT)
         return moved
+
+    def _follow(self, node: int, cpus: frozenset[int]) -> list[int]:
+        """The vCPUs bound to guest node ``node`` go to its new host CPUs: which ones."""
+        followers = []
+        for v in self.vcpus:
+            if v.bound_node == node:
+                self._apply(v, cpus)
+                v.declared = cpus
+                followers.append(v.index)
+        return followers
+
+    # ------------------------------------------------------------------ migration jobs (vm/migration.py)
+    def begin_migration(self, node: int, host_node: int, slot: int | None) -> list[Region]:
+        """The regions a job moves (``slot``: an index of MemoryRegions).
+        Nothing is pointed anywhere first, unlike a Vm's: the VMM's memory
+        policy is its own (mbind cannot reach into another process), so the
+        job's move_pages alone moves the pages, and pages the VMM faults in
+        later go where its policy says."""
+        topo = self._topology()
+        with self._lock:
+            self._alive()
+            self.numa.require(node)
+            topo.node(host_node)
+            regions = [r for i, r in enumerate(self.memory.regions)
+                       if r.guest_node == node and (slot is None or i == slot)]
+            if slot is not None and not regions:
+                raise errors.InvalidArgument(f"VM {self.name!r} has no memory slot {slot} in guest node "
+                                             f"{node}", slot=slot, node=node)
+            if not regions:
+                raise errors.InvalidArgument(f"guest node {node} of VM {self.name!r} has no memory to move",
+                                             node=node)
+            return regions
+
+    def end_migration(self, node: int, host_node: int, regions: list[Region], state: JobState,
+                      moved: int) -> tuple[int, list[int], frozenset[int]]:
+        """As Vm.end_migration: DONE re-maps the guest node (when the job
+        covered all of it) and its bound vCPUs follow; CANCELLED leaves the
+        pages where they are; FAILED moves them back, as far as the kernel lets it."""
+        topo = self._topology()
+        with self._lock:
+            old = self.numa.host_of(node)
+            if self._released or self.exited():  # nothing to re-map, nothing to move back
+                return old, [], frozenset()
+            followers: list[int] = []
+            cpus: frozenset[int] = frozenset()
+            if state == JobState.DONE:
+                whole = {r.start for r in regions} == {r.start for r in self.memory.of_guest_node(node)}
+                if whole and old != host_node:
+                    self.numa.node_map[node] = host_node
+                    cpus = self.numa.host_cpus(node, topo)
+                    followers = self._follow(node, cpus)
+            elif state == JobState.FAILED:
+                self._move_back(regions, old)
+        self._changed(Aspect.NUMA_LAYOUT, Aspect.MEMORY, Aspect.VCPU_PLACEMENT)
+        return old, followers, cpus
+
+    # ------------------------------------------------------------------ balancing (rebalance.py)
+    def set_auto_balance(self, on: bool) -> bool:
+        """True if it changed."""
+        with self._lock:
+            self._alive()
+            if self.auto_balance == on:
+                return False
+            self.auto_balance = on
+        self._changed(Aspect.BALANCING)
+        return True
+
+    def explicit_vcpus(self) -> tuple[int, ...]:
+        return tuple(v.index for v in self.vcpus if v.explicit)
+
+    def clear_explicit(self, vcpus: Sequence[int], nodes: Sequence[int]) -> None:
+        """As Vm.clear_explicit: back to the balancer, left where they are."""
+        with self._lock:
+            self._alive()
+            chosen = [self._vcpu(i) for i in vcpus]  # NoSuchVcpu before anything changes
+            for n in nodes:
+                self.numa.require(n)
+            changed = any(v.explicit for v in chosen) or bool(self.explicit_nodes & set(nodes))
+            for v in chosen:
+                v.explicit = False
+            self.explicit_nodes -= set(nodes)
+        if changed:
+            self._changed(Aspect.BALANCING)
+
+    def restore_explicit(self, vcpus: Sequence[int], nodes: Sequence[int]) -> None:
+        """The explicit placements an adoption record names (a restart's re-attach)."""
+        with self._lock:
+            for i in vcpus:
+                if 0 <= i < len(self.vcpus):
+                    self.vcpus[i].explicit = True
+            self.explicit_nodes |= {n for n in nodes if 0 <= n < self.numa.nodes}
 
     def _move_back(self, regions: list[Region], node: int) -> None:
         """A move that failed half-way: what moved goes back, as far as the kernel lets it."""

@@ -48,12 +48,19 @@ def _nodes(key: str, variant: Variant) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def _bool(key: str, variant: Variant) -> bool:
+    if variant.signature != "b":
+        raise InvalidArgument(f"option {key!r} must be of type 'b', got {variant.signature!r}")
+    return bool(variant.value)
+
+
 OPTIONS: dict[str, Callable[[str, Variant], Any]] = {
     "name": lambda k, v: check_vm_name(_string(k, v)),
     "policy": lambda k, v: parse_policy(_string(k, v)),
     "qmp": _qmp,
     "vcpu_nodes": _nodes,
     "memory_nodes": _nodes,
+    "auto_balance": _bool,
 }
 
 

@@ -44,6 +44,10 @@ class Region:
         return self.mem.size
 
     @property
+    def hva(self) -> int:
+        return self.mem.hva
+
+    @property
     def end(self) -> int:
         return self.gpa + self.mem.size
 

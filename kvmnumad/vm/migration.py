@@ -25,6 +25,10 @@ Outcomes (model.JobState):
   failure half-way, everything goes back (policy and pages, mbind with
   MPOL_MF_MOVE to the old node) and the error says why.
 
+The regions are a Vm's (vm/memory.py) or an adopted VM's (adopt/), whose
+pages are another process's: ``pid`` names it (0: ours), and move_pages(2)
+takes it as such.
+
 Thread-safe; every blocking step runs on the executor given (the daemon's
 WorkerPool), as the daemon's own work, never on the caller's thread.
 """
@@ -36,19 +40,39 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
+from typing import Protocol
 
 from kvmnumad import errors
 from kvmnumad.libc import PAGE_SIZE
 from kvmnumad.model import JobState, JobStatus
 from kvmnumad.numa.memory import move_range_to_node, pages_off_node
-from kvmnumad.vm.memory import Region
 
 log = logging.getLogger(__name__)
 
 CHUNK_PAGES = 4096  # pages of address space per chunk (16 MiB): one move_pages batch, ~10 ms on this hardware
 PROGRESS_INTERVAL = 0.1  # seconds: progress is published at most this often while a job runs
+
+
+class Region(Protocol):
+    """What a job moves: a range of the address space of process ``pid``."""
+
+    @property
+    def hva(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+def _has_memory(pid: int) -> bool:
+    """Whether process ``pid`` still has an address space (move_pages says
+    ESRCH once it is reaped, EINVAL while it exits: no mm)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return f.read().split(b" ", 1)[0] != b"0"
+    except OSError:
+        return False
 
 
 class MigrationJob:
@@ -59,10 +83,10 @@ class MigrationJob:
     """
 
     def __init__(self, job_id: int, vm: str, guest_node: int, *, slot: int | None, host_node: int,
-                 from_node: int, starter: int, regions: list[Region], executor: Executor,
+                 from_node: int, starter: int, regions: Sequence[Region], executor: Executor,
                  finish: Callable[[JobState, int], None], on_progress: Callable[[JobStatus], None],
                  on_end: Callable[[MigrationJob], None],
-                 chunk_pages: int = CHUNK_PAGES, origin: str = "caller") -> None:
+                 chunk_pages: int = CHUNK_PAGES, origin: str = "caller", pid: int = 0) -> None:
         self.id = job_id
         self.vm = vm
         self.guest_node = guest_node
@@ -72,6 +96,7 @@ class MigrationJob:
         self.starter = starter
         self.origin = origin  # "caller" or "rebalance" (explain.Kind's value): JobStatus.origin
         self._regions = regions
+        self._pid = pid  # whose address space the regions are in (0: ours)
         self._executor = executor
         self._finish = finish
         self._on_progress = on_progress
@@ -145,6 +170,10 @@ class MigrationJob:
         try:
             step()
         except OSError as e:
+            if self._pid and e.errno in (errno.ESRCH, errno.EINVAL) and not _has_memory(self._pid):
+                self._end(JobState.FAILED, errors.NoSuchVM(f"VM {self.vm!r}: its process {self._pid} exited "
+                                                           "while the job moved its pages", vm=self.vm))
+                return
             kind = errors.InsufficientMemory if e.errno in (errno.ENOMEM, errno.ENOSPC) else errors.Internal
             self._end(JobState.FAILED, kind(f"moving guest node {self.guest_node} of VM {self.vm!r} to host "
                                             f"node {self.host_node}: {e.strerror or e}", node=self.host_node,
@@ -169,7 +198,7 @@ class MigrationJob:
         if chunk is not None:
             r, off = chunk
             length = min(self._chunk, r.size - off)
-            resident, away = pages_off_node(r.mem.hva + off, length, self.host_node)
+            resident, away = pages_off_node(r.hva + off, length, self.host_node, pid=self._pid)
             if away:
                 self._chunks.append((r, off, length, resident - away, away))
                 self._counted += away
@@ -189,7 +218,7 @@ class MigrationJob:
             self._end(JobState.DONE)
             return
         region, off, length, there, away = self._chunks.pop()
-        on_node, failed = move_range_to_node(region.mem.hva + off, length, self.host_node)
+        on_node, failed = move_range_to_node(region.hva + off, length, self.host_node, pid=self._pid)
         # A page the guest touched for the first time since the count lands on
         # the destination (the policy says so): it is no move, hence the bound.
         moved = min(max(on_node - there, 0), away)
