@@ -138,7 +138,9 @@ def _misplaced_qemu(sock: Path, cpu_node: int, mem_node: int, mib: int) -> subpr
 def repair_vs_numad(runs: int, mib: int = 320) -> list[Row]:
     """A QEMU whose memory sits on node 0 while its vCPUs run on node 1: the
     time until it is local again, by kvmnumad (adopt with QMP, MapNumaNode
-    of both guest nodes to node 1) and by numad (-S 0 -p PID) in the same guest."""
+    of both guest nodes to node 1), by kvmnumad's balancer alone (adopted
+    with AutoBalance on and no placement; it decides which half moves) and
+    by numad (-S 0 -p PID) in the same guest."""
     manager = Manager(cpusets=False)
     topo = manager.topology()
     node_cpus = {n: topo.cpus_of_node(n) for n in topo.node_ids()}
@@ -146,6 +148,7 @@ def repair_vs_numad(runs: int, mib: int = 320) -> list[Row]:
         return [Row("repair a misplaced QEMU: kvmnumad vs numad", None, None, "ms",
                     "needs 2 host nodes with CPUs (python -m bench.guest)", bench="adopt-repair")]
     ours: list[float] = []
+    balanced: list[float] = []
     theirs: list[float] = []
     what_numad_did = ""
     tmp = Path("/run/kvmnumad-bench-adopt")
@@ -164,6 +167,13 @@ def repair_vs_numad(runs: int, mib: int = 320) -> list[Row]:
                     raise RuntimeError(f"kvmnumad left {_backend_pages(q.pid)}")
                 ours.append((time.perf_counter() - t0) * 1e3)
                 manager.release_vm(vm.name)
+            finally:
+                q.kill()
+                q.wait()
+            sock.unlink(missing_ok=True)
+            q = _misplaced_qemu(sock, 1, 0, mib)
+            try:
+                balanced.append(_auto_balanced(manager, q.pid, sock, node_cpus, f"b{i}"))
             finally:
                 q.kill()
                 q.wait()
@@ -191,7 +201,39 @@ def repair_vs_numad(runs: int, mib: int = 320) -> list[Row]:
     note = f"{runs} runs, QEMU -accel kvm (nested) {mib} MiB on 2 memfd backends; " + (
         what_numad_did or "numad -S 0 -p PID -i 1")
     return [Row("repair a misplaced QEMU: kvmnumad vs numad, p50", median(ours) if ours else None,
-                median(theirs) if theirs else None, "ms", note[:400], bench="adopt-repair")]
+                median(theirs) if theirs else None, "ms", note[:400], bench="adopt-repair"),
+            Row("repair a misplaced QEMU: kvmnumad's balancer (AutoBalance) vs numad, p50",
+                median(balanced) if balanced else None, median(theirs) if theirs else None, "ms",
+                f"adopted with policy manual (nothing placed at adoption), auto_balance on; a pass at once "
+                f"and one per {BALANCE_PERIOD:.0f} s, as the daemon's timer makes them",
+                bench="adopt-repair")]
+
+
+BALANCE_PERIOD = 1.0  # s between passes, as `kvmnumad --balance-interval 1` makes them
+
+
+def _auto_balanced(manager: Manager, pid: int, sock: Path, node_cpus: dict[int, frozenset[int]],
+                   name: str) -> float:
+    """ms from the adopt call to repaired by balancing passes alone: the
+    daemon runs one when a VM is added and then one per period."""
+    t0 = time.perf_counter()
+    vm = manager.adopt_process(pid, AdoptOptions(name=name, qmp=str(sock), policy=Policy.MANUAL,
+                                                 auto_balance=True))
+    try:
+        deadline = t0 + NUMAD_WAIT
+        while not _repaired(pid, node_cpus):
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"the balancer left {_backend_pages(pid)} in {NUMAD_WAIT:.0f} s")
+            manager.rebalance()
+            if any(j.vm == name for j in manager.jobs):  # a memory move: repaired when its job is done
+                for j in [j for j in manager.jobs if j.vm == name]:
+                    j.wait(NUMAD_WAIT)
+                continue
+            if not _repaired(pid, node_cpus):
+                time.sleep(BALANCE_PERIOD)
+        return (time.perf_counter() - t0) * 1e3
+    finally:
+        manager.release_vm(vm.name)
 
 
 def _numad_log_tail() -> str:

@@ -47,7 +47,9 @@ def daemon_bus() -> Iterator[BusDaemon]:
 def daemon(daemon_bus: BusDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("adopt-daemon") / "daemon.log"
     try:
+        # balancing in periods of 1 s, a dwell of 8 (tests/numa/test_numa_balance.py's)
         with log.open("wb") as out, daemon_process(daemon_bus.address, "--log-target", "stderr",
+                                                   "--balance-interval", "1", "--balance-dwell", "8",
                                                    stderr=out, timeout=180):
             yield daemon_bus.address
     finally:
@@ -160,3 +162,60 @@ def test_adopted_qemu_layout_migration_and_hotplug(daemon: str, guest: tuple[sub
     q.kill()
     wait_until(lambda: busctl(daemon, "call", *MANAGER, "ListVMs")["data"] == [[]], "the adopted VM gone",
                timeout=30)
+
+
+def together(pid: int, policy: str, tids: list[int]) -> bool:
+    """These vCPU threads may run on one host node only, which holds >= 99 % of the backend's pages."""
+    pages = backend_pages(pid, policy)
+    total = sum(pages.values())
+    for node, n in pages.items():
+        cpus = node_cpus(node)
+        if cpus and n >= 0.99 * total and all(taskset_affinity(t) <= cpus for t in tids):
+            return True
+    return False
+
+
+def test_an_adopted_qemu_is_balanced(daemon: str, guest: tuple[subprocess.Popen[bytes], Path]) -> None:
+    """AutoBalance on an adopted QEMU (local-first's default): memory that
+    drifted from a caller's pinned vCPUs comes back to them (a migration job
+    on QEMU's pages), and a guest node the policy placed is put together
+    again.  Seen in QEMU's numa_maps and by taskset on its "CPU n/KVM" threads."""
+    q, sock = guest
+    tids = vcpu_tids(q.pid)
+    out = busctl(daemon, "call", *MANAGER, "AdoptProcess", "ua{sv}", str(q.pid), "2", "qmp", "s", str(sock),
+                 "policy", "s", "local-first")
+    path = out["data"][0]
+    try:
+        assert busctl(daemon, "get-property", "org.kvmnuma1", path, VM_IFACE, "AutoBalance")["data"] is True
+        assert [taskset_affinity(tids[i]) for i in range(4)] == [node_cpus(0)] * 2 + [node_cpus(1)] * 2
+        # guest node 0's vCPUs pinned by a caller to host node 0: explicit, the memory must come to them
+        cpus0 = sorted(node_cpus(0))
+        for vcpu in (0, 1):
+            busctl(daemon, "call", "org.kvmnuma1", path, VM_IFACE, "SetVcpuAffinity", "uau", str(vcpu),
+                   str(len(cpus0)), *map(str, cpus0))
+        qmp(sock, "cont")
+        # someone moves QEMU's pages from host node 0 to 1 (all of guest node 0's: m0 is bound to node 0)
+        subprocess.run(["migratepages", str(q.pid), "0", "1"], check=True, timeout=120)
+        drifted = time.monotonic()
+        moved = backend_pages(q.pid, "bind:0")
+        assert moved.get(1, 0) > moved.get(0, 0), f"migratepages moved nothing: {moved}"
+        wait_until(lambda: together(q.pid, "bind:0", [tids[0], tids[1]]), "guest node 0's memory back on "
+                   "host node 0", timeout=60, interval=0.2)
+        took = time.monotonic() - drifted
+        assert [taskset_affinity(tids[i]) for i in (0, 1)] == [set(cpus0)] * 2  # the pins kept
+        decisions = {row[0]: row for row in busctl(daemon, "call", "org.kvmnuma1", path, VM_IFACE,
+                                                   "GetDecisions")["data"][0]}
+        assert decisions["guest node 0"][1] == "rebalance", decisions
+        # guest node 1 (placed by the policy, not by a caller) drifts to host node 0: put together again
+        subprocess.run(["migratepages", str(q.pid), "1", "0"], check=True, timeout=120)
+        drifted = time.monotonic()
+        wait_until(lambda: together(q.pid, "bind:1", [tids[2], tids[3]]), "guest node 1 together again",
+                   timeout=60, interval=0.2)
+        took1 = time.monotonic() - drifted
+        print(f"adopted QEMU repaired by the balancer: guest node 0 {took:.1f} s, guest node 1 {took1:.1f} s;"
+              " "
+              f"m0 {backend_pages(q.pid, 'bind:0')}, m1 {backend_pages(q.pid, 'bind:1')}, decisions "
+              f"{[(k, v[1], v[2]) for k, v in decisions.items()]}")
+        assert qmp(sock, "query-status")["status"] == "running" and q.poll() is None
+    finally:
+        busctl(daemon, "call", *MANAGER, "ReleaseVM", "s", "adopted", check=False)
