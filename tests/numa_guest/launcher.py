@@ -126,30 +126,24 @@ def newest_kernel() -> Path:
 
 @dataclass(frozen=True)
 class Accel:
-    """How QEMU emulates the guest; a knob so each freeze mitigation can be measured.
+    """How QEMU emulates the guest, and the guest kernel's command line.
 
-    What is known of the freezes (shared/numa-guest.md, "Freezes"): they come
-    with nested vCPUs and a loaded host; one console showed a CPU stuck in
-    kvm_swap_active_memslots (a memslot swap waits for an expedited SRCU grace
-    period, i.e. for every nested vCPU to leave its read section) while the
-    others sat in int3 text patching (a vCPU made without an in-kernel irqchip
-    flips the kvm_has_noapic_vcpu static key, and text_poke_bp waits for an IPI
-    answer from every guest CPU).  Both wait for all four guest CPUs at once,
-    and under MTTCG each guest CPU is a host thread the loaded host may leave
-    unscheduled, so every such all-CPU wait costs the slowest thread's delay.
-    Every boot also shows "tsc: Marking TSC unstable due to TSCs unsynchronized"
-    and switches to the hpet clocksource (each clock read an MMIO exit under
-    QEMU's big lock).  None of this is proven to be the cause: in some runs of
-    2026-12-01 (host load 6-19 on 2 CPUs) no guest froze, so no mitigation
-    could be shown to help, and the defaults stay QEMU's; later that day 4 of
-    9 boots of two quiet fresh-clone runs froze, all with nested vCPUs running
-    while their memory moved (balance hog test, cpusets).  What is in place:
-    a kernel lockup report starts LOCKUP_GRACE (_LOCKUP_RE), and
-    freeze_repro.py / soak.py with these knobs measure a candidate.
+    The freezes (README, "Why the TCG guest froze"): a static key flipped
+    while more than one guest CPU is online hangs this multi-threaded TCG
+    guest now and then.  text_poke_bp writes int3 into code other CPUs run
+    and waits for an IPI answer from each of them; in the hung consoles CPU 0
+    waits in smp_call_function_many_cond while the others loop in exc_int3
+    at the patched site.  flip_cost.py reproduces it at the first flips, and
+    before the workaround the tests flipped keys at every VM and cpuset
+    boundary.  Hence ``maxcpus=1``: guest-run.sh flips the keys once with
+    only CPU 0 online and holds them (key_holder.py), then brings the other
+    CPUs up.  ``tcg_thread`` and ``--append`` stay as knobs for measuring
+    other candidates (single-threaded TCG was not tried against it).
     """
 
     tcg_thread: str = "multi"  # QEMU 7.2's default for an x86 guest on an x86 host
-    kernel_args: tuple[str, ...] = ()
+    # One CPU at boot: guest-run.sh flips the tests' static keys before the others come up (key_holder.py)
+    kernel_args: tuple[str, ...] = ("maxcpus=1",)
 
     def vng_args(self) -> list[str]:
         args = [f"--qemu-opts=-accel tcg,thread={self.tcg_thread}"]  # the "=" form: numa-guest.md
@@ -402,6 +396,8 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="an extra guest kernel command-line option (repeatable), for measuring mitigations")
     p.add_argument("--repro", type=float, metavar="SECONDS",
                    help="run freeze_repro.py for SECONDS instead of the tests (measuring freeze fixes)")
+    p.add_argument("--flip-cost", type=int, metavar="N",
+                   help="run flip_cost.py with N iterations instead of the tests (key_holder.py)")
     args = p.parse_args(argv)
     names: list[str] = []
     for item in args.topology:
@@ -420,13 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupted)
     runs: list[GuestRun] = []
-    accel = Accel(args.tcg_thread, tuple(args.append))
+    accel = Accel(args.tcg_thread, (*Accel.kernel_args, *args.append))
     freezes = 0
-    if args.repro is not None:
-        run = run_guest(TOPOLOGIES[args.topology[0]], args.timeout, [str(args.repro)], sys.stdout,
-                        accel=accel, target=Path(__file__).resolve().with_name("freeze_repro.py"))
-        print(run.summary(), flush=True)
-        return run.returncode
+    for script, arg in (("freeze_repro.py", args.repro), ("flip_cost.py", args.flip_cost)):
+        if arg is not None:
+            run = run_guest(TOPOLOGIES[args.topology[0]], args.timeout, [str(arg)], sys.stdout,
+                            accel=accel, target=Path(__file__).resolve().with_name(script))
+            print(run.summary(), flush=True)
+            return run.returncode
     try:
         ensure_host_tools(Path(sys.prefix))
         for name in args.topology:
