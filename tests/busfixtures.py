@@ -322,14 +322,21 @@ def options(**kw: Any) -> dict[str, Variant]:
 
 
 # -------------------------------------------------------------------- busctl
+# busctl's own call timeout.  In the multi-NUMA TCG guest (KVMNUMAD_TOPOLOGY set) a loaded host
+# slows every call: a CreateVM with prealloc took more than busctl's default 25 s in a soak run
+# beside two stress-ng, with nothing hung.  Each caller's own --timeout comes after it and wins.
+BUSCTL_TIMEOUT = 120 if os.environ.get("KVMNUMAD_TOPOLOGY") else 25
+
+
 def busctl(address: str, *args: str, check: bool = True, user: str | None = None, json_: bool = True) -> Any:
     """``busctl --address=ADDRESS --json=short ARGS``, its JSON parsed (None
     when it printed nothing); with ``check=False`` the CompletedProcess.
     With ``user``, run through runuser; ``json_=False``: plain output."""
-    cmd = ["busctl", f"--address={address}", *(["--json=short"] if json_ else []), *args]
+    json_args = ["--json=short"] if json_ else []
+    cmd = ["busctl", f"--address={address}", f"--timeout={BUSCTL_TIMEOUT}", *json_args, *args]
     if user is not None:
         cmd = ["runuser", "-u", user, "--", *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=BUSCTL_TIMEOUT + 15, check=False)
     if check and out.returncode != 0:
         raise CallFailed("busctl", f"{' '.join(args)}: {out.stderr.strip()}")
     if not check or not json_:

@@ -118,7 +118,7 @@ def create(d: Daemon, name: str, shape: tuple[int, int, int], policy: str) -> st
 
 
 def destroy(d: Daemon, name: str) -> None:
-    # A TCG guest has been seen to stall for 15 s under host load: more than busctl's 25 s default in all.
+    # A TCG guest has been seen to stall for 15 s under host load (busfixtures.BUSCTL_TIMEOUT is 120 s there).
     busctl(d.address, "--timeout=120", "call", BUS, MGR, MGR_IFACE, "DestroyVM", "s", name)
 
 
