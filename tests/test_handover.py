@@ -9,6 +9,7 @@ payload writes, placement by taskset and numa_maps.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import os
@@ -194,3 +195,23 @@ def test_the_payload_needs_only_regs_and_sregs(manager: Manager) -> None:
         assert not back.faults
     finally:
         fresh.shutdown()
+
+
+def test_a_refused_sregs_names_what_kvm_weighs(manager: Manager) -> None:
+    """A saved state KVM refuses (here made so: CS.L set outside long mode,
+    which kvm_is_valid_sregs rejects) fails with the fields its checks weigh
+    in the error: the systemd TCG guest's 1-in-3 KVM_SET_SREGS EINVAL on a
+    restart said nothing more than EINVAL."""
+    from kvmnumad.kvm.errors import KvmError  # noqa: PLC0415
+    from kvmnumad.kvm.ioctls import KvmSregs  # noqa: PLC0415
+
+    vm = manager._kvm_handle().create_vm()
+    with vm, vm.create_vcpu(0) as v0, vm.create_vcpu(1) as v1:
+        v0.setup_flat32(0x1000)
+        state = v0.save_state()
+        bad = KvmSregs.from_buffer_copy(state.sregs)
+        bad.cs.l = 1
+        with pytest.raises(KvmError) as refused:
+            v1.restore_state(dataclasses.replace(state, sregs=bytes(bad)))
+        assert refused.value.errno == errno.EINVAL
+        assert "cs.l=1" in str(refused.value) and "efer=0x0" in str(refused.value), refused.value

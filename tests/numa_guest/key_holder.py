@@ -32,6 +32,7 @@ cgroup, which keeps every count >= 1 until the session ends.  No later
 create or destroy then patches anything.
 
     python key_holder.py     # prints "key-holder: holding ..." and sleeps until the guest powers off
+    python key_holder.py --kvm-only   # the systemd guest: no cpuset, systemd owns the cgroup tree there
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sys
 from pathlib import Path
 
 KVM_CREATE_VM = 0xAE01
@@ -60,7 +62,7 @@ def main() -> None:
     kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
     vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
-    cpuset = _hold_cpuset()
+    cpuset = "no cpuset (--kvm-only)" if "--kvm-only" in sys.argv[1:] else _hold_cpuset()
     print(f"key-holder: holding a KVM VM (fd {vm}) with a vCPU without irqchip (fd {vcpu}) and {cpuset}, "
           f"pid {os.getpid()}", flush=True)
     while True:  # until the guest powers off: an exit would flip the keys back, with every CPU online

@@ -132,6 +132,7 @@ def stage_run() -> Path:
     stage.chmod(0o755)
     for name in GUEST_FILES:
         shutil.copy2(HERE / "guest" / name, stage / name)
+    shutil.copy2(HERE.parent / "numa_guest" / "key_holder.py", stage / "key_holder.py")  # guest-run.sh
     build_deb(stage)
     build_deb(stage / "upgrade", UPGRADE_VERSION)  # the same tree as a higher version, in its own dir
     for tmp in ("tmp", "home"):
@@ -150,6 +151,8 @@ def vng_command(venv: Path, kernel: Path, image: Path, stage: Path, pytest_args:
         "--root-disk", str(image), "--root-fstype", "ext4", "--rw",
         "--qemu-opts=-snapshot",  # every write to a throw-away overlay in TMPDIR: the image stays pristine
         "--cpus", "2", "-m", "2G", "--numa", "1G,cpus=0", "--numa", "1G,cpus=1",
+        # one CPU at boot: guest-run.sh flips KVM's static keys before CPU 1 comes up (key_holder.py)
+        "--append=maxcpus=1",
         "--force-9p", f"--rwdir={MOUNT}={stage}",
         "--verbose",  # kernel and systemd console, kept in the console file
         "--exec", guest_cmd,
