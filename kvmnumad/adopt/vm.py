@@ -35,6 +35,7 @@ from kvmnumad.journal import log_event
 from kvmnumad.model import JobState, MemoryRegionInfo, Policy, VcpuStats, VmState, VmStats
 from kvmnumad.numa import memory as numa_memory
 from kvmnumad.numa.topology import HostTopology
+from kvmnumad.vm.explicit import ExplicitPlacement
 from kvmnumad.vm.numa import GuestNuma
 from kvmnumad.vm.saved import Recovery
 from kvmnumad.vm.vcpus import Repin, _nearest_online
@@ -64,7 +65,7 @@ class AdoptedMemory:
         return [r for r in self.regions if r.guest_node == node]
 
 
-class AdoptedVm:
+class AdoptedVm(ExplicitPlacement):
     adopted = True
     recovery = Recovery.NONE  # a daemon restart re-attaches it (records.py), it is never re-made
 
@@ -352,40 +353,11 @@ class AdoptedVm:
         return old, followers, cpus
 
     # ------------------------------------------------------------------ balancing (rebalance.py)
-    def set_auto_balance(self, on: bool) -> bool:
-        """True if it changed."""
-        with self._lock:
-            self._alive()
-            if self.auto_balance == on:
-                return False
-            self.auto_balance = on
-        self._changed(Aspect.BALANCING)
-        return True
+    def _vcpu_list(self) -> list[AdoptedVcpu]:  # ExplicitPlacement's: set_auto_balance, clear_explicit...
+        return self.vcpus
 
-    def explicit_vcpus(self) -> tuple[int, ...]:
-        return tuple(v.index for v in self.vcpus if v.explicit)
-
-    def clear_explicit(self, vcpus: Sequence[int], nodes: Sequence[int]) -> None:
-        """As Vm.clear_explicit: back to the balancer, left where they are."""
-        with self._lock:
-            self._alive()
-            chosen = [self._vcpu(i) for i in vcpus]  # NoSuchVcpu before anything changes
-            for n in nodes:
-                self.numa.require(n)
-            changed = any(v.explicit for v in chosen) or bool(self.explicit_nodes & set(nodes))
-            for v in chosen:
-                v.explicit = False
-            self.explicit_nodes -= set(nodes)
-        if changed:
-            self._changed(Aspect.BALANCING)
-
-    def restore_explicit(self, vcpus: Sequence[int], nodes: Sequence[int]) -> None:
-        """The explicit placements an adoption record names (a restart's re-attach)."""
-        with self._lock:
-            for i in vcpus:
-                if 0 <= i < len(self.vcpus):
-                    self.vcpus[i].explicit = True
-            self.explicit_nodes |= {n for n in nodes if 0 <= n < self.numa.nodes}
+    def _vcpu_at(self, index: int) -> AdoptedVcpu:
+        return self._vcpu(index)
 
     def _move_back(self, regions: list[Region], node: int) -> None:
         """A move that failed half-way: what moved goes back, as far as the kernel lets it."""

@@ -15,13 +15,14 @@ from kvmnumad.model import MemoryRegionInfo, Policy, VmState, VmStats
 from kvmnumad.numa.topology import HostTopology
 from kvmnumad.vm.console import SerialBuffer
 from kvmnumad.vm.definition import VmDefinition
+from kvmnumad.vm.explicit import ExplicitPlacement
 from kvmnumad.vm.memory import GuestMemory
 from kvmnumad.vm.numa import GuestNuma
 from kvmnumad.vm.vcpus import Vcpus
 
 
-class VmViews:
-    """Mixed into Vm, which provides these parts."""
+class VmViews(ExplicitPlacement):
+    """Mixed into Vm, which provides these parts (ExplicitPlacement: what the balancer may move)."""
 
     name: str
     owner: int
@@ -40,9 +41,6 @@ class VmViews:
     auto_balance: bool
     explicit_nodes: set[int]
     allowed_nodes: frozenset[int]
-
-    def explicit_vcpus(self) -> tuple[int, ...]:
-        return tuple(v.index for v in self.vcpus if v.explicit)
 
     def _alive(self) -> None:
         if self._destroyed:

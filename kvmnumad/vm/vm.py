@@ -335,38 +335,11 @@ class Vm(VmViews):
             self.vcpus.declare(self.vcpus.get(vcpu), cpus, bound_node)
         self._changed(Aspect.VCPU_PLACEMENT)
 
-    def set_auto_balance(self, on: bool) -> bool:
-        """True if it changed."""
-        with self._lock:
-            self._alive()
-            if self.auto_balance == on:
-                return False
-            self.auto_balance = on
-        self._changed(Aspect.BALANCING)
-        return True
+    def _vcpu_list(self) -> Vcpus:  # ExplicitPlacement's
+        return self.vcpus
 
-    def clear_explicit(self, vcpus: Sequence[int], nodes: Sequence[int]) -> None:
-        """Hand these vCPUs and guest nodes back to the policy and the balancer:
-        they stay where they are until a balancing pass finds a reason to move them."""
-        with self._lock:
-            self._alive()
-            chosen = [self.vcpus.get(i) for i in vcpus]  # NoSuchVcpu before anything changes
-            for n in nodes:
-                self.numa.require(n)
-            changed = any(v.explicit for v in chosen) or bool(self.explicit_nodes & set(nodes))
-            for v in chosen:
-                v.explicit = False
-            self.explicit_nodes -= set(nodes)
-        if changed:
-            self._changed(Aspect.BALANCING)
-
-    def restore_explicit(self, vcpus: Sequence[int], nodes: Sequence[int]) -> None:
-        """The explicit placements a saved definition names (restore)."""
-        with self._lock:
-            for i in vcpus:
-                if 0 <= i < len(self.vcpus):
-                    self.vcpus.get(i).explicit = True
-            self.explicit_nodes |= {n for n in nodes if n < self.numa.nodes}
+    def _vcpu_at(self, index: int) -> Vcpu:
+        return self.vcpus.get(index)
 
     def repin(self, topo: HostTopology) -> list[Repin]:
         """Effective affinities back in line with declared intent on ``topo``."""
