@@ -225,11 +225,10 @@ def _auto_balanced(manager: Manager, pid: int, sock: Path, node_cpus: dict[int, 
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"the balancer left {_backend_pages(pid)} in {NUMAD_WAIT:.0f} s")
             manager.rebalance()
-            if any(j.vm == name for j in manager.jobs):  # a memory move: repaired when its job is done
-                for j in [j for j in manager.jobs if j.vm == name]:
-                    j.wait(NUMAD_WAIT)
-                continue
-            if not _repaired(pid, node_cpus):
+            moving = [j for j in manager.jobs if j.vm == name]
+            for j in moving:  # a memory move: repaired when its job is done
+                j.wait(NUMAD_WAIT)
+            if not moving and not _repaired(pid, node_cpus):
                 time.sleep(BALANCE_PERIOD)
         return (time.perf_counter() - t0) * 1e3
     finally:
