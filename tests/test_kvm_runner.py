@@ -155,7 +155,7 @@ def test_stop_and_close_of_a_spinning_guest_within_a_second(kvm: Kvm) -> None:
             runner.close()
 
 
-def test_triple_fault_stops_the_vcpu_with_the_reason(kvm: Kvm) -> None:
+def test_triple_fault_stops_the_vcpu_with_the_reason(kvm: Kvm, caplog: pytest.LogCaptureFixture) -> None:
     with guest(kvm, b"\x0f\x0b") as (_, vcpu, _):  # ud2, with no usable IDT: #UD -> #GP -> #DF -> shutdown
         vcpu.setup_flat32(ENTRY)
         sregs = vcpu.get_sregs()
@@ -168,6 +168,9 @@ def test_triple_fault_stops_the_vcpu_with_the_reason(kvm: Kvm) -> None:
             assert runner.fault == "shutdown"
             wait_until(lambda: runner.state == "stopped", "the runner to stop", timeout=5)
             assert runner.exit_counts() == {"shutdown": 1}
+            # the log says where the guest was: RIP at the ud2, in 32-bit protected mode
+            logged = [r.getMessage() for r in caplog.records if "stopped by exit SHUTDOWN" in r.getMessage()]
+            assert len(logged) == 1 and f"rip={ENTRY:#x}" in logged[0] and "cr0=0x" in logged[0], logged
             with pytest.raises(KvmError, match="shutdown"):
                 runner.start()
             assert runner.tid in thread_ids()  # parked, not dead: close() still joins it

@@ -345,7 +345,8 @@ class VcpuRunner:
         elif reason in FATAL_EXITS:
             detail = self._vcpu.exit_detail(reason)
             detail = f" ({detail})" if detail else ""
-            log.warning("vCPU %d stopped by exit %s%s", self.index, reason.name, detail)
+            where = f"; {self._vcpu.describe_state()}" if reason == ExitReason.SHUTDOWN else ""
+            log.warning("vCPU %d stopped by exit %s%s%s", self.index, reason.name, detail, where)
             self._set_fault(reason.name.lower() + detail)
         # INTR: nothing to do, the loop re-reads what is wanted; MMIO and others: ignored.
 

@@ -357,6 +357,14 @@ class VcpuFd:
             return f"hardware exit reason {run.exit.hardware_exit_reason:#x}"
         return ""
 
+    def describe_state(self) -> str:
+        """The registers, for the log of a triple fault: where the guest was is all
+        a post-mortem has (QEMU dumps them too).  On the vCPU's own thread."""
+        try:
+            return describe_regs(self.get_regs()) + " " + describe_sregs(self.get_sregs())
+        except KvmError as e:
+            return f"registers unreadable: {e}"
+
     def set_io_in_data(self, data: bytes) -> None:
         """Answer a KVM_EXIT_IO of direction IN: the guest reads ``data`` on the next run()."""
         io = self._kvm_run().exit.io
@@ -393,6 +401,10 @@ def _msr_buffer(indices: tuple[int, ...]) -> Any:
     for e, index in zip(buf.entries, indices, strict=True):
         e.index = index
     return buf
+
+
+def describe_regs(r: KvmRegs) -> str:
+    return " ".join(f"{name}={getattr(r, name):#x}" for name, *_ in KvmRegs._fields_)
 
 
 def describe_sregs(s: KvmSregs) -> str:
