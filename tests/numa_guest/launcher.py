@@ -398,6 +398,8 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="run freeze_repro.py for SECONDS instead of the tests (measuring freeze fixes)")
     p.add_argument("--flip-cost", type=int, metavar="N",
                    help="run flip_cost.py with N iterations instead of the tests (key_holder.py)")
+    p.add_argument("--state-cycles", type=int, metavar="N",
+                   help="run state_cycles.py with N park/run and save/restore cycles instead of the tests")
     args = p.parse_args(argv)
     names: list[str] = []
     for item in args.topology:
@@ -418,9 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[GuestRun] = []
     accel = Accel(args.tcg_thread, (*Accel.kernel_args, *args.append))
     freezes = 0
-    for script, arg in (("freeze_repro.py", args.repro), ("flip_cost.py", args.flip_cost)):
+    for script, arg in (("freeze_repro.py", args.repro), ("flip_cost.py", args.flip_cost),
+                        ("state_cycles.py", args.state_cycles)):
         if arg is not None:
-            run = run_guest(TOPOLOGIES[args.topology[0]], args.timeout, [str(arg)], sys.stdout,
+            run = run_guest(TOPOLOGIES[args.topology[0]], args.timeout, [str(arg), *pytest_args], sys.stdout,
                             accel=accel, target=Path(__file__).resolve().with_name(script))
             print(run.summary(), flush=True)
             return run.returncode
