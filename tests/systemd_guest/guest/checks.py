@@ -542,6 +542,14 @@ def test_handover_systemctl_restart_keeps_the_vms() -> None:
     _survives(lambda: sh("systemctl", "restart", UNIT, timeout=T_LONG), "systemctl restart")
 
 
+@pytest.mark.soak
+@pytest.mark.parametrize("round_", range(12))
+def test_handover_restart_rounds(round_: int) -> None:
+    """Only on request (``-m soak``): restart after restart in one boot, for a
+    handover that fails 1 time in N (the journal then says which vCPU state)."""
+    _survives(lambda: sh("systemctl", "restart", UNIT, timeout=T_LONG), f"systemctl restart, round {round_}")
+
+
 def test_handover_package_upgrade_keeps_the_vms() -> None:
     debs = sorted((DEB_DIR / "upgrade").glob("kvmnumad_*.deb"))
     assert len(debs) == 1, debs
