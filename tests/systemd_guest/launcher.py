@@ -148,7 +148,7 @@ def stage_run() -> Path:
     return stage
 
 
-def vng_command(venv: Path, kernel: Path, image: Path, stage: Path, pytest_args: list[str],
+def vng_command(venv: Path, kernel: Path, image: Path, stage: Path, pytest_args: list[str], *,
                 tcg_thread: str = TCG_THREAD) -> list[str]:
     guest_cmd = shlex.join(["/bin/sh", f"{MOUNT}/guest-run.sh", MOUNT, *pytest_args])
     return [
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             print(image)
             return 0
         stage = stage_run()
-        cmd = vng_command(venv, newest_kernel(), image, stage, pytest_args, args.tcg_thread)
+        cmd = vng_command(venv, newest_kernel(), image, stage, pytest_args, tcg_thread=args.tcg_thread)
         run = run_guest(cmd, stage, args.timeout, sys.stdout)
         lost: list[GuestRun] = []
         while run.retry_worth and len(lost) < REBOOTS:
