@@ -11,7 +11,7 @@ per iteration (p50, p99, max) go to stdout; a guest that hangs in the
 flipping half is the freeze reproduced.  Run by
 ``python -m tests.numa_guest --topology 2node --flip-cost N``.
 
-guest-run.sh's holder (NOAPIC_HOLDER_PID) is killed for the flipping half,
+guest-run.sh's holder (KEY_HOLDER_PID) is killed for the flipping half,
 so that half is what the tests did before the holder; its cpuset stays.
 """
 
@@ -72,7 +72,7 @@ def main() -> None:
         _measure(kvm, "held (no flip), others busy", n)
     os.close(held)
     os.close(held_vm)
-    holder = int(os.environ.get("NOAPIC_HOLDER_PID") or 0)
+    holder = int(os.environ.get("KEY_HOLDER_PID") or 0)
     if holder:
         os.kill(holder, signal.SIGTERM)
         time.sleep(1)

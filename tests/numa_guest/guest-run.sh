@@ -47,27 +47,13 @@ else
     echo "numa-guest: WARNING: /dev/kvm missing (nested KVM unavailable)"
 fi
 
-# The static keys the tests would flip at every VM and cpuset boundary (a KVM VM, a vCPU without
-# irqchip, a cpuset), flipped once here while only CPU 0 is online (the launcher boots with
-# maxcpus=1) and held until the guest powers off: a flip patches code that other CPUs run, and
-# one has hung this TCG guest (key_holder.py says why). Then the other CPUs come online.
-holder=
-if [ -e /dev/kvm ]; then
-    "$python" "$(dirname "$0")/key_holder.py" > /tmp/key-holder.out 2>&1 &
-    holder=$!
-    i=0
-    while ! grep -q holding /tmp/key-holder.out 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
-    sed 's/^/numa-guest: /' /tmp/key-holder.out
-fi
-for f in /sys/devices/system/cpu/cpu[0-9]*/online; do
-    [ "$(cat "$f")" = 1 ] || echo 1 > "$f" || echo "numa-guest: WARNING: cannot bring $f up"
-done
-echo "numa-guest: CPUs online: $(cat /sys/devices/system/cpu/online)"
+. "$(dirname "$0")/hold-keys.sh"
+hold_keys "$python" "$(dirname "$0")/key_holder.py" numa-guest
 numactl -H | sed 's/^/numa-guest: /'
 
 case $tests in
 *.py) # a script instead of the suite (the launcher's --repro)
-    NOAPIC_HOLDER_PID=$holder PYTHONPATH=$(dirname "$tests") PYTHONUNBUFFERED=1 "$python" "$tests" "$@" ;;
+    KEY_HOLDER_PID=$KEY_HOLDER_PID PYTHONPATH=$(dirname "$tests") PYTHONUNBUFFERED=1 "$python" "$tests" "$@" ;;
 # No plugin autoload: the numa tests use none, and hypothesis' entry point alone cost
 # 12-26 s of the guest's pytest start (measured under TCG, 4node). --durations: where
 # the guest's minutes go, in the output CI keeps.

@@ -140,7 +140,8 @@ def stage_run() -> Path:
     stage.chmod(0o755)
     for name in GUEST_FILES:
         shutil.copy2(HERE / "guest" / name, stage / name)
-    shutil.copy2(HERE.parent / "numa_guest" / "key_holder.py", stage / "key_holder.py")  # guest-run.sh
+    for name in ("key_holder.py", "hold-keys.sh"):  # guest-run.sh's, shared with the numa guest
+        shutil.copy2(HERE.parent / "numa_guest" / name, stage / name)
     build_deb(stage)
     build_deb(stage / "upgrade", UPGRADE_VERSION)  # the same tree as a higher version, in its own dir
     for tmp in ("tmp", "home"):

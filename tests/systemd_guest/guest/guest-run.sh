@@ -17,21 +17,11 @@ dmesg -n 5 2>/dev/null
 # scheduler" in a vCPU thread whose stack showed task_numa_fault: no automatic NUMA balancing here.
 echo 0 > /proc/sys/kernel/numa_balancing 2>/dev/null
 cd "$dir" || exit 3
-# KVM's static keys (the first or last VM, a vCPU without irqchip) flipped once here with only
-# CPU 0 online (the launcher boots with maxcpus=1) and held until power-off: a flip with both
-# CPUs online can hang or corrupt this TCG guest (key_holder.py, README "Why the TCG guest froze";
-# this guest panicked "corrupted stack end detected inside scheduler" in a vCPU thread twice in a
-# row during the package-upgrade handover before it). Then CPU 1 comes online.
-if [ -e /dev/kvm ]; then
-    /usr/bin/python3 "$dir/key_holder.py" --kvm-only > /tmp/key-holder.out 2>&1 &
-    i=0
-    while ! grep -q holding /tmp/key-holder.out 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
-    sed 's/^/systemd-guest: /' /tmp/key-holder.out
-fi
-for f in /sys/devices/system/cpu/cpu[0-9]*/online; do
-    [ "$(cat "$f")" = 1 ] || echo 1 > "$f" || echo "systemd-guest: WARNING: cannot bring $f up"
-done
-echo "systemd-guest: CPUs online: $(cat /sys/devices/system/cpu/online)"
+# KVM's static keys held before CPU 1 comes up (hold-keys.sh; --kvm-only: systemd owns the cgroup
+# tree here). This guest panicked "corrupted stack end detected inside scheduler" in a vCPU thread
+# twice in a row during the package-upgrade handover before it.
+. "$dir/hold-keys.sh"
+hold_keys /usr/bin/python3 "$dir/key_holder.py" systemd-guest --kvm-only
 SYSTEMD_GUEST_DEBS="$dir" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 SYSTEMD_PAGER=cat \
     /usr/bin/python3 -m pytest -c "$dir/pytest.ini" --rootdir "$dir" "$dir/checks.py" "$@"
 rc=$?
