@@ -155,18 +155,45 @@ def move_range_to_node(addr: int, length: int, node: int, page_size: int = PAGE_
     return on_node, failed
 
 
+MOVE_ATTEMPTS = 3  # move_pages calls per page that stays behind for the moment (a running guest's)
+_TRANSIENT = frozenset({errno.EBUSY, errno.EAGAIN})
+_UNSET = -(1 << 30)  # a status the kernel never stores (node ids and -errno are small)
+
+
 def _move(pages: list[int], node: int, pid: int, failed: dict[int, int]) -> int:
-    """One move_pages(2) call: the pages now on ``node``; the others that did
-    not move counted into ``failed`` by errno (an absent page, ENOENT, is neither)."""
-    status = (c_int * len(pages))()
-    targets = (c_int * len(pages))(*([node] * len(pages)))
-    libnuma.sys_move_pages((c_void_p * len(pages))(*pages), targets, status, pid=pid)
+    """move_pages(2) of ``pages`` to ``node``: returns the pages now on ``node``;
+    the others that did not move are counted into ``failed`` by errno (an
+    absent page, ENOENT, is neither).
+
+    A page a running vCPU holds for an instant (KVM faulting it in) cannot be
+    migrated then.  The kernel retries such pages itself, then gives up on
+    them and returns how many it did not move; in that case it does not
+    store the statuses of the call's pages at all, so a zeroed array would
+    read as "on node 0".  Hence a sentinel, a query of where the pages really
+    are whenever the call says some did not move, and up to MOVE_ATTEMPTS
+    calls for the pages still elsewhere or busy; the rest count as EAGAIN."""
     on_node = 0
-    for s in status:
-        if s == node:
-            on_node += 1
-        elif s < 0 and s != -errno.ENOENT:
-            failed[-s] = failed.get(-s, 0) + 1
+    todo = pages
+    for attempt in range(MOVE_ATTEMPTS):
+        status = (c_int * len(todo))(*([_UNSET] * len(todo)))
+        targets = (c_int * len(todo))(*([node] * len(todo)))
+        left = libnuma.sys_move_pages((c_void_p * len(todo))(*todo), targets, status, pid=pid)
+        where = _query(todo, pid) if left > 0 or _UNSET in status else list(status)
+        last = attempt == MOVE_ATTEMPTS - 1
+        again: list[int] = []
+        for page, w in zip(todo, where, strict=True):
+            if w == node:
+                on_node += 1
+            elif w == -errno.ENOENT:
+                continue
+            elif (w >= 0 or -w in _TRANSIENT) and not last:
+                again.append(page)
+            else:
+                e = errno.EAGAIN if w >= 0 else -w
+                failed[e] = failed.get(e, 0) + 1
+        if not again:
+            break
+        todo = again
     return on_node
 
 
