@@ -18,10 +18,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Protocol
 
 from .topology import TOPOLOGIES, Topology
 
@@ -122,6 +123,20 @@ def newest_kernel() -> Path:
     if not kernels:
         raise GuestUnavailable("no /boot/vmlinuz-* (Debian package linux-image-amd64)")
     return kernels[-1]
+
+
+REBOOTS = 2  # more boots of a guest that froze, timed out or died (both launchers' default)
+
+
+class LostBoot(Protocol):
+    problem: str | None
+    console: Path | None
+
+
+def reboot_note(lost: Sequence[LostBoot]) -> str:
+    """The summary's note on a run that needed more boots: which boot this is, and why each went."""
+    return f"boot {len(lost) + 1}: " + "; ".join(
+        f"boot {i + 1} {r.problem} (console: {r.console})" for i, r in enumerate(lost))
 
 
 @dataclass(frozen=True)
@@ -388,8 +403,8 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument(
         "--keep-going", action="store_true", help="with several topologies, boot the rest after a failure"
     )
-    p.add_argument("--reboots", type=int, default=2, metavar="N",
-                   help="boot a guest that froze, timed out or died up to N more times (default 2)")
+    p.add_argument("--reboots", type=int, default=REBOOTS, metavar="N",
+                   help=f"boot a guest that froze, timed out or died up to N more times (default {REBOOTS})")
     p.add_argument("--tcg-thread", choices=("single", "multi"), default=Accel.tcg_thread,
                    help=f"QEMU's TCG threading (default {Accel.tcg_thread}, see Accel)")
     p.add_argument("--append", action="append", default=[], metavar="ARG",
@@ -446,8 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(run.summary(), flush=True)
                 run = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args], sys.stdout,
                                 accel=accel)
-                run.note = (f"boot {len(lost) + 1}: " + "; ".join(
-                    f"boot {i + 1} {r.problem} (console: {r.console})" for i, r in enumerate(lost)))
+                run.note = reboot_note(lost)
             freezes += run.returncode == EXIT_TIMEOUT or run.died
             runs.append(run)
             print(run.summary(), flush=True)
