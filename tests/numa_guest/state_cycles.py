@@ -38,9 +38,11 @@ from kvmnumad.kvm.errors import KvmError
 from kvmnumad.kvm.payload import TOUCH_PAYLOAD, touch_payload_regs
 from kvmnumad.kvm.runner import VcpuRunner, install_kick_signal
 from kvmnumad.kvm.system import Kvm
-from kvmnumad.kvm.vcpu import VcpuFd, describe_sregs
+from kvmnumad.kvm.vcpu import VcpuFd
 from kvmnumad.kvm.vm import VmFd
+from kvmnumad.libc import PAGE_SIZE
 from kvmnumad.numa.memory import move_range_to_node
+from tests.observe import host_nodes
 
 MiB = 1 << 20
 ENTRY = 0x1000
@@ -61,6 +63,7 @@ class Guest:
         self.fds: list[VcpuFd] = []
         self.runners: list[VcpuRunner] = []
         self.moves = 0
+        self.nodes = sorted(host_nodes())
 
     def make(self) -> None:
         self.vm = self.kvm.create_vm()
@@ -82,12 +85,11 @@ class Guest:
         for r in self.runners:
             r.start()
         end = time.monotonic() + seconds
-        nodes = sorted(int(d.name[4:]) for d in Path("/sys/devices/system/node").glob("node[0-9]*"))
         node = 0
         while migrate and time.monotonic() < end:
             # every page of the VM to the other node while its vCPUs write them (as a live
             # migration, the balancer or the kernel's NUMA balancing moves a running VM's pages)
-            node = nodes[(nodes.index(node) + 1) % len(nodes)]
+            node = self.nodes[(self.nodes.index(node) + 1) % len(self.nodes)]
             move_range_to_node(self.addr, self.size, node)
             self.moves += 1
         time.sleep(max(0.0, end - time.monotonic()))
@@ -107,10 +109,10 @@ class Guest:
         out = []
         for r in self.runners:
             base = MiB + r.index * SLICE
-            behind = [off for off in range(0, SLICE, 4096)
+            behind = [off for off in range(0, SLICE, PAGE_SIZE)
                       if int.from_bytes(self.mem[base + off:base + off + 4], "little") + 1 < r.progress]
             if behind:
-                out.append(f"vCPU {r.index}: {len(behind)} of {SLICE // 4096} pages behind its "
+                out.append(f"vCPU {r.index}: {len(behind)} of {SLICE // PAGE_SIZE} pages behind its "
                            f"{r.progress} passes (first at +{behind[0]:#x})")
         return out
 
@@ -124,12 +126,6 @@ class Guest:
         if self.vm is not None:
             self.vm.close()
             self.vm = None
-
-
-def _regs(v: VcpuFd) -> str:
-    r = v.get_regs()
-    return (f"rip={r.rip:#x} rflags={r.rflags:#x} eax={r.rax:#x} ebx={r.rbx:#x} ecx={r.rcx:#x} "
-            f"edx={r.rdx:#x} ebp={r.rbp:#x} esi={r.rsi:#x} edi={r.rdi:#x}; {describe_sregs(v.get_sregs())}")
 
 
 def _arm(kvm: Kvm, name: str, cycles: int, vcpus: int, seconds: float) -> int:
@@ -157,10 +153,7 @@ def _arm(kvm: Kvm, name: str, cycles: int, vcpus: int, seconds: float) -> int:
             faults += 1
             print(f"state-cycles: {name}: cycle {c}: FAULT {e}", flush=True)
             for i, v in enumerate(g.fds):
-                try:
-                    print(f"state-cycles: {name}:   vCPU {i} {_regs(v)}", flush=True)
-                except KvmError as e2:
-                    print(f"state-cycles: {name}:   vCPU {i} unreadable: {e2}", flush=True)
+                print(f"state-cycles: {name}:   vCPU {i} {v.describe_state()}", flush=True)
             g.unmake()
             g.make()
             g.entry()
