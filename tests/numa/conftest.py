@@ -159,6 +159,28 @@ def numa_daemon(numa_daemon_bus: BusDaemon, journald: Journal,
         yield Daemon(numa_daemon_bus.address, proc.pid, stderr)
 
 
+# The balancer's times in the balancing and adoption tests: issue 14's acceptance counts in
+# periods, so the periods are short (test_numa_balance.py says why these).
+BALANCE_PERIOD = 1.0
+BALANCE_DWELL = 8.0
+BALANCE_SAMPLE_INTERVAL = 30.0
+
+
+@pytest.fixture(scope="session")
+def balancing_daemon(journald: Journal, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """kvmnumad balancing every BALANCE_PERIOD, on a bus of its own, logging to the journal.
+
+    One for the balancing and the adoption tests: each module had its own, and
+    pytest started the adoption module's twice (its CPU-offline test runs last,
+    after other modules), at some 30 s a start under TCG."""
+    stderr = tmp_path_factory.mktemp("balancing-daemon") / "kvmnumad.stderr"
+    with start_bus_daemon() as bus, stderr.open("wb") as err, daemon_process(
+            bus.address, "--log-target", "journal", "--log-level", "info",
+            "--sample-interval", str(BALANCE_SAMPLE_INTERVAL), "--balance-interval", str(BALANCE_PERIOD),
+            "--balance-dwell", str(BALANCE_DWELL), stderr=err, timeout=300) as proc:
+        yield Daemon(bus.address, proc.pid, stderr)
+
+
 JOB_CHUNK_PAGES = 128  # --migration-chunk-pages: 512 chunks for a 256 MiB node, a job long enough to watch
 
 

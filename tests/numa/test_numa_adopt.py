@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.busfixtures import BusDaemon, busctl, start_bus_daemon
-from tests.numa.conftest import daemon_process
+from tests.busfixtures import busctl
+from tests.numa.conftest import Daemon
 from tests.numa.test_numa_hotplug import _nearest_online
 from tests.numa_guest.hotplug import CpuHotplug
 from tests.observe import node_cpus, taskset_affinity
@@ -37,23 +37,10 @@ MiB = 1 << 20
 BACKEND = 64  # MiB per guest node: small, TCG is slow
 
 
-@pytest.fixture(scope="module")
-def daemon_bus() -> Iterator[BusDaemon]:
-    with start_bus_daemon() as bus:
-        yield bus
-
-
-@pytest.fixture(scope="module")
-def daemon(daemon_bus: BusDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("adopt-daemon") / "daemon.log"
-    try:
-        # balancing in periods of 1 s, a dwell of 8 (tests/numa/test_numa_balance.py's)
-        with log.open("wb") as out, daemon_process(daemon_bus.address, "--log-target", "stderr",
-                                                   "--balance-interval", "1", "--balance-dwell", "8",
-                                                   stderr=out, timeout=180):
-            yield daemon_bus.address
-    finally:
-        print(log.read_text()[-3000:])
+@pytest.fixture
+def daemon(balancing_daemon: Daemon) -> str:
+    """Balancing in periods of 1 s with a dwell of 8: test_numa_balance.py's daemon."""
+    return balancing_daemon.address
 
 
 def qmp(sock: Path, command: str) -> Any:

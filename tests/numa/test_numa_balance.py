@@ -35,8 +35,8 @@ from typing import Any
 
 import pytest
 
-from tests.busfixtures import BusClient, BusDaemon, busctl, start_bus_daemon
-from tests.numa.conftest import daemon_process
+from tests.busfixtures import BusClient, busctl
+from tests.numa.conftest import BALANCE_DWELL, BALANCE_PERIOD, Daemon
 from tests.observe import host_nodes, node_cpus, numa_maps_of_slot, taskset_affinity, thread_affinity
 from tests.sysfixtures import Journal
 from tests.waiting import wait_until
@@ -46,30 +46,15 @@ pytestmark = pytest.mark.numa
 ROOT = Path(__file__).resolve().parents[2]
 BUS, MGR, MGR_IFACE, VM_IFACE = "org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.Manager", "org.kvmnuma1.VM"
 MiB = 1 << 20
-PERIOD = 1.0
-DWELL = 8.0
-SAMPLE_INTERVAL = 30.0
+PERIOD = BALANCE_PERIOD
+DWELL = BALANCE_DWELL
 # A pass's own cost under TCG (a sample of the VMs, numa_maps, the moves) on top of the periods.
 SLACK = 3.0
 
 
-class Daemon:
-    def __init__(self, pid: int, address: str) -> None:
-        self.pid = pid
-        self.address = address
-
-
-@pytest.fixture(scope="module")
-def daemon(journald: Journal) -> Iterator[Daemon]:
-    with start_bus_daemon() as bus:
-        yield from _daemon(bus)
-
-
-def _daemon(bus: BusDaemon) -> Iterator[Daemon]:
-    with daemon_process(bus.address, "--log-target", "journal", "--log-level", "info",
-                        "--sample-interval", str(SAMPLE_INTERVAL), "--balance-interval", str(PERIOD),
-                        "--balance-dwell", str(DWELL), timeout=300) as proc:
-        yield Daemon(proc.pid, bus.address)
+@pytest.fixture
+def daemon(balancing_daemon: Daemon) -> Daemon:
+    return balancing_daemon
 
 
 def call(address: str, path: str, iface: str, method: str, sig: str = "", *args: str) -> Any:
