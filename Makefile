@@ -63,7 +63,7 @@ fuzz: deps
 test-numa: deps
 	$(VPY) -m tests.numa_guest --topology 2node,4node,memonly --keep-going
 
-# The hotplug storm of issue 12 alone, its 200 cycles on 2 and 4 nodes (make test runs 60): STORM_CYCLES=1000 for more.
+# The hotplug storm of issue 12 alone, its 200 cycles on 2 and 4 nodes (make test runs 30): STORM_CYCLES=1000 for more.
 STORM_CYCLES ?= 200
 test-numa-storm: deps
 	$(VPY) -m tests.numa_guest --topology 2node,4node --keep-going -- -k hotplug_storm --storm-cycles $(STORM_CYCLES)

@@ -79,7 +79,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     # the guest does not inherit the host's environment, so a knob is a pytest option
     parser.addoption("--storm-cycles", type=int, default=0,
                      help="offline/online cycles of the hotplug storm "
-                          "(default 60; 200: make test-numa-storm)")
+                          "(default 30; 200: make test-numa-storm)")
 
 
 @pytest.fixture(scope="session")
