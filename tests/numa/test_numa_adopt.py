@@ -39,7 +39,7 @@ BACKEND = 64  # MiB per guest node: small, TCG is slow
 
 @pytest.fixture
 def daemon(balancing_daemon: Daemon) -> str:
-    """Balancing in periods of 1 s with a dwell of 8: test_numa_balance.py's daemon."""
+    """conftest's balancing daemon (BALANCE_PERIOD, BALANCE_DWELL), shared with test_numa_balance.py."""
     return balancing_daemon.address
 
 
