@@ -52,6 +52,7 @@ _HEARTBEAT = "numa-guest: heartbeat"
 _STATUS_RE = re.compile(r"numa-guest: pytest exit status (\d+)")
 _SUMMARY_RE = re.compile(r"^=+ (.*\d+ \w+.*) in [\d.]+s\b.*=+$")
 _COUNT_RE = re.compile(r"(\d+) (\w+)")
+_FAILED_RE = re.compile(r"^(?:FAILED|ERROR) (\S+)")  # pytest's short summary: "FAILED tests/x.py::t - why"
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _KERNEL_RE = re.compile(r"^\[\s*\d+\.\d+\]")  # a printk line: "[   12.345678] ..."
 # kernel lines that also go to our output, not only to the kept console file
@@ -197,6 +198,7 @@ class GuestRun:
     note: str | None = None
     console: Path | None = None
     died: bool = False  # gone without reporting pytest's status, not frozen: QEMU or its kernel
+    failures: list[str] = field(default_factory=list)  # node ids: CI keeps only the output's tail
 
     def summary(self) -> str:
         failed = self.counts.get("failed", 0)
@@ -210,6 +212,8 @@ class GuestRun:
         line = f"numa-guest {self.topology}: {', '.join(parts)} (boot {boot}, total {self.total_s:.0f} s)"
         if self.problem:
             line += f" -- FAILED: {self.problem}"
+        if self.failures:
+            line += f" -- failed tests: {' '.join(self.failures)}"
         if self.note:
             line += f" -- NOTE: {self.note}"
         if self.returncode != 0 and self.console is not None:
@@ -336,6 +340,8 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
                 out.flush()
             if m := _STATUS_RE.search(plain):
                 guest_rc = int(m.group(1))
+            if m := _FAILED_RE.match(plain):
+                run.failures.append(m.group(1))
             if m := _SUMMARY_RE.match(plain):
                 run.counts = {k: int(n) for n, k in _COUNT_RE.findall(m.group(1))}
     except BaseException:

@@ -36,6 +36,11 @@ from pathlib import Path
 from typing import IO
 
 from tests.numa_guest.launcher import (
+    _ANSI_RE,
+    _COUNT_RE,
+    _FAILED_RE,
+    _KERNEL_RE,
+    _SUMMARY_RE,
     REBOOTS,
     GuestUnavailable,
     console_tail,
@@ -69,10 +74,6 @@ EXIT_TIMEOUT = 124
 
 _BOOT_MARK = "systemd-guest: booted"
 _STATUS_RE = re.compile(r"systemd-guest: pytest exit status (\d+)")
-_SUMMARY_RE = re.compile(r"^=+ (.*\d+ \w+.*) in [\d.]+s\b.*=+$")
-_COUNT_RE = re.compile(r"(\d+) (\w+)")
-_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_KERNEL_RE = re.compile(r"^\[\s*\d+\.\d+\]")
 # systemd's boot progress on the console ("[  OK  ] Started ..."): the console file has it
 _SYSTEMD_CHATTER_RE = re.compile(r"^\[\s*OK\s*\]|^\s*(Starting|Mounting|Stopping|Unmounting) ")
 _KERNEL_ALARM_RE = re.compile(r"BUG:|soft lockup|hard LOCKUP|blocked for more than|Call Trace|RIP:|"
@@ -187,6 +188,7 @@ class GuestRun:
     note: str | None = None
     console: Path | None = None
     died: bool = False  # gone without reporting the checks' status, not frozen: QEMU or its kernel
+    failures: list[str] = field(default_factory=list)  # node ids: CI keeps only the output's tail
 
     def summary(self) -> str:
         parts = [f"{self.counts.get('passed', 0)} passed", f"{self.counts.get('failed', 0)} failed"]
@@ -195,6 +197,8 @@ class GuestRun:
         line = f"systemd-guest: {', '.join(parts)} (boot {boot}, total {self.total_s:.0f} s)"
         if self.problem:
             line += f" -- FAILED: {self.problem}"
+        if self.failures:
+            line += f" -- failed tests: {' '.join(self.failures)}"
         if self.note:
             line += f" -- NOTE: {self.note}"
         if self.returncode != 0 and self.console is not None:
@@ -213,6 +217,8 @@ def parse_line(run: GuestRun, plain: str, elapsed: float) -> int | None:
     """Fold one console line into ``run``; the guest's exit status when this line carries it."""
     if run.boot_s is None and plain.startswith(_BOOT_MARK):
         run.boot_s = elapsed
+    if m := _FAILED_RE.match(plain):
+        run.failures.append(m.group(1))
     if m := _SUMMARY_RE.match(plain):
         run.counts = {k: int(n) for n, k in _COUNT_RE.findall(m.group(1))}
     if m := _STATUS_RE.search(plain):
