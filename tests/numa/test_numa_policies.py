@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from kvmnumad import errors
+from kvmnumad import cpulist, errors
 from kvmnumad.manager import Manager
 from kvmnumad.model import CreateOptions, Policy
 from kvmnumad.vm import Vm
@@ -145,5 +145,12 @@ def test_local_first_refuses_what_no_node_holds_and_allow_split_fits(manager: Ma
     vm = manager.create_vm("split", 1, size, split)  # no prealloc: hundreds of MiB under TCG
     ((r),) = vm.memory_regions()
     kind, _, nodes = numa_maps_at(r.hva).policy.partition(":")
-    assert (kind, parse_cpulist(nodes)) == ("bind", set(node.host_nodes))
+    bound = parse_cpulist(nodes)
+    # The create plans again with what the kernel says is free then, so its
+    # pair may differ from the dry run's (4node: {2,3} planned, {0,1} bound,
+    # once in three runs): the kernel's binding is checked against the
+    # create's own recorded decision, not the earlier plan.
+    (decision,) = [d for d in manager.explain("split") if d.subject == "guest node 0"]
+    assert kind == "bind" and len(bound) >= 2, nodes
+    assert decision.placement == f"host node(s) {cpulist.describe(bound)} (bind)", decision
     manager.destroy_vm("split")
