@@ -58,3 +58,11 @@ def test_the_guest_image_holds_every_package_the_deb_depends_on() -> None:
     included = {p for line in script.splitlines() if line.startswith("pkgs=")
                 for p in line.split("=", 1)[1].replace("$pkgs,", "").split(",")}
     assert wanted <= included, f"the image lacks {sorted(wanted - included)}"
+
+
+def test_a_failed_test_is_named_in_the_summary_line() -> None:
+    run = GuestRun(returncode=1)
+    parse_line(run, "FAILED checks.py::test_watchdog - AssertionError: assert 1 == 0", 80.0)
+    parse_line(run, "========== 1 failed, 9 passed in 95.31s (0:01:35) ==========", 90.0)
+    assert run.failures == ["checks.py::test_watchdog"]
+    assert "failed tests: checks.py::test_watchdog" in run.summary()
