@@ -240,9 +240,11 @@ def rerun_verdict(first: GuestRun, again: GuestRun) -> GuestRun:
         counts = dict(first.counts)
         counts["flaky"] = counts.pop("failed", 0)
         return replace(first, returncode=0, problem=None, counts=counts, failures=[],
+                       total_s=first.total_s + again.total_s,
                        note=f"flaky, failed on boot 1 (console: {first.console}) and passed alone on boot 2: "
                             f"{' '.join(first.failures)}")
     return replace(first, returncode=again.returncode or first.returncode,
+                   total_s=first.total_s + again.total_s,
                    note=f"failed again alone on boot 2 (console: {again.console})")
 
 
