@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 
 from tests.systemd_guest import launcher
-from tests.systemd_guest.launcher import EXIT_TIMEOUT, GuestRun, parse_line
+from tests.systemd_guest.launcher import EXIT_TIMEOUT, GuestRun
 
 
 def test_console_lines_give_boot_time_counts_and_exit_status() -> None:
     run = GuestRun(returncode=1)
-    assert parse_line(run, "systemd-guest: booted, guest uptime 31.2 s, PID 1 is systemd", 40.0) is None
-    assert parse_line(run, "systemd-guest: booted again", 50.0) is None
+    assert run.fold("systemd-guest: booted, guest uptime 31.2 s, PID 1 is systemd", 40.0) is None
+    assert run.fold("systemd-guest: booted again", 50.0) is None
     assert run.boot_s == 40.0
-    parse_line(run, "========== 10 passed, 1 skipped in 95.31s (0:01:35) ==========", 90.0)
+    run.fold("========== 10 passed, 1 skipped in 95.31s (0:01:35) ==========", 90.0)
     assert run.counts == {"passed": 10, "skipped": 1}
-    assert parse_line(run, "systemd-guest: pytest exit status 0", 91.0) == 0
+    assert run.fold("systemd-guest: pytest exit status 0", 91.0) == 0
 
 
 @pytest.mark.parametrize(("run", "retry"), [
@@ -62,7 +62,7 @@ def test_the_guest_image_holds_every_package_the_deb_depends_on() -> None:
 
 def test_a_failed_test_is_named_in_the_summary_line() -> None:
     run = GuestRun(returncode=1)
-    parse_line(run, "FAILED checks.py::test_watchdog - AssertionError: assert 1 == 0", 80.0)
-    parse_line(run, "========== 1 failed, 9 passed in 95.31s (0:01:35) ==========", 90.0)
+    run.fold("FAILED checks.py::test_watchdog - AssertionError: assert 1 == 0", 80.0)
+    run.fold("========== 1 failed, 9 passed in 95.31s (0:01:35) ==========", 90.0)
     assert run.failures == ["checks.py::test_watchdog"]
     assert "failed tests: checks.py::test_watchdog" in run.summary()

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import IO, Protocol
+from typing import IO, ClassVar
 
 from .topology import TOPOLOGIES, Topology
 
@@ -130,17 +130,6 @@ REBOOTS = 2  # more boots of a guest that froze, timed out or died (both launche
 RERUN_LIMIT = 2  # a guest with at most this many failed tests runs them once more, alone, on a new boot
 
 
-class LostBoot(Protocol):
-    problem: str | None
-    console: Path | None
-
-
-def reboot_note(lost: Sequence[LostBoot]) -> str:
-    """The summary's note on a run that needed more boots: which boot this is, and why each went."""
-    return f"boot {len(lost) + 1}: " + "; ".join(
-        f"boot {i + 1} {r.problem} (console: {r.console})" for i, r in enumerate(lost))
-
-
 @dataclass(frozen=True)
 class Accel:
     """How QEMU emulates the guest, and the guest kernel's command line.
@@ -189,8 +178,12 @@ def vng_command(topology: Topology, venv: Path, kernel: Path, pytest_args: list[
 
 
 @dataclass
-class GuestRun:
-    topology: str
+class GuestBoot:
+    """One boot of a test guest as its console told it; both launchers' runs are one."""
+
+    BOOT_MARK: ClassVar[str]
+    STATUS_RE: ClassVar[re.Pattern[str]]
+
     returncode: int
     boot_s: float | None = None
     total_s: float = 0.0
@@ -201,6 +194,22 @@ class GuestRun:
     died: bool = False  # gone without reporting pytest's status, not frozen: QEMU or its kernel
     failures: list[str] = field(default_factory=list)  # node ids: CI keeps only the output's tail
 
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    def fold(self, plain: str, elapsed: float) -> int | None:
+        """Fold one console line (ANSI-free) in; the guest's pytest status when this line carries it."""
+        if self.boot_s is None and plain.startswith(self.BOOT_MARK):
+            self.boot_s = elapsed
+        if m := _FAILED_RE.match(plain):
+            self.failures.append(m.group(1))
+        if m := _SUMMARY_RE.match(plain):
+            self.counts = {k: int(n) for n, k in _COUNT_RE.findall(m.group(1))}
+        if m := self.STATUS_RE.search(plain):
+            return int(m.group(1))
+        return None
+
     def summary(self) -> str:
         failed = self.counts.get("failed", 0)
         parts = [f"{self.counts.get('passed', 0)} passed", f"{failed} failed"]
@@ -210,7 +219,7 @@ class GuestRun:
             if k not in ("passed", "failed", "deselected", "warning", "warnings")
         ]
         boot = f"{self.boot_s:.1f} s" if self.boot_s is not None else "none"
-        line = f"numa-guest {self.topology}: {', '.join(parts)} (boot {boot}, total {self.total_s:.0f} s)"
+        line = f"{self.label}: {', '.join(parts)} (boot {boot}, total {self.total_s:.0f} s)"
         if self.problem:
             line += f" -- FAILED: {self.problem}"
         if self.failures:
@@ -220,6 +229,24 @@ class GuestRun:
         if self.returncode != 0 and self.console is not None:
             line += f" -- console: {self.console}"
         return line
+
+
+@dataclass
+class GuestRun(GuestBoot):
+    BOOT_MARK = _BOOT_MARK
+    STATUS_RE = _STATUS_RE
+
+    topology: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"numa-guest {self.topology}"
+
+
+def reboot_note(lost: Sequence[GuestBoot]) -> str:
+    """The summary's note on a run that needed more boots: which boot this is, and why each went."""
+    return f"boot {len(lost) + 1}: " + "; ".join(
+        f"boot {i + 1} {r.problem} (console: {r.console})" for i, r in enumerate(lost))
 
 
 def rerunnable(run: GuestRun, limit: int) -> bool:
@@ -274,7 +301,7 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
     cmd = vng_command(topology, venv, newest_kernel(), pytest_args, accel=accel, target=target)
     env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")  # gotcha 4
     prefix = f"[numa-guest {topology.name}] "
-    run = GuestRun(topology.name, returncode=1)
+    run = GuestRun(1, topology=topology.name)
     guest_rc: int | None = None
     timed_out = threading.Event()
     silent = threading.Event()
@@ -356,8 +383,10 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
                 continue  # boot chatter: in the console file only
             out.write(f"{prefix}{line}\n")
             out.flush()
-            if run.boot_s is None and plain.startswith(_BOOT_MARK):
-                run.boot_s = time.monotonic() - start
+            booted = run.boot_s is not None
+            if (rc := run.fold(plain, last_output[0] - start)) is not None:
+                guest_rc = rc
+            if not booted and run.boot_s is not None:
                 out.write(f"{prefix}boot took {run.boot_s:.1f} s\n")
             if not locked_up and _LOCKUP_RE.search(plain):
                 locked_up.append(plain)
@@ -365,12 +394,6 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
                 out.write(f"{prefix}the guest kernel reports a lockup: frozen unless the tests go on "
                           f"within {LOCKUP_GRACE:.0f} s\n")
                 out.flush()
-            if m := _STATUS_RE.search(plain):
-                guest_rc = int(m.group(1))
-            if m := _FAILED_RE.match(plain):
-                run.failures.append(m.group(1))
-            if m := _SUMMARY_RE.match(plain):
-                run.counts = {k: int(n) for n, k in _COUNT_RE.findall(m.group(1))}
     except BaseException:
         kill(signal.SIGTERM)
         raise

@@ -31,17 +31,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from tests.numa_guest.launcher import (
     _ANSI_RE,
-    _COUNT_RE,
-    _FAILED_RE,
     _KERNEL_RE,
-    _SUMMARY_RE,
     REBOOTS,
+    GuestBoot,
     GuestUnavailable,
     console_tail,
     ensure_host_tools,
@@ -179,31 +177,13 @@ def vng_command(venv: Path, kernel: Path, image: Path, stage: Path, pytest_args:
 
 
 @dataclass
-class GuestRun:
-    returncode: int
-    boot_s: float | None = None
-    total_s: float = 0.0
-    counts: dict[str, int] = field(default_factory=dict)
-    problem: str | None = None
-    note: str | None = None
-    console: Path | None = None
-    died: bool = False  # gone without reporting the checks' status, not frozen: QEMU or its kernel
-    failures: list[str] = field(default_factory=list)  # node ids: CI keeps only the output's tail
+class GuestRun(GuestBoot):
+    BOOT_MARK = _BOOT_MARK
+    STATUS_RE = _STATUS_RE
 
-    def summary(self) -> str:
-        parts = [f"{self.counts.get('passed', 0)} passed", f"{self.counts.get('failed', 0)} failed"]
-        parts += [f"{n} {k}" for k, n in self.counts.items() if k not in ("passed", "failed", "warnings")]
-        boot = f"{self.boot_s:.1f} s" if self.boot_s is not None else "none"
-        line = f"systemd-guest: {', '.join(parts)} (boot {boot}, total {self.total_s:.0f} s)"
-        if self.problem:
-            line += f" -- FAILED: {self.problem}"
-        if self.failures:
-            line += f" -- failed tests: {' '.join(self.failures)}"
-        if self.note:
-            line += f" -- NOTE: {self.note}"
-        if self.returncode != 0 and self.console is not None:
-            line += f" -- console: {self.console}"
-        return line
+    @property
+    def label(self) -> str:
+        return "systemd-guest"
 
     @property
     def retry_worth(self) -> bool:
@@ -211,19 +191,6 @@ class GuestRun:
         status (QEMU has been seen to abort at boot, and CI saw one vanish
         mid-run with vng exit 255); a failed check is not retried."""
         return self.returncode == EXIT_TIMEOUT or self.died
-
-
-def parse_line(run: GuestRun, plain: str, elapsed: float) -> int | None:
-    """Fold one console line into ``run``; the guest's exit status when this line carries it."""
-    if run.boot_s is None and plain.startswith(_BOOT_MARK):
-        run.boot_s = elapsed
-    if m := _FAILED_RE.match(plain):
-        run.failures.append(m.group(1))
-    if m := _SUMMARY_RE.match(plain):
-        run.counts = {k: int(n) for n, k in _COUNT_RE.findall(m.group(1))}
-    if m := _STATUS_RE.search(plain):
-        return int(m.group(1))
-    return None
 
 
 def run_guest(cmd: list[str], stage: Path, timeout: float, out: IO[str]) -> GuestRun:
@@ -282,7 +249,7 @@ def run_guest(cmd: list[str], stage: Path, timeout: float, out: IO[str]) -> Gues
                 console.write(line + "\n")
                 console.flush()
                 plain = _ANSI_RE.sub("", line).strip()
-                rc = parse_line(run, plain, last[0] - start)
+                rc = run.fold(plain, last[0] - start)
                 guest_rc = rc if rc is not None else guest_rc
                 chatter = _KERNEL_RE.match(plain) or _SYSTEMD_CHATTER_RE.match(plain)
                 if chatter and not _KERNEL_ALARM_RE.search(plain):
