@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 again = run_guest(TOPOLOGIES[name], args.timeout, [color, *pytest_args, *map(str, rest)],
                                   sys.stdout, accel=accel, target=first)
                 print(again.summary(), flush=True)
+                freezes += again.returncode == EXIT_TIMEOUT or again.died  # a lost rerun boot counts too
                 run = rerun_verdict(run, again)
                 flaky += run.counts.get("flaky", 0)
             runs.append(run)
