@@ -1,0 +1,145 @@
+"""``make test`` after lint: every part of the suite, the systemd guest beside the host's.
+
+Run one after the other the parts took 34.4 min from a fresh clone on these
+2-CPU machines (2026-12-02), over rule 5's 30.  The systemd guest is
+single-threaded TCG (its launcher's TCG_THREAD), one host CPU, and it shares
+nothing with the host suite but that CPU: its own disk image, its own
+systemd, dbus and journald, a staging dir outside the checkout.  So it boots
+first, into a log file, while the host suite and bench-quick run in the
+foreground on the other CPU.  The numa guests, which use both CPUs and whose
+timing tests suffer most from a neighbour, start only when it is done.
+
+Every part runs even when one fails (CI keeps only the tail, so the closing
+lines name each part's verdict), and the exit status is the first failure's.
+What the parts install on a fresh machine (`make deps`' Debian packages, the
+guests' kernel, qemu and image) is done before anything runs in parallel:
+two apt-gets at once fail on dpkg's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SYSTEMD_LOG_DIR = REPO / ".systemd-guest"
+_PYTEST_SUMMARY_RE = re.compile(r"^=+ (.*\d+ \w+.*) in [\d.]+s\b.*=+$")
+# The launchers' closing lines: "systemd-guest: 17 passed, 0 failed (...", "numa-guests: 83 passed, 0 failed"
+_LAUNCHER_SUMMARY_RE = re.compile(r"^(systemd-guest|numa-guests): \d+ passed, \d+ failed")
+_COUNT_RE = re.compile(r"(\d+) (passed|failed|errors?)\b")
+
+
+@dataclass
+class Part:
+    name: str
+    returncode: int
+    seconds: float
+    closing: str | None  # the part's own summary line, None if it printed none
+
+    def counts(self) -> tuple[int, int]:
+        """(passed, failed): a part that failed without a summary counts as one failure."""
+        found = {k: int(n) for n, k in _COUNT_RE.findall(self.closing or "")}
+        failed = found.get("failed", 0) + found.get("error", 0) + found.get("errors", 0)
+        if self.returncode != 0 and not failed:
+            failed = 1
+        return found.get("passed", 0), failed
+
+
+def _summary(lines: Sequence[str]) -> str | None:
+    """The last pytest or launcher summary line (ANSI colour stripped)."""
+    plain = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in lines]
+    found = (ln for ln in reversed(plain) if _PYTEST_SUMMARY_RE.match(ln) or _LAUNCHER_SUMMARY_RE.match(ln))
+    return next(found, None)
+
+
+def _run(name: str, cmd: Sequence[str]) -> Part:
+    """``cmd`` in the foreground, its output streamed through and its summary line kept."""
+    print(f"\n=== make test: {name}: {' '.join(cmd)}", flush=True)
+    start = time.monotonic()
+    tail: deque[str] = deque(maxlen=200)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail.append(line)
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: each launcher kills its qemu on SIGTERM
+            proc.terminate()
+            proc.wait()
+    return Part(name, rc, time.monotonic() - start, _summary(tail))
+
+
+@contextlib.contextmanager
+def _beside(name: str, cmd: Sequence[str], log: Path) -> Iterator[list[Part]]:
+    """``cmd`` in the background with its output in ``log``; the Part is there after the block."""
+    print(f"\n=== make test: {name} in the background (output: {log}): {' '.join(cmd)}", flush=True)
+    start = time.monotonic()
+    with log.open("w", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    done: list[Part] = []
+    try:
+        yield done
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+    text = log.read_text(encoding="utf-8", errors="replace")
+    print(f"\n=== make test: {name}'s output ({log})", flush=True)
+    sys.stdout.write(text)
+    done.append(Part(name, rc, time.monotonic() - start, _summary(text.splitlines())))
+
+
+def _interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)  # the children get theirs from ``finally``
+
+
+def main(argv: list[str] | None = None) -> int:
+    del argv
+    signal.signal(signal.SIGTERM, _interrupted)
+    parts: list[Part] = []
+    # Installs and the image (cached by its recipe's hash) first, alone: see the module's docstring.
+    prepare = _run("systemd guest's tools and image", [PY, "-m", "tests.systemd_guest", "--build-image"])
+    if prepare.returncode != 0:
+        parts.append(prepare)
+    SYSTEMD_LOG_DIR.mkdir(exist_ok=True)
+    log = SYSTEMD_LOG_DIR / f"make-test-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    try:
+        with _beside("systemd guest", [PY, "-m", "tests.systemd_guest"], log) as systemd:
+            parts.append(_run("host suite", [PY, "-m", "pytest", "-m", "not numa", "tests"]))
+            parts.append(_run("bench-quick", [PY, "-m", "bench", "--quick"]))
+            print("\n=== make test: waiting for the systemd guest before the numa guests", flush=True)
+        parts += systemd
+        numa = _run("numa guests", [PY, "-m", "tests.numa_guest", "--topology", "2node,4node,memonly",
+                                    "--keep-going"])
+        parts.append(numa)
+    except KeyboardInterrupt as e:
+        print(f"\nmake test: interrupted ({e})", file=sys.stderr, flush=True)
+        return 130
+    print("\n=== make test: verdicts", flush=True)
+    for part in parts:
+        verdict = "passed" if part.returncode == 0 else f"FAILED (exit {part.returncode})"
+        print(f"make test: {part.name}: {verdict} in {part.seconds:.0f} s"
+              f"{f' -- {part.closing}' if part.closing else ''}", flush=True)
+    passed = sum(p.counts()[0] for p in parts)
+    failed = sum(p.counts()[1] for p in parts)
+    # the plain closing line CI reads: every part's tests together
+    print(f"make test: {passed} passed, {failed} failed", flush=True)
+    return next((p.returncode for p in parts if p.returncode != 0), 0)
+
+if __name__ == "__main__":
+    sys.exit(main())
