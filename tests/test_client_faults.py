@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,29 +59,23 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 class Probe:
-    """A second client timing sequential ListVMs calls on a thread, until stopped."""
+    """A second client timing sequential ListVMs calls, in a process of its own
+    (rawdbus.py probe): a thread of this process would share the GIL with the
+    flood it is measuring and time this process's own waits."""
 
     def __init__(self, address: str) -> None:
-        self.client = BusClient(address)
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t = time.perf_counter()
-            self.client.manager("ListVMs")
-            self.samples.append(time.perf_counter() - t)
-            time.sleep(0.002)
+        self.samples: list[float] = []  # seconds
+        self._proc = subprocess.Popen([sys.executable, str(RAWDBUS), address, "probe"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def __enter__(self) -> Probe:
-        self._thread.start()
+        assert self._proc.stdout is not None
+        assert self._proc.stdout.readline().strip() == "ready"
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(60)
-        self.client.close()
+        out, _ = self._proc.communicate(timeout=60)  # closes its stdin: the probe stops and reports
+        self.samples = [float(x) / 1000 for x in out.split()]
 
     def p99_ms(self) -> float:
         return 1000 * statistics.quantiles(self.samples, n=100)[98]

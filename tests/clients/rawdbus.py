@@ -70,6 +70,7 @@ class RawClient:
             raise ConnectionError(f"auth refused: {line!r}")
         self.sock.sendall(b"BEGIN\r\n")
         self.serial = 0
+        self._buf = bytearray()
         self.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "Hello")
 
     def _line(self) -> bytes:
@@ -101,11 +102,50 @@ class RawClient:
     def close(self) -> None:
         self.sock.close()
 
+    def _read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("closed")
+            self._buf += chunk
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return bytes(data)
+
+    def reply_serial(self) -> int | None:
+        """Read one whole message; the serial it replies to (None: a signal or a call)."""
+        head = self._read(16)
+        order = "<" if head[:1] == b"l" else ">"
+        body_len, _serial, fields_len = struct.unpack(order + "III", head[4:16])
+        fields = self._read(fields_len + (-fields_len % 8))[:fields_len]
+        self._read(body_len)
+        at, found = 0, None
+        while at < len(fields):  # (code, variant) pairs, each 8-aligned from the header's start
+            at += -(at + 16) % 8
+            code, sig_len = fields[at], fields[at + 1]
+            sig = fields[at + 2:at + 2 + sig_len].decode()
+            at += 3 + sig_len
+            if sig in ("s", "o", "u"):
+                at += -(at + 16) % 4
+                (value,) = struct.unpack(order + "I", fields[at:at + 4])
+                if code == 5:  # REPLY_SERIAL
+                    found = value
+                at += 4 + (value + 1 if sig != "u" else 0)
+            elif sig == "g":
+                at += 1 + fields[at] + 1
+            else:
+                raise ValueError(f"header field signature {sig!r}")
+        return found
+
+    def wait_reply(self, serial: int) -> None:
+        while self.reply_serial() != serial:
+            pass
+
 
 def main(argv: list[str]) -> int:
     """``ADDRESS flood-stats PATH SECONDS CONNECTIONS``: GetStats on PATH
     from CONNECTIONS connections, replies read and dropped, for SECONDS.
     ``ADDRESS big-affinity PATH MIB``: one SetVcpuAffinity(0, au of MIB MiB), wait for its reply.
+    ``ADDRESS probe``: ListVMs round trips until stdin closes, then each in ms.
     Prints what it sent."""
     address, mode = argv[0], argv[1]
     if mode == "flood-stats":
@@ -129,6 +169,20 @@ def main(argv: list[str]) -> int:
         c.call("org.kvmnuma1", path, "org.kvmnuma1.VM", "SetVcpuAffinity", "uau", body)
         got = c.drain(timeout=0.5) if select.select([c.sock], [], [], 30)[0] else 0
         print(len(body), got, flush=True)
+        return 0
+    if mode == "probe":
+        # A second client in a process of its own: ListVMs one at a time, 2 ms apart, until stdin
+        # closes; then each round trip in ms, one a line.  (In the flooder's process a probe thread
+        # would time the GIL too.)
+        c = RawClient(address)
+        c.wait_reply(1)  # Hello's
+        print("ready", flush=True)
+        samples: list[float] = []
+        while not select.select([sys.stdin], [], [], 0.002)[0]:
+            t = time.perf_counter()
+            c.wait_reply(c.call("org.kvmnuma1", "/org/kvmnuma1", "org.kvmnuma1.Manager", "ListVMs"))
+            samples.append(1000 * (time.perf_counter() - t))
+        print("\n".join(f"{x:.3f}" for x in samples), flush=True)
         return 0
     raise SystemExit(f"unknown mode {mode}")
 
