@@ -162,6 +162,18 @@ def together(pid: int, policy: str, tids: list[int]) -> bool:
     return False
 
 
+def wait_together(daemon: str, path: str, pid: int, policy: str, tids: list[int], *, what: str) -> None:
+    """wait_until(together), and on a timeout what the kernel and the daemon said: a loaded 2node
+    guest once waited 60 s for a repair that takes 2-9 s (2026-12-02 soak), and False says nothing."""
+    try:
+        wait_until(lambda: together(pid, policy, tids), what, timeout=60, interval=0.2)
+    except AssertionError as e:
+        out = busctl(daemon, "call", "org.kvmnuma1", path, VM_IFACE, "GetDecisions", check=False)
+        affinity = [sorted(taskset_affinity(t)) for t in tids]
+        raise AssertionError(f"{e}; {policy} pages per host node {backend_pages(pid, policy)}, vCPU affinity "
+                             f"{affinity}, GetDecisions {(out.stdout or out.stderr).strip()}") from None
+
+
 def test_an_adopted_qemu_is_balanced(daemon: str, guest: tuple[subprocess.Popen[bytes], Path]) -> None:
     """AutoBalance on an adopted QEMU (local-first's default): memory that
     drifted from a caller's pinned vCPUs comes back to them (a migration job
@@ -186,8 +198,8 @@ def test_an_adopted_qemu_is_balanced(daemon: str, guest: tuple[subprocess.Popen[
         drifted = time.monotonic()
         moved = backend_pages(q.pid, "bind:0")
         assert moved.get(1, 0) > moved.get(0, 0), f"migratepages moved nothing: {moved}"
-        wait_until(lambda: together(q.pid, "bind:0", [tids[0], tids[1]]), "guest node 0's memory back on "
-                   "host node 0", timeout=60, interval=0.2)
+        wait_together(daemon, path, q.pid, "bind:0", [tids[0], tids[1]],
+                      what="guest node 0's memory back on host node 0")
         took = time.monotonic() - drifted
         assert [taskset_affinity(tids[i]) for i in (0, 1)] == [set(cpus0)] * 2  # the pins kept
         decisions = {row[0]: row for row in busctl(daemon, "call", "org.kvmnuma1", path, VM_IFACE,
@@ -196,8 +208,8 @@ def test_an_adopted_qemu_is_balanced(daemon: str, guest: tuple[subprocess.Popen[
         # guest node 1 (placed by the policy, not by a caller) drifts to host node 0: put together again
         subprocess.run(["migratepages", str(q.pid), "1", "0"], check=True, timeout=120)
         drifted = time.monotonic()
-        wait_until(lambda: together(q.pid, "bind:1", [tids[2], tids[3]]), "guest node 1 together again",
-                   timeout=60, interval=0.2)
+        wait_together(daemon, path, q.pid, "bind:1", [tids[2], tids[3]],
+                      what="guest node 1 together again")
         took1 = time.monotonic() - drifted
         print(f"adopted QEMU repaired by the balancer: guest node 0 {took:.1f} s, guest node 1 {took1:.1f} s;"
               " "
