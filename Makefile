@@ -49,7 +49,7 @@ lint: deps
 	$(VENV)/bin/ruff check kvmnumad tests bench
 	$(VENV)/bin/mypy kvmnumad bench tests  # strict everywhere: pyproject.toml's [tool.mypy]
 
-# The systemd guest (one CPU) boots beside the host suite and bench-quick, the numa guests after them
+# The systemd guest boots beside the host suite and bench-quick, the numa guests after them, one at a time
 # (tests/suite.py says why); every part runs, and the closing line "N passed, N failed" counts them all.
 test: deps lint
 	$(VPY) -m tests.suite

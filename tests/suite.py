@@ -1,24 +1,27 @@
 """``make test`` after lint: every part of the suite, the systemd guest beside the host's.
 
-Run one after the other the parts took 34.4 min from a fresh clone on these
+One after the other the parts took 34.4 min from a fresh clone on these
 2-CPU machines (2026-12-02), over rule 5's 30.  The systemd guest is
 single-threaded TCG (its launcher's TCG_THREAD), one host CPU, and it shares
-nothing with the host suite but that CPU: its own disk image, its own
-systemd, dbus and journald, a staging dir outside the checkout.  So it boots
-first, into a log file, while the host suite and bench-quick run in the
-foreground on the other CPU.  The numa guests, which use both CPUs and whose
-timing tests suffer most from a neighbour, start only when it is done.
+nothing with the host suite but the CPUs: its own disk image, systemd, bus
+and journald, a staging dir outside the checkout.  So it boots first, its
+output into a log file (dumped when it ends), while the host suite and
+bench-quick run in the foreground.  The numa guests (multi-threaded TCG, both
+CPUs) start when all three are done, one at a time: beside a second guest and
+two stress-ng a 4node guest's tests made no progress for 150 s in a
+move_pages (the launcher called it frozen), so they get the machine alone.
 
 Every part runs even when one fails (CI keeps only the tail, so the closing
-lines name each part's verdict), and the exit status is the first failure's.
-What the parts install on a fresh machine (`make deps`' Debian packages, the
-guests' kernel, qemu and image) is done before anything runs in parallel:
-two apt-gets at once fail on dpkg's lock.
+lines give each part's verdict and one count of them all), and the exit
+status is the first failure's.  What the parts install on a fresh machine
+(the guests' kernel, qemu, virtme-ng and image) is done first, alone: two
+apt-gets at once fail on dpkg's lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -32,7 +35,7 @@ from types import FrameType
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-SYSTEMD_LOG_DIR = REPO / ".systemd-guest"
+LOG_DIR = REPO / ".make-test"  # the output of each part run in the background, kept
 _PYTEST_SUMMARY_RE = re.compile(r"^=+ (.*\d+ \w+.*) in [\d.]+s\b.*=+$")
 # The launchers' closing lines: "systemd-guest: 17 passed, 0 failed (...", "numa-guests: 83 passed, 0 failed"
 _LAUNCHER_SUMMARY_RE = re.compile(r"^(systemd-guest|numa-guests): \d+ passed, \d+ failed")
@@ -104,6 +107,11 @@ def _beside(name: str, cmd: Sequence[str], log: Path) -> Iterator[list[Part]]:
     done.append(Part(name, rc, time.monotonic() - start, _summary(text.splitlines())))
 
 
+def _log(name: str) -> Path:
+    LOG_DIR.mkdir(exist_ok=True)
+    return LOG_DIR / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+
+
 def _interrupted(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)  # the children get theirs from ``finally``
 
@@ -116,17 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     prepare = _run("systemd guest's tools and image", [PY, "-m", "tests.systemd_guest", "--build-image"])
     if prepare.returncode != 0:
         parts.append(prepare)
-    SYSTEMD_LOG_DIR.mkdir(exist_ok=True)
-    log = SYSTEMD_LOG_DIR / f"make-test-{time.strftime('%Y%m%dT%H%M%S')}.log"
     try:
-        with _beside("systemd guest", [PY, "-m", "tests.systemd_guest"], log) as systemd:
+        with _beside("systemd guest", [PY, "-m", "tests.systemd_guest"], _log("systemd")) as systemd:
             parts.append(_run("host suite", [PY, "-m", "pytest", "-m", "not numa", "tests"]))
             parts.append(_run("bench-quick", [PY, "-m", "bench", "--quick"]))
             print("\n=== make test: waiting for the systemd guest before the numa guests", flush=True)
         parts += systemd
-        numa = _run("numa guests", [PY, "-m", "tests.numa_guest", "--topology", "2node,4node,memonly",
-                                    "--keep-going"])
-        parts.append(numa)
+        parts.append(_run("numa guests", [PY, "-m", "tests.numa_guest", "--topology", "2node,4node,memonly",
+                                          "--keep-going"]))
     except KeyboardInterrupt as e:
         print(f"\nmake test: interrupted ({e})", file=sys.stderr, flush=True)
         return 130
