@@ -162,16 +162,24 @@ def together(pid: int, policy: str, tids: list[int]) -> bool:
     return False
 
 
+# A repair takes 2-9 s in a quiet guest.  With the host beside two stress-ng it failed 3 times in a row
+# at 60 s (2026-12-02): node 0 held 21 % of the pages, GetDecisions was still empty (a memory move's
+# decision is recorded when its job ends), and the guest kernel reported an RCU stall in a python
+# process's move_pages (get_page_from_freelist): page moves under loaded TCG are that slow.
+REPAIR_TIMEOUT = 240.0
+
+
 def wait_together(daemon: str, path: str, pid: int, policy: str, tids: list[int], *, what: str) -> None:
-    """wait_until(together), and on a timeout what the kernel and the daemon said: a loaded 2node
-    guest once waited 60 s for a repair that takes 2-9 s (2026-12-02 soak), and False says nothing."""
+    """wait_until(together), and on a timeout what the kernel and the daemon said (False says nothing)."""
     try:
-        wait_until(lambda: together(pid, policy, tids), what, timeout=60, interval=0.2)
+        wait_until(lambda: together(pid, policy, tids), what, timeout=REPAIR_TIMEOUT, interval=0.2)
     except AssertionError as e:
-        out = busctl(daemon, "call", "org.kvmnuma1", path, VM_IFACE, "GetDecisions", check=False)
+        decisions = busctl(daemon, "call", "org.kvmnuma1", path, VM_IFACE, "GetDecisions", check=False)
+        jobs = busctl(daemon, "call", *MANAGER, "ListJobs", check=False)
         affinity = [sorted(taskset_affinity(t)) for t in tids]
         raise AssertionError(f"{e}; {policy} pages per host node {backend_pages(pid, policy)}, vCPU affinity "
-                             f"{affinity}, GetDecisions {(out.stdout or out.stderr).strip()}") from None
+                             f"{affinity}, GetDecisions {(decisions.stdout or decisions.stderr).strip()}, "
+                             f"ListJobs {(jobs.stdout or jobs.stderr).strip()}") from None
 
 
 def test_an_adopted_qemu_is_balanced(daemon: str, guest: tuple[subprocess.Popen[bytes], Path]) -> None:
