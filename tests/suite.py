@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from tests.numa_guest.launcher import _ANSI_RE, _COUNT_RE, _SUMMARY_RE  # the guests' own parse of pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 LOG_DIR = REPO / ".make-test"  # the output of each part run in the background, kept
-_PYTEST_SUMMARY_RE = re.compile(r"^=+ (.*\d+ \w+.*) in [\d.]+s\b.*=+$")
 # The launchers' closing lines: "systemd-guest: 17 passed, 0 failed (...", "numa-guests: 83 passed, 0 failed"
 _LAUNCHER_SUMMARY_RE = re.compile(r"^(systemd-guest|numa-guests): \d+ passed, \d+ failed")
-_COUNT_RE = re.compile(r"(\d+) (passed|failed|errors?)\b")
 
 
 @dataclass
@@ -60,8 +60,8 @@ class Part:
 
 def _summary(lines: Sequence[str]) -> str | None:
     """The last pytest or launcher summary line (ANSI colour stripped)."""
-    plain = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in lines]
-    found = (ln for ln in reversed(plain) if _PYTEST_SUMMARY_RE.match(ln) or _LAUNCHER_SUMMARY_RE.match(ln))
+    plain = [_ANSI_RE.sub("", ln).strip() for ln in lines]
+    found = (ln for ln in reversed(plain) if _SUMMARY_RE.match(ln) or _LAUNCHER_SUMMARY_RE.match(ln))
     return next(found, None)
 
 
