@@ -50,14 +50,15 @@ def sh(*cmd: str, timeout: float = T_SHORT, check: bool = True, user: str | None
     print(f"$ {' '.join(argv)}", flush=True)
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as e:
+    except subprocess.TimeoutExpired:
         if check:
             raise
         # check=False callers poll (vm_prop in a loop): a command that outlived its bound is one
         # failed poll, as busctl's own --timeout would have been had it kept to it (under a loaded
         # host it did not: busctl --timeout=10 killed at 15 s after a kill -9 restart)
-        print(f"{argv[0]}: killed after {timeout:.0f} s", flush=True)
-        return subprocess.CompletedProcess(argv, 124, str(e.stdout or ""), str(e.stderr or ""))
+        why = f"{argv[0]}: killed after {timeout:.0f} s"
+        print(why, flush=True)
+        return subprocess.CompletedProcess(argv, 124, "", why)
     text = (out.stdout + out.stderr).strip()
     if text:
         print(text[-4000:], flush=True)
