@@ -18,10 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import IO, ClassVar
 
 from .topology import TOPOLOGIES, Topology
@@ -294,9 +294,83 @@ def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+class GuestProcess:
+    """One boot's processes as one group, started, watched, killed and reaped
+    together, whatever happens: both launchers' guests (gotcha 3: vng -> sh ->
+    virtme-run -> qemu; only a process group takes them all)."""
+
+    def __init__(self, cmd: list[str], *, cwd: Path, env: dict[str, str]) -> None:
+        self.start = time.monotonic()
+        self.last_output = self.start
+        self.exited = threading.Event()
+        # Killers run on other threads; the lock keeps them off a reaped (reusable) pgid.
+        self._lock = threading.Lock()
+        self._reaped = False
+        # Gotcha 2: vng truncates its stdout, so it writes to our pipe, never to a file.
+        self._proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self, sig: signal.Signals) -> None:
+        with self._lock:
+            if not self._reaped:
+                _kill_group(self._proc.pid, sig)
+
+    def stop(self) -> None:
+        """SIGTERM, and SIGKILL if the group's leader is still there KILL_GRACE later."""
+        self.kill(signal.SIGTERM)
+        if not self.exited.wait(KILL_GRACE):
+            self.kill(signal.SIGKILL)
+
+    def guard(self, overdue: Callable[[float], bool], every: float = 2.0) -> None:
+        """From a thread of its own, ask ``overdue(now)`` every ``every`` s
+        until the guest exits; the first True stops it."""
+
+        def loop() -> None:
+            while not self.exited.wait(every):
+                if overdue(time.monotonic()):
+                    self.stop()
+                    return
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def lines(self) -> Iterator[str]:
+        """Its output, line by line, as it comes; ``last_output`` is when the last one came."""
+        assert self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            self.last_output = time.monotonic()
+            yield raw.decode("utf-8", "replace").rstrip("\r\n")
+
+    @property
+    def returncode(self) -> int:
+        rc = self._proc.returncode
+        assert rc is not None, "read after the guest was reaped"
+        return rc
+
+    def __enter__(self) -> GuestProcess:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.kill(signal.SIGTERM)
+        escalate = threading.Timer(KILL_GRACE, self.kill, (signal.SIGKILL,))
+        escalate.daemon = True
+        escalate.start()
+        # Wait without reaping: while the leader is a zombie its pgid cannot be
+        # reused, so the SIGKILL below reaches only what is left of this guest.
+        os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
+        self.exited.set()
+        escalate.cancel()
+        with self._lock:
+            _kill_group(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+            self._reaped = True
+
+
 def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: IO[str], *,
               accel: Accel | None = None, target: Path | None = None) -> GuestRun:
-    """Boot one guest, stream its output, and always take its whole process group down with it."""
+    """Boot one guest and stream its output; a freeze, a lockup report the tests
+    do not get past, or the deadline stops it."""
     venv = Path(sys.prefix)
     cmd = vng_command(topology, venv, newest_kernel(), pytest_args, accel=accel, target=target)
     env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")  # gotcha 4
@@ -307,114 +381,63 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
     silent = threading.Event()
     locked_up: list[str] = []  # the kernel line that reported a lockup or a blocked task
     frozen_after_report = threading.Event()  # ... and the tests made no progress after it
-    start = time.monotonic()
     CONSOLE_DIR.mkdir(exist_ok=True)
     run.console = CONSOLE_DIR / f"{topology.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
-    console = run.console.open("w", encoding="utf-8")
     out.write(f"{prefix}{shlex.join(cmd)}\n{prefix}console: {run.console}\n")
     out.flush()
-    console.write(shlex.join(cmd) + "\n")
-    # Gotcha 3: vng -> sh -> virtme-run -> qemu; only a process group takes them all.
-    # Gotcha 2: vng truncates its stdout, so it writes to our pipe, never to a file.
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
+    last_progress = [0.0]  # the tests' own output (see LOCKUP_GRACE)
 
-    # Killers run on timer threads; the lock keeps them off a reaped (reusable) pgid.
-    lock = threading.Lock()
-    reaped = False
-
-    def kill(sig: signal.Signals) -> None:
-        with lock:
-            if not reaped:
-                _kill_group(proc.pid, sig)
-
-    def on_timeout() -> None:
-        timed_out.set()
-        kill(signal.SIGTERM)
-        if not exited.wait(KILL_GRACE):
-            kill(signal.SIGKILL)
-
-    exited = threading.Event()
-    timer = threading.Timer(timeout, on_timeout)
-    timer.daemon = True
-    timer.start()
-    last_output = [time.monotonic()]
-    last_progress = [time.monotonic()]  # the tests' own output (see LOCKUP_GRACE)
-
-    def watch_silence() -> None:
+    def overdue(now: float) -> bool:
         """A frozen guest prints nothing, not even its heartbeat; after a kernel
         lockup report, one whose tests print nothing for LOCKUP_GRACE."""
-        while not exited.wait(5.0):
-            limit = SILENCE_LIMIT if run.boot_s is not None else BOOT_SILENCE_LIMIT
-            now = time.monotonic()
-            quiet = now - last_output[0]
-            stalled = now - last_progress[0] if locked_up else 0.0
-            if quiet > limit or stalled > LOCKUP_GRACE:
-                if quiet > limit:
-                    silent.set()
-                    out.write(f"{prefix}no output for {quiet:.0f} s (heartbeat every 10 s): frozen\n")
-                else:
-                    frozen_after_report.set()
-                    out.write(f"{prefix}no progress of the tests for {stalled:.0f} s after the kernel's "
-                              "lockup report: frozen\n")
-                timed_out.set()
-                out.flush()
-                kill(signal.SIGTERM)
-                if not exited.wait(KILL_GRACE):
-                    kill(signal.SIGKILL)
-                return
+        limit = SILENCE_LIMIT if run.boot_s is not None else BOOT_SILENCE_LIMIT
+        quiet = now - guest.last_output
+        stalled = now - last_progress[0] if locked_up else 0.0
+        if now - guest.start > timeout:
+            pass
+        elif quiet > limit:
+            silent.set()
+            out.write(f"{prefix}no output for {quiet:.0f} s (heartbeat every 10 s): frozen\n")
+        elif stalled > LOCKUP_GRACE:
+            frozen_after_report.set()
+            out.write(f"{prefix}no progress of the tests for {stalled:.0f} s after the kernel's "
+                      "lockup report: frozen\n")
+        else:
+            return False
+        timed_out.set()
+        out.flush()
+        return True
 
-    watchdog = threading.Thread(target=watch_silence, daemon=True)
-    watchdog.start()
-    try:
-        for raw in proc.stdout:
-            last_output[0] = time.monotonic()
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+    with run.console.open("w", encoding="utf-8") as console, \
+            GuestProcess(cmd, cwd=REPO, env=env) as guest:
+        console.write(shlex.join(cmd) + "\n")
+        last_progress[0] = guest.start
+        guest.guard(overdue)
+        for line in guest.lines():
             console.write(line + "\n")
             console.flush()
             plain = _ANSI_RE.sub("", line).strip()
             kernel = bool(_KERNEL_RE.match(plain))
             if (not kernel or "numa-storm:" in plain) and not plain.startswith(_HEARTBEAT):
-                last_progress[0] = last_output[0]
+                last_progress[0] = guest.last_output
             if kernel and not _KERNEL_ALARM_RE.search(plain):
                 continue  # boot chatter: in the console file only
             out.write(f"{prefix}{line}\n")
             out.flush()
             booted = run.boot_s is not None
-            if (rc := run.fold(plain, last_output[0] - start)) is not None:
+            if (rc := run.fold(plain, guest.last_output - guest.start)) is not None:
                 guest_rc = rc
             if not booted and run.boot_s is not None:
                 out.write(f"{prefix}boot took {run.boot_s:.1f} s\n")
             if not locked_up and _LOCKUP_RE.search(plain):
                 locked_up.append(plain)
-                last_progress[0] = last_output[0]
+                last_progress[0] = guest.last_output
                 out.write(f"{prefix}the guest kernel reports a lockup: frozen unless the tests go on "
                           f"within {LOCKUP_GRACE:.0f} s\n")
                 out.flush()
-    except BaseException:
-        kill(signal.SIGTERM)
-        raise
-    finally:
-        timer.cancel()
-        escalate = threading.Timer(KILL_GRACE, kill, (signal.SIGKILL,))
-        escalate.daemon = True
-        escalate.start()
-        # Wait without reaping: while the leader is a zombie its pgid cannot be
-        # reused, so this SIGKILL only reaches what is left of this guest.
-        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
-        exited.set()
-        escalate.cancel()
-        console.close()
-        with lock:
-            _kill_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-            reaped = True
-        run.total_s = time.monotonic() - start
+    run.total_s = time.monotonic() - guest.start
 
-    vng_rc = proc.returncode
+    vng_rc = guest.returncode
     if locked_up and (frozen_after_report.is_set() or silent.is_set()):
         run.returncode = EXIT_TIMEOUT
         run.problem = f"frozen (kernel: {locked_up[0][:160]}), qemu killed"

@@ -18,7 +18,6 @@ boot is retried once; every console is kept in ``.systemd-guest/``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -29,7 +28,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from tests.numa_guest.launcher import (
     _KERNEL_RE,
     REBOOTS,
     GuestBoot,
+    GuestProcess,
     GuestUnavailable,
     console_tail,
     ensure_host_tools,
@@ -67,7 +66,6 @@ DEFAULT_TIMEOUT = 1500.0  # 436 s on a quiet machine (single-threaded TCG, fresh
 TCG_THREAD = "single"
 SILENCE_LIMIT = 60.0  # the guest's heartbeat comes every 10 s
 BOOT_SILENCE_LIMIT = 150.0
-KILL_GRACE = 5.0
 EXIT_TIMEOUT = 124
 
 _BOOT_MARK = "systemd-guest: booted"
@@ -206,78 +204,44 @@ def run_guest(cmd: list[str], stage: Path, timeout: float, out: IO[str]) -> Gues
     out.flush()
     guest_rc: int | None = None
     why: list[str] = []
-    start = time.monotonic()
-    last = [start]
-    proc = subprocess.Popen(cmd, cwd=stage, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    assert proc.stdout is not None
-    lock = threading.Lock()
-    exited = threading.Event()
-    reaped = [False]
 
-    def kill(sig: signal.Signals) -> None:
-        with lock:
-            if not reaped[0]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
+    def overdue(now: float) -> bool:
+        """The run's deadline and its silence limit."""
+        limit = SILENCE_LIMIT if run.boot_s is not None else BOOT_SILENCE_LIMIT
+        if now - guest.start > timeout:
+            why.append(f"timed out after {timeout:.0f} s")
+        elif now - guest.last_output > limit:
+            why.append(f"frozen (no output for {now - guest.last_output:.0f} s, heartbeat every 10 s)")
+        else:
+            return False
+        out.write(f"{prefix}{why[-1]}: killing qemu\n")
+        out.flush()
+        return True
 
-    def guard() -> None:
-        """The run's deadline and its silence limit, from one thread."""
-        while not exited.wait(2.0):
-            now = time.monotonic()
-            limit = SILENCE_LIMIT if run.boot_s is not None else BOOT_SILENCE_LIMIT
-            if now - start > timeout:
-                why.append(f"timed out after {timeout:.0f} s")
-            elif now - last[0] > limit:
-                why.append(f"frozen (no output for {now - last[0]:.0f} s, heartbeat every 10 s)")
-            else:
-                continue
-            out.write(f"{prefix}{why[-1]}: killing qemu\n")
-            out.flush()
-            kill(signal.SIGTERM)
-            if not exited.wait(KILL_GRACE):
-                kill(signal.SIGKILL)
-            return
-
-    threading.Thread(target=guard, daemon=True).start()
-    with run.console.open("w", encoding="utf-8") as console:
+    with run.console.open("w", encoding="utf-8") as console, \
+            GuestProcess(cmd, cwd=stage, env=env) as guest:
         console.write(shlex.join(cmd) + "\n")
-        try:
-            for raw in proc.stdout:
-                last[0] = time.monotonic()
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                console.write(line + "\n")
-                console.flush()
-                plain = _ANSI_RE.sub("", line).strip()
-                rc = run.fold(plain, last[0] - start)
-                guest_rc = rc if rc is not None else guest_rc
-                chatter = _KERNEL_RE.match(plain) or _SYSTEMD_CHATTER_RE.match(plain)
-                if chatter and not _KERNEL_ALARM_RE.search(plain):
-                    continue  # boot chatter: the console file has it
-                out.write(f"{prefix}{line}\n")
-                out.flush()
-        finally:
-            # Wait without reaping: while the leader is a zombie its pgid cannot be
-            # reused, so the SIGKILL below reaches only what is left of this guest.
-            escalate = threading.Timer(KILL_GRACE, kill, (signal.SIGKILL,))
-            escalate.start()
-            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
-            escalate.cancel()
-            exited.set()
-            with lock:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                reaped[0] = True
-    run.total_s = time.monotonic() - start
+        guest.guard(overdue)
+        for line in guest.lines():
+            console.write(line + "\n")
+            console.flush()
+            plain = _ANSI_RE.sub("", line).strip()
+            rc = run.fold(plain, guest.last_output - guest.start)
+            guest_rc = rc if rc is not None else guest_rc
+            chatter = _KERNEL_RE.match(plain) or _SYSTEMD_CHATTER_RE.match(plain)
+            if chatter and not _KERNEL_ALARM_RE.search(plain):
+                continue  # boot chatter: the console file has it
+            out.write(f"{prefix}{line}\n")
+            out.flush()
+    run.total_s = time.monotonic() - guest.start
     journal = stage / "journal.txt"
     if journal.exists():  # the guest's whole journal, next to its console
         shutil.move(journal, run.console.with_name(run.console.name.replace("console-", "journal-")))
     if why:
         run.returncode, run.problem = EXIT_TIMEOUT, why[0]
     elif guest_rc is None:
-        run.returncode, run.died = proc.returncode or 1, True
-        run.problem = f"the guest never reported the checks' exit status (vng exit {proc.returncode})"
+        run.returncode, run.died = guest.returncode or 1, True
+        run.problem = f"the guest never reported the checks' exit status (vng exit {guest.returncode})"
         out.write(console_tail(run.console, prefix))
         out.flush()
     else:
@@ -306,7 +270,7 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)  # so that ``finally`` kills qemu
+    raise KeyboardInterrupt(signal.Signals(signum).name)  # so that GuestProcess takes qemu down with it
 
 
 def main(argv: list[str] | None = None) -> int:
