@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from kvmnumad import cpulist, errors, placement
 from kvmnumad.adopt import procfs
 from kvmnumad.adopt.discovery import AdoptOptions, Discovery, Region
-from kvmnumad.events import Aspect, Event, VmChanged
+from kvmnumad.events import Aspect, Event
 from kvmnumad.journal import log_event
 from kvmnumad.model import JobState, MemoryRegionInfo, Policy, VcpuStats, VmState, VmStats
 from kvmnumad.numa import memory as numa_memory
@@ -121,12 +121,6 @@ class AdoptedVm(ExplicitPlacement):
             return procfs.numa_maps_pages(self.pid)
         except (ProcessLookupError, PermissionError):
             return {}  # the process went away: its removal follows from the pidfd
-
-    def publish(self, emit: Callable[[Event], None]) -> None:
-        self._emit = emit
-
-    def _changed(self, *aspects: Aspect) -> None:
-        self._emit(VmChanged(self.name, frozenset(aspects)))
 
     def _alive(self) -> None:
         if self._released:
@@ -435,19 +429,6 @@ class AdoptedVm(ExplicitPlacement):
     @property
     def memory_bytes(self) -> int:
         return sum(r.size for r in self.memory.regions)
-
-    @property
-    def numa_enabled(self) -> bool:
-        return self.numa.enabled
-
-    @property
-    def numa_nodes(self) -> int:
-        return self.numa.nodes
-
-    @property
-    def node_map(self) -> list[int]:
-        with self._lock:
-            return list(self.numa.node_map)
 
     def guest_node_of_vcpu(self, vcpu: int) -> int:
         return self.found.vcpu_nodes.get(vcpu, 0)

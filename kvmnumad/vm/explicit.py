@@ -8,10 +8,10 @@ One home for a VM of kvmnumad's own (vm.Vm) and an adopted one
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from kvmnumad.events import Aspect
+from kvmnumad.events import Aspect, Event, VmChanged
 from kvmnumad.vm.numa import GuestNuma
 
 
@@ -21,18 +21,38 @@ class FlaggedVcpu(Protocol):
 
 
 class ExplicitPlacement:
-    """Mixed into Vm and AdoptedVm, which provide these parts."""
+    """Mixed into Vm and AdoptedVm, which provide these parts; it also holds
+    what else the two do alike (their change events, their guest NUMA read)."""
 
+    name: str
     auto_balance: bool
     explicit_nodes: set[int]  # guest nodes a caller mapped
     numa: GuestNuma
     _lock: threading.RLock
+    _emit: Callable[[Event], None]
 
     def _alive(self) -> None:
         raise NotImplementedError
 
+    def publish(self, emit: Callable[[Event], None]) -> None:
+        """From now on changes are public (a VM under construction is not)."""
+        self._emit = emit
+
     def _changed(self, *aspects: Aspect) -> None:
-        raise NotImplementedError
+        self._emit(VmChanged(self.name, frozenset(aspects)))
+
+    @property
+    def numa_enabled(self) -> bool:
+        return self.numa.enabled
+
+    @property
+    def numa_nodes(self) -> int:
+        return self.numa.nodes
+
+    @property
+    def node_map(self) -> list[int]:
+        with self._lock:
+            return list(self.numa.node_map)
 
     def _vcpu_list(self) -> Iterable[FlaggedVcpu]:
         raise NotImplementedError

@@ -76,19 +76,6 @@ class VmViews(ExplicitPlacement):
         with self._lock:
             return self.memory.total_bytes
 
-    @property
-    def numa_enabled(self) -> bool:
-        return self.numa.enabled
-
-    @property
-    def numa_nodes(self) -> int:
-        return self.numa.nodes
-
-    @property
-    def node_map(self) -> list[int]:
-        with self._lock:
-            return list(self.numa.node_map)
-
     def guest_node_of_vcpu(self, vcpu: int) -> int:
         return self.numa.node_of_vcpu(vcpu, len(self.vcpus))
 

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 
 from kvmnumad import cpulist, crashpoints, errors, headroom
 from kvmnumad.cgroups import VmCpuset
-from kvmnumad.events import Aspect, Event, VmChanged
+from kvmnumad.events import Aspect, Event
 from kvmnumad.journal import log_event
 from kvmnumad.kvm import payload as kvm_payload
 from kvmnumad.kvm.system import Kvm
@@ -121,13 +121,6 @@ class Vm(VmViews):
         """From now on each added region (of that many bytes) is admitted
         first: the owner's quota (Manager.admit_memory) may refuse it."""
         self._admission = admission
-
-    def publish(self, emit: Callable[[Event], None]) -> None:
-        """From now on changes are public (a VM under construction is not)."""
-        self._emit = emit
-
-    def _changed(self, *aspects: Aspect) -> None:
-        self._emit(VmChanged(self.name, frozenset(aspects)))
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

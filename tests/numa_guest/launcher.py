@@ -463,11 +463,16 @@ def run_guest(topology: Topology, timeout: float, pytest_args: list[str], out: I
     return run
 
 
+def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The launcher's own arguments, and those after ``--``, which go to pytest inside the guest."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]
+
+
 def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    pytest_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, pytest_args = argv[:i], argv[i + 1 :]
+    argv, pytest_args = split_at_dashes(argv)
     p = argparse.ArgumentParser(
         prog="python -m tests.numa_guest",
         description="Run the numa-marked tests inside a multi-NUMA QEMU guest (one boot per topology).",

@@ -44,6 +44,7 @@ from tests.numa_guest.launcher import (
     ensure_host_tools,
     newest_kernel,
     reboot_note,
+    split_at_dashes,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -252,10 +253,7 @@ def run_guest(cmd: list[str], stage: Path, timeout: float, out: IO[str]) -> Gues
 
 
 def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    pytest_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, pytest_args = argv[:i], argv[i + 1 :]
+    argv, pytest_args = split_at_dashes(argv)
     p = argparse.ArgumentParser(
         prog="python -m tests.systemd_guest",
         description="Install the project's .deb in a guest whose PID 1 is systemd and check the unit there.",
