@@ -502,6 +502,8 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="run flip_cost.py with N iterations instead of the tests (key_holder.py)")
     p.add_argument("--state-cycles", type=int, metavar="N",
                    help="run state_cycles.py with N park/run and save/restore cycles instead of the tests")
+    p.add_argument("--move-cost", type=int, metavar="N",
+                   help="run move_cost.py: N rounds of moving a nested QEMU's memory, instead of the tests")
     args = p.parse_args(argv)
     names: list[str] = []
     for item in args.topology:
@@ -523,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     accel = Accel(args.tcg_thread, (*Accel.kernel_args, *args.append))
     freezes = flaky = 0
     for script, arg in (("freeze_repro.py", args.repro), ("flip_cost.py", args.flip_cost),
-                        ("state_cycles.py", args.state_cycles)):
+                        ("state_cycles.py", args.state_cycles), ("move_cost.py", args.move_cost)):
         if arg is not None:
             run = run_guest(TOPOLOGIES[args.topology[0]], args.timeout, [str(arg), *pytest_args], sys.stdout,
                             accel=accel, target=Path(__file__).resolve().with_name(script))
