@@ -148,8 +148,14 @@ class Accel:
     """
 
     tcg_thread: str = "multi"  # QEMU 7.2's default for an x86 guest on an x86 host
-    # One CPU at boot: guest-run.sh flips the tests' static keys before the others come up (key_holder.py)
-    kernel_args: tuple[str, ...] = ("maxcpus=1",)
+    # One CPU at boot: guest-run.sh flips the tests' static keys before the others come up (key_holder.py).
+    # No rep-string page clearing: beside two host stress-ng, the adopt tests' move_pages stalled the
+    # guest kernel (RCU stalls, soft lockups of 45-71 s) on 3 of 3 loaded boots of 2026-12-02, every
+    # sampled stack in clear_page_erms (its rep stosb) under get_page_from_freelist, once in a plain
+    # page fault of taskset.  Under TCG a rep stosb zeroes 14-23 us a page against 2-3 us for a store
+    # loop, even unstalled (move_cost.py).  init_on_alloc=0 drops the zeroing of migration targets
+    # (Debian's kernel zeroes every allocation), clearcpuid= makes clear_page and copy_page plain loops.
+    kernel_args: tuple[str, ...] = ("maxcpus=1", "clearcpuid=erms,rep_good", "init_on_alloc=0")
 
     def vng_args(self) -> list[str]:
         args = [f"--qemu-opts=-accel tcg,thread={self.tcg_thread}"]  # the "=" form: numa-guest.md

@@ -44,6 +44,30 @@ def cpu_load(workers: int) -> Iterator[None]:
             p.wait()
 
 
+STOPPED: list[str] = []  # the signal that stopped the soak: no further run starts
+
+
+def _forward(child: subprocess.Popen[str]) -> None:
+    """SIGTERM or SIGHUP to the soak goes to the launcher too, which takes its guest down
+    (a soak stopped so had left its launcher and QEMU running)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        STOPPED.append(signal.Signals(signum).name)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def _run_launcher(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as child:
+        _forward(child)
+        out, err = child.communicate()
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.numa_guest.soak", description=__doc__)
     p.add_argument("--runs", type=int, default=20)
@@ -60,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             name = names[i % len(names)]
             t0 = time.monotonic()
             cmd = [sys.executable, "-m", "tests.numa_guest", "--topology", name, *launcher_args]
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+            proc = _run_launcher(cmd)
             took = time.monotonic() - t0
             froze = bool(_FROZE_RE.search(proc.stdout))
             closing = _CLOSING_RE.findall(proc.stdout)
@@ -69,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append((name, proc.returncode, took, froze, verdict))
             print(f"soak run {i + 1}/{args.runs} {name}: exit {proc.returncode}, {took:.0f} s, {verdict}"
                   f"{', FROZE' if froze else ''} | {summary[-1] if summary else ''}", flush=True)
+            if STOPPED:
+                print(f"soak: stopped by {STOPPED[0]} after run {i + 1}", flush=True)
+                break
+    if not results:
+        return 1
     hangs = sum(r[3] for r in results)
     failed = sum(r[1] != 0 for r in results)
     times = sorted(r[2] for r in results)
@@ -76,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{failed} failed; "
           f"run time min {times[0]:.0f} s, median {times[len(times) // 2]:.0f} s, max {times[-1]:.0f} s, "
           f"total {sum(times) / 60:.1f} min", flush=True)
-    return 1 if hangs or failed else 0
+    return 1 if hangs or failed or STOPPED else 0
 
 
 if __name__ == "__main__":
