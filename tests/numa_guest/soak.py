@@ -19,6 +19,8 @@ import sys
 import time
 from collections.abc import Iterator
 
+from tests.suite import _interrupted  # make test's driver: a SIGTERM is a KeyboardInterrupt
+
 from .topology import TOPOLOGIES
 
 _FROZE_RE = re.compile(r"froze or timed out|booting it once more")
@@ -44,28 +46,38 @@ def cpu_load(workers: int) -> Iterator[None]:
             p.wait()
 
 
-STOPPED: list[str] = []  # the signal that stopped the soak: no further run starts
-
-
-def _forward(child: subprocess.Popen[str]) -> None:
-    """SIGTERM or SIGHUP to the soak goes to the launcher too, which takes its guest down
-    (a soak stopped so had left its launcher and QEMU running)."""
-
-    def handler(signum: int, _frame: object) -> None:
-        STOPPED.append(signal.Signals(signum).name)
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, handler)
-
-
 def _run_launcher(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """One launcher run; a stop of the soak (make test's driver's ``_interrupted``) is a SIGTERM
+    to it, on which it takes its guest down, as the driver's parts do (a soak stopped
+    otherwise had left its launcher and QEMU running)."""
     with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True) as child:
-        _forward(child)
-        out, err = child.communicate()
+        try:
+            out, err = child.communicate()
+        finally:
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
     return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+
+
+def _soak(runs: int, load: int, names: list[str], launcher_args: list[str],
+          results: list[tuple[str, int, float, bool, str]]) -> None:
+    """The runs, each appended to ``results`` as it ends (a stop keeps the finished ones)."""
+    with cpu_load(load):
+        for i in range(runs):
+            name = names[i % len(names)]
+            t0 = time.monotonic()
+            cmd = [sys.executable, "-m", "tests.numa_guest", "--topology", name, *launcher_args]
+            proc = _run_launcher(cmd)
+            took = time.monotonic() - t0
+            froze = bool(_FROZE_RE.search(proc.stdout))
+            closing = _CLOSING_RE.findall(proc.stdout)
+            verdict = f"{closing[-1][0]} passed, {closing[-1][1]} failed" if closing else "no closing line"
+            summary = [ln for ln in proc.stdout.splitlines() if ln.startswith(f"numa-guest {name}:")]
+            results.append((name, proc.returncode, took, froze, verdict))
+            print(f"soak run {i + 1}/{runs} {name}: exit {proc.returncode}, {took:.0f} s, {verdict}"
+                  f"{', FROZE' if froze else ''} | {summary[-1] if summary else ''}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,23 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         if name not in TOPOLOGIES:
             p.error(f"unknown topology {name!r}")
     results: list[tuple[str, int, float, bool, str]] = []
-    with cpu_load(args.load):
-        for i in range(args.runs):
-            name = names[i % len(names)]
-            t0 = time.monotonic()
-            cmd = [sys.executable, "-m", "tests.numa_guest", "--topology", name, *launcher_args]
-            proc = _run_launcher(cmd)
-            took = time.monotonic() - t0
-            froze = bool(_FROZE_RE.search(proc.stdout))
-            closing = _CLOSING_RE.findall(proc.stdout)
-            verdict = f"{closing[-1][0]} passed, {closing[-1][1]} failed" if closing else "no closing line"
-            summary = [ln for ln in proc.stdout.splitlines() if ln.startswith(f"numa-guest {name}:")]
-            results.append((name, proc.returncode, took, froze, verdict))
-            print(f"soak run {i + 1}/{args.runs} {name}: exit {proc.returncode}, {took:.0f} s, {verdict}"
-                  f"{', FROZE' if froze else ''} | {summary[-1] if summary else ''}", flush=True)
-            if STOPPED:
-                print(f"soak: stopped by {STOPPED[0]} after run {i + 1}", flush=True)
-                break
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
+    stopped = False
+    try:
+        _soak(args.runs, args.load, names, launcher_args, results)
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM and SIGHUP through _interrupted
+        stopped = True
+        print(f"soak: stopped by {e or 'SIGINT'} during run {len(results) + 1}", flush=True)
     if not results:
         return 1
     hangs = sum(r[3] for r in results)
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{failed} failed; "
           f"run time min {times[0]:.0f} s, median {times[len(times) // 2]:.0f} s, max {times[-1]:.0f} s, "
           f"total {sum(times) / 60:.1f} min", flush=True)
-    return 1 if hangs or failed or STOPPED else 0
+    return 1 if hangs or failed or stopped else 0
 
 
 if __name__ == "__main__":
