@@ -31,9 +31,9 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from tests.numa_guest.launcher import _ANSI_RE, _COUNT_RE, _SUMMARY_RE  # the guests' own parse of pytest
+from tests.stop import raise_on, reaped
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -73,16 +73,12 @@ def _run(name: str, cmd: Sequence[str]) -> Part:
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     assert proc.stdout is not None
-    try:
+    with reaped(proc):
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
             tail.append(line)
         rc = proc.wait()
-    finally:
-        if proc.poll() is None:  # interrupted: each launcher kills its qemu on SIGTERM
-            proc.terminate()
-            proc.wait()
     return Part(name, rc, time.monotonic() - start, _summary(tail))
 
 
@@ -94,13 +90,9 @@ def _beside(name: str, cmd: Sequence[str], log: Path) -> Iterator[list[Part]]:
     with log.open("w", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     done: list[Part] = []
-    try:
+    with reaped(proc):
         yield done
         rc = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait()
     text = log.read_text(encoding="utf-8", errors="replace")
     print(f"\n=== make test: {name}'s output ({log})", flush=True)
     sys.stdout.write(text)
@@ -112,13 +104,9 @@ def _log(name: str) -> Path:
     return LOG_DIR / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
 
 
-def _interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)  # the children get theirs from ``finally``
-
-
 def main(argv: list[str] | None = None) -> int:
     del argv
-    signal.signal(signal.SIGTERM, _interrupted)
+    raise_on(signal.SIGTERM)
     parts: list[Part] = []
     # Installs and the image (cached by its recipe's hash) first, alone: see the module's docstring.
     prepare = _run("systemd guest's tools and image", [PY, "-m", "tests.systemd_guest", "--build-image"])

@@ -21,8 +21,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO, ClassVar
+
+from tests.stop import raise_on
 
 from .topology import TOPOLOGIES, Topology
 
@@ -72,10 +74,6 @@ _KERNEL_ALARM_RE = re.compile(r"BUG:|soft lockup|hard LOCKUP|blocked for more th
 
 class GuestUnavailable(RuntimeError):
     """The guest cannot be had: the NUMA suite must fail, never skip."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGHUP, turned into an exception so ``finally`` kills qemu."""
 
 
 def _say(msg: str) -> None:
@@ -294,10 +292,6 @@ def console_tail(console: Path | None, prefix: str, lines: int = 40) -> str:
 def _kill_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-
-
-def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted(signal.Signals(signum).name)
 
 
 class GuestProcess:
@@ -525,8 +519,7 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, pytest_args = _parse_args(sys.argv[1:] if argv is None else argv)
     color = "--color=yes" if sys.stdout.isatty() else "--color=no"
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupted)
+    raise_on(signal.SIGTERM, signal.SIGHUP)  # so that GuestProcess takes qemu down with it
     runs: list[GuestRun] = []
     accel = Accel(args.tcg_thread, (*Accel.kernel_args, *args.append))
     freezes = flaky = 0
@@ -577,8 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n*** numa-guest: CANNOT BOOT THE MULTI-NUMA GUEST: {e}", file=sys.stderr)
         print("*** The numa tests did NOT run; this is a failure, not a skip.\n", file=sys.stderr, flush=True)
         return 2
-    except (KeyboardInterrupt, Interrupted) as e:
-        print(f"\nnuma-guest: interrupted ({type(e).__name__}), guest killed", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as e:
+        print(f"\nnuma-guest: interrupted ({e or 'SIGINT'}), guest killed", file=sys.stderr, flush=True)
         return 130
     if len(runs) > 1:
         print("\n".join(["numa-guest summary:", *(f"  {r.summary()}" for r in runs)]), flush=True)

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from tests.suite import _interrupted  # make test's driver: a SIGTERM is a KeyboardInterrupt
+from tests.stop import raise_on, reaped
 
 from .topology import TOPOLOGIES
 
@@ -47,17 +47,11 @@ def cpu_load(workers: int) -> Iterator[None]:
 
 
 def _run_launcher(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    """One launcher run; a stop of the soak (make test's driver's ``_interrupted``) is a SIGTERM
-    to it, on which it takes its guest down, as the driver's parts do (a soak stopped
-    otherwise had left its launcher and QEMU running)."""
+    """One launcher run; a stop of the soak is a SIGTERM to it (``reaped``), on which it takes
+    its guest down, as make test's parts do."""
     with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as child:
-        try:
-            out, err = child.communicate()
-        finally:
-            if child.poll() is None:
-                child.terminate()
-                child.wait()
+                          text=True) as child, reaped(child):
+        out, err = child.communicate()
     return subprocess.CompletedProcess(cmd, child.returncode, out, err)
 
 
@@ -91,12 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         if name not in TOPOLOGIES:
             p.error(f"unknown topology {name!r}")
     results: list[tuple[str, int, float, bool, str]] = []
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupted)
+    raise_on(signal.SIGTERM, signal.SIGHUP)
     stopped = False
     try:
         _soak(args.runs, args.load, names, launcher_args, results)
-    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM and SIGHUP through _interrupted
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM and SIGHUP through raise_on
         stopped = True
         print(f"soak: stopped by {e or 'SIGINT'} during run {len(results) + 1}", flush=True)
     if not results:

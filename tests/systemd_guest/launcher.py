@@ -46,6 +46,7 @@ from tests.numa_guest.launcher import (
     reboot_note,
     split_at_dashes,
 )
+from tests.stop import raise_on
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -267,13 +268,8 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_args(argv), pytest_args
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)  # so that GuestProcess takes qemu down with it
-
-
 def main(argv: list[str] | None = None) -> int:
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    raise_on(signal.SIGTERM, signal.SIGHUP)  # so that GuestProcess takes qemu down with it
     args, pytest_args = _parse_args(sys.argv[1:] if argv is None else argv)
     venv = Path(sys.prefix)
     stage: Path | None = None
